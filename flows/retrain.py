@@ -1,0 +1,165 @@
+"""The retrain flow: ingest new traces → DVC stages → summary (DESIGN.md sections 1–2).
+
+Prefect decides *when* and *with what guarantees* (retries, a concurrency limit on training,
+schedules, flow-run lineage); DVC decides *what* reruns; ``opsd <stage>`` computes. One MLflow run
+per pipeline run is opened only when DVC has work to do, and it is marked FAILED when a stage fails,
+the process crashes or receives SIGTERM, so a failed pipeline never registers or promotes a model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from flows import ingest as ingest_mod
+from flows import tracking
+from flows.locks import training_slot
+from opsd_core.config import load_params
+
+STAGES = ["prepare", "train", "evaluate_base", "evaluate", "register"]
+
+
+class StageError(RuntimeError):
+    """A DVC stage failed; the message holds the tail of its output."""
+
+
+def dvc(args: list[str], root: Path, env: dict[str, str] | None = None) -> str:
+    """Run the DVC CLI in ``root`` (DVC's API depends on the working directory: keep it a subprocess)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=env or os.environ.copy(),
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise StageError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout
+
+
+def pending_stages(root: Path) -> list[str]:
+    """Stages DVC would rerun (``dvc status`` lists only changed ones)."""
+    import json
+
+    status = json.loads(dvc(["status", "--json"], root) or "{}")
+    return [name.split(":")[-1] for name in status if not name.endswith(".dvc")]
+
+
+@task(name="ingest")
+def ingest_task(params_path: str, root: str) -> dict[str, Any]:
+    params = load_params(params_path)
+    result = ingest_mod.ingest(params, Path(root))
+    if result["added"]:
+        dvc(["add", params.data.raw_dir], Path(root))
+        if ingest_mod.has_remote(Path(root)) or params.flow.dvc_remote:
+            remote = ["-r", params.flow.dvc_remote] if params.flow.dvc_remote else []
+            dvc(["push", *remote, f"{params.data.raw_dir}.dvc"], Path(root))
+            result["pushed"] = True
+    get_run_logger().info("ingest: %s", result)
+    return result
+
+
+@task(name="stage")
+def stage_task(name: str, root: str, env: dict[str, str]) -> str:
+    logger = get_run_logger()
+    logger.info("dvc repro %s", name)
+    out = dvc(["repro", "--single-item", name], Path(root), env)
+    logger.info(out.strip()[-2000:])
+    return out
+
+
+def _train_with_slot(root: str, env: dict[str, str], tag: str, limit: int) -> str:
+    with training_slot(tag, limit):
+        return stage_task.fn("train", root, env)
+
+
+@task(name="train")
+def train_task(root: str, env: dict[str, str], tag: str, limit: int) -> str:
+    # a retry reruns `dvc repro train`, and `opsd train` resumes from its last checkpoint
+    return _train_with_slot(root, env, tag, limit)
+
+
+@task(name="summary")
+def summary_task(root: str, params_path: str, ran: list[str], ingest: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    params = load_params(params_path)
+    reports = Path(root) / params.train.reports_dir
+    out: dict[str, Any] = {"ran": ran, "ingest": ingest}
+    for name in ("data", "train", "registry"):
+        path = reports / f"{name}.json"
+        if path.is_file():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+@flow(name="opsd-retrain", log_prints=True)
+def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
+    """Ingest new traces, then reproduce the DVC pipeline; a no-op when nothing changed."""
+    params_file = Path(params_path).resolve()
+    root = params_file.parent
+    params = load_params(params_file)
+    ingested = ingest_task(str(params_file), str(root))
+    pending = pending_stages(root)
+    if not pending:
+        return summary_task(str(root), str(params_file), [], ingested)
+    run_id = tracking.start_pipeline_run(params, root, flow_run.get_id())
+    env = os.environ.copy()
+    env.update({"OPSD_FLOW_RUN_ID": str(flow_run.get_id() or ""), "OPSD_MLFLOW_RUN_ID": run_id})
+    ran: list[str] = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _on_sigterm(signum: int, frame: Any) -> None:
+        tracking.end_pipeline_run(params, root, run_id, "FAILED", "SIGTERM")
+        raise SystemExit(143)
+
+    if hasattr(signal, "SIGTERM") and _is_main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        for name in STAGES:
+            if name == "train":
+                train_task.with_options(retries=params.flow.train_retries)(
+                    str(root), env, params.flow.concurrency_tag, params.flow.concurrency_limit
+                )
+            else:
+                stage_task.with_options(name=name)(name, str(root), env)
+            ran.append(name)
+    except BaseException as err:
+        tracking.end_pipeline_run(params, root, run_id, "FAILED", f"{type(err).__name__}: {err}"[:500])
+        raise
+    finally:
+        if _is_main_thread():
+            signal.signal(signal.SIGTERM, previous)
+    tracking.end_pipeline_run(params, root, run_id, "FINISHED")
+    return summary_task(str(root), str(params_file), ran, ingested)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main_job(params_path: str = "params.yaml", profile: str | None = None,
+             overrides: list[str] | None = None) -> int:
+    """``opsd run``: bootstrap a fresh clone (data, DVC), run the flow, print where to look."""
+    from flows.bootstrap import bootstrap, print_next_steps
+
+    params_file = Path(params_path).resolve()
+    params = load_params(params_file)
+    if (profile and profile != params.profile) or overrides:
+        print(
+            "opsd run: the pipeline reads params.yaml (DVC tracks it), so --profile/--set would be "
+            "invisible to its stages. Set `profile:` or the keys in params.yaml instead, or run a "
+            "single stage (`opsd train --profile ...`).", file=sys.stderr,
+        )
+        return 2
+    bootstrap(params, params_file.parent)
+    summary = retrain(str(params_file))
+    print_next_steps(params, params_file.parent, summary)
+    return 0

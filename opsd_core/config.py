@@ -1,0 +1,274 @@
+"""Typed configuration: ``params.yaml`` → validated :class:`Params`.
+
+``params.yaml`` holds the default profile at the top level and named partial overrides under
+``profiles:``. The active profile is ``--profile`` if given, else the file's ``profile:`` key, else
+``default``. ``--set section.key=value`` overrides are applied last (values parsed as YAML).
+Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GenerateConfig(_Section):
+    """``opsd data generate``: the bundled raw dataset."""
+
+    source: Literal["gsm_symbolic"] = "gsm_symbolic"
+    size: int = Field(300, ge=1)
+    seed: int = 42
+    output: str = "data/raw/gsm_symbolic.jsonl"
+
+
+class DataConfig(_Section):
+    raw_dir: str = "data/raw"
+    prepared_dir: str = "data/prepared"
+    eval_dir: str = "data/eval"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_problem_tokens: int = Field(384, ge=1)
+    max_solution_tokens: int = Field(1024, ge=1)
+    contamination_ngram: int = Field(13, ge=1)
+    max_train_rows: int | None = Field(None, ge=1)
+    generate: GenerateConfig = GenerateConfig()
+
+
+class TinyModelConfig(_Section):
+    """The config-built model used by tests and the smoke profile."""
+
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(64, ge=8)
+    heads: int = Field(4, ge=1)
+    intermediate: int = Field(128, ge=8)
+    vocab: int = Field(512, ge=300)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    # "bundled:smollm2-135m-instruct" | "tiny" | local dir | *.gguf file | hub id
+    base: str = "bundled:smollm2-135m-instruct"
+    cache_dir: str = ".opsd/models"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class LoraConfig(_Section):
+    enabled: bool = True
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]
+
+
+class SamplingConfig(_Section):
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.1, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+class OPSDConfig(_Section):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0, le=1)
+    support: Literal["full", "topk", "sampled"] = "full"
+    topk: int = Field(20, ge=1)
+    clip: Literal["none", "pointwise", "token"] = "pointwise"
+    clip_value: float = Field(0.05, gt=0)
+    # None: use the sampling temperature (DESIGN.md section 5.4)
+    temperature: float | None = Field(None, gt=0)
+    teacher: Literal["fixed", "ema", "live"] = "fixed"
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    chunk_size: int = Field(128, ge=1)
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class TrainConfig(_Section):
+    steps: int = Field(8, ge=1)
+    rollouts_per_step: int = Field(4, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(1, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    checkpoint_every: int = Field(4, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_dir: str = ".opsd/checkpoints"
+    output_dir: str = "models/candidate"
+    reports_dir: str = "reports"
+    threads: int | None = Field(None, ge=1)
+    seed: int = 0
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TrainConfig:
+        if self.rollouts_per_step % self.micro_batch_size:
+            raise ValueError(
+                f"train.rollouts_per_step ({self.rollouts_per_step}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    tasks: list[str] = ["opsd_val", "opsd_gsm8k100"]
+    extra_tasks: list[str] = []  # standard lm-eval tasks, e.g. gsm8k (need their data)
+    samples_per_problem: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(128, ge=1)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    bootstrap_samples: int = Field(1000, ge=10)
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+
+
+class RegistryConfig(_Section):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in state_dir
+    experiment: str = "opsd"
+    model_name: str = "opsd-model"
+    state_dir: str = ".opsd"
+    primary_task: str = "opsd_val"
+    margin: float = Field(0.0, ge=0)
+    guard_tasks: dict[str, float] = {"opsd_gsm8k100": 0.05}
+
+
+class FlowConfig(_Section):
+    source_dir: str = "incoming"
+    dvc_remote: str | None = None
+    work_pool: str | None = None
+    concurrency_limit: int = Field(1, ge=1)
+    concurrency_tag: str = "opsd-train"
+    train_retries: int = Field(1, ge=0)
+
+
+class Params(_Section):
+    profile: str = "default"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    opsd: OPSDConfig = OPSDConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+    flow: FlowConfig = FlowConfig()
+
+    def hash(self) -> str:
+        """Content hash of the resolved configuration (stable across key order)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def section_hash(self, *sections: str) -> str:
+        dump = self.model_dump(mode="json")
+        blob = json.dumps({s: dump[s] for s in sections}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set: bad key {dotted!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {dotted}: value {raw!r} is not valid YAML: {err}") from err
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def resolve_tree(
+    raw: dict[str, Any], profile: str | None = None, overrides: list[str] | None = None,
+    source: str = "params",
+) -> dict[str, Any]:
+    """Merge the base tree, the chosen profile and ``--set`` overrides into one plain dict."""
+    raw = dict(raw or {})
+    profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{source}: 'profiles' must be a mapping of name -> overrides")
+    name = profile or raw.get("profile") or "default"
+    tree = raw
+    if name != "default":
+        if name not in profiles:
+            known = ", ".join(["default", *sorted(profiles)])
+            raise ConfigError(f"{source}: unknown profile {name!r} (known: {known})")
+        tree = _deep_merge(tree, profiles[name] or {})
+    tree["profile"] = name
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    return tree
+
+
+def load_params(
+    path: str | Path | None = "params.yaml",
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+) -> Params:
+    """Load and validate ``params.yaml`` (missing file: built-in defaults)."""
+    raw: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None and Path(path).exists():
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    elif path is not None and Path(path).name != "params.yaml":
+        raise ConfigError(f"params file not found: {path}")
+    tree = resolve_tree(raw, profile, overrides, source)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, source)) from None

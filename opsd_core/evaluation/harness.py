@@ -1,0 +1,240 @@
+"""Run lm-evaluation-harness on one model (base, or base + adapter) and collect per-sample results."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.config import EvalConfig
+from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
+from opsd_core.evaluation.metrics import EXACT_MATCH, sample_correctness
+from opsd_core.evaluation.tasks import OWN_TASKS, SAMPLES_FILTER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskEval:
+    """One task's result for one model.
+
+    ``samples`` maps a problem key (the row id for own tasks, lm-eval's doc id otherwise) to that
+    problem's per-sample correctness (k values for own tasks). ``score`` is the mean over problems
+    of the mean over samples.
+    """
+
+    score: float
+    n: int
+    k: int
+    metric: str
+    samples: dict[str, list[float]]
+    lm_eval: dict[str, float] = field(default_factory=dict)
+    example: dict[str, Any] = field(default_factory=dict)
+
+    def problem_scores(self) -> dict[str, float]:
+        return {key: sum(v) / len(v) for key, v in self.samples.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskEval:
+        return cls(**data)
+
+
+@dataclass
+class ModelEval:
+    model: dict[str, str | None]
+    tasks: dict[str, TaskEval]
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dict(self.model),
+            "elapsed_s": self.elapsed_s,
+            "tasks": {name: t.to_dict() for name, t in self.tasks.items()},
+        }
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str, include_defaults: bool) -> Any:
+    # Indexing lm-eval's built-in tasks takes ~10 s: build each manager once per process.
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def _unknown_task_error(name: str, known: list[str]) -> EvalTaskError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return EvalTaskError(f"unknown lm-eval task {name!r}{hint}; own tasks are {list(OWN_TASKS)}")
+
+
+def load_tasks(names: list[str], tasks_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Build fresh lm-eval Task objects for ``names`` (own tasks from ``tasks_dir``, others built in).
+
+    Loading a task loads its dataset, so data problems surface here, before any model is loaded.
+    Returns the TaskManager to hand to ``simple_evaluate`` and the tasks by name.
+    """
+    own_tm = _task_manager(str(Path(tasks_dir).resolve()), False)
+    own = [n for n in names if n in own_tm.all_tasks]
+    extra = [n for n in names if n not in own_tm.all_tasks]
+    missing_own = [n for n in extra if n in OWN_TASKS]
+    if missing_own:
+        raise EvalTaskError(f"own task(s) {missing_own} have no generated YAML in {tasks_dir}")
+    tm = own_tm
+    if extra:
+        tm = _task_manager(str(Path(tasks_dir).resolve()), True)
+        for name in extra:
+            if name not in tm.all_tasks:
+                raise _unknown_task_error(name, tm.all_tasks)
+    loaded: dict[str, Any] = {}
+    for name in names:
+        try:
+            result = tm.load([name])
+        except Exception as err:  # datasets raises ConnectionError, FileNotFoundError, ValueError...
+            where = "its generated data file" if name in own else "its dataset"
+            raise EvalDataError(
+                f"task {name!r}: {where} is not available (offline, not cached, or unreadable): "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        loaded.update(result["tasks"])
+    return tm, loaded
+
+
+def _apply_generation_settings(task: Any, cfg: EvalConfig) -> None:
+    """Give a standard generate_until task our sampling settings (keeping its own stop sequences)."""
+    if task.get_config("output_type") != "generate_until":
+        return
+    sample = cfg.temperature > 0
+    task.set_config(
+        key="generation_kwargs",
+        value={"max_gen_toks": cfg.max_new_tokens, "do_sample": sample,
+               "temperature": float(cfg.temperature) if sample else 0.0},
+        update=True,
+    )
+
+
+def _numeric(values: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or "stderr" in key:
+            continue
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _own_task_eval(logged: list[dict[str, Any]], k: int, agg: dict[str, float]) -> TaskEval:
+    samples: dict[str, list[float]] = {}
+    example: dict[str, Any] = {}
+    for ex in logged:
+        if ex.get("filter") != SAMPLES_FILTER:
+            continue
+        doc = ex["doc"]
+        completions = [str(c) for c in ex["filtered_resps"][0]]
+        key = str(doc.get("id", ex["doc_id"]))
+        samples[key] = [float(v) for v in sample_correctness(doc, completions)]
+        if not example:
+            example = {"id": key, "problem": doc["problem"], "prompt": ex["arguments"][0][0],
+                       "completion": completions[0] if completions else "", "target": doc["answer"]}
+    return _task_eval(samples, k, f"{EXACT_MATCH},{SAMPLES_FILTER}", agg, example)
+
+
+def _standard_task_eval(task: Any, logged: list[dict[str, Any]], agg: dict[str, float]) -> TaskEval:
+    # Standard tasks keep their own filters and metrics: score the first filter's first metric.
+    filters = [getattr(f, "name", None) for f in getattr(task, "_filters", [])]
+    primary = filters[0] if filters else (logged[0]["filter"] if logged else "none")
+    samples: dict[str, list[float]] = {}
+    metric = ""
+    example: dict[str, Any] = {}
+    for ex in logged:
+        if ex.get("filter") != primary:
+            continue
+        metric = metric or ex["metrics"][0]
+        samples[str(ex["doc_id"])] = [float(ex[metric])]
+        if not example:
+            example = {"id": str(ex["doc_id"]), "prompt": ex["arguments"][0][0],
+                       "completion": str(ex["filtered_resps"][0]), "target": str(ex["target"])}
+    return _task_eval(samples, 1, f"{metric},{primary}", agg, example)
+
+
+def _task_eval(samples: dict[str, list[float]], k: int, metric: str, agg: dict[str, float],
+               example: dict[str, Any]) -> TaskEval:
+    per_problem = [sum(v) / len(v) for v in samples.values() if v]
+    score = sum(per_problem) / len(per_problem) if per_problem else 0.0
+    return TaskEval(score=score, n=len(samples), k=k, metric=metric, samples=samples, lm_eval=agg,
+                    example=example)
+
+
+def model_args(model_path: str, adapter: str | None, cfg: EvalConfig, device: str) -> dict[str, Any]:
+    """lm-eval ``hf`` model arguments: the same for base and candidate except ``peft``."""
+    args: dict[str, Any] = {
+        "pretrained": str(model_path),
+        "dtype": cfg.dtype,
+        "device": device,
+        "batch_size": cfg.batch_size,
+    }
+    if adapter:
+        args["peft"] = str(adapter)
+    return args
+
+
+def evaluate_model(
+    model_path: str, adapter: str | None, tasks: list[str], cfg: EvalConfig, tasks_dir: Path,
+    device: str = "cpu",
+) -> ModelEval:
+    """Evaluate one model on ``tasks`` with lm-eval (chat template on, per-sample results kept).
+
+    ``adapter`` is a PEFT adapter directory loaded on top of ``model_path`` (the candidate), or None.
+    Seeds come from ``cfg.seed`` so base and candidate draw the same random streams.
+    """
+    import lm_eval
+
+    if not tasks:
+        raise EvalTaskError("no evaluation tasks configured (eval.tasks and eval.extra_tasks are empty)")
+    if cfg.temperature == 0 and cfg.samples_per_problem > 1:
+        log.warning("eval.samples_per_problem=%d with temperature 0: greedy samples are identical",
+                    cfg.samples_per_problem)
+    tm, loaded = load_tasks(list(dict.fromkeys(tasks)), tasks_dir)
+    for name, task in loaded.items():
+        if name not in OWN_TASKS:
+            _apply_generation_settings(task, cfg)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args(model_path, adapter, cfg, device),
+            tasks=list(loaded.values()),
+            task_manager=tm,
+            limit=cfg.limit,
+            apply_chat_template=True,
+            fewshot_as_multiturn=True,
+            log_samples=True,
+            bootstrap_iters=0,  # the paired bootstrap is ours; lm-eval's stderr is not needed
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+    elapsed = time.perf_counter() - start
+    if results is None:  # only non-zero ranks get None; evaluation runs in one process
+        raise RuntimeError("lm-eval returned no results")
+    out: dict[str, TaskEval] = {}
+    for name, task in loaded.items():
+        logged = results.get("samples", {}).get(name, [])
+        agg = _numeric(results["results"].get(name, {}))
+        if name in OWN_TASKS:
+            out[name] = _own_task_eval(logged, cfg.samples_per_problem, agg)
+        else:
+            out[name] = _standard_task_eval(task, logged, agg)
+    return ModelEval(model={"pretrained": str(model_path), "adapter": str(adapter) if adapter else None},
+                     tasks=out, elapsed_s=round(elapsed, 3))

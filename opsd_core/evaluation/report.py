@@ -1,0 +1,197 @@
+"""``opsd evaluate``: base (cached) and candidate on identical settings, combined into ``eval.json``.
+
+The base evaluation depends only on the base model, the eval data, the eval settings and the
+prompt, all folded into ``settings_hash``; ``reports/eval_base.json`` is reused by the candidate run
+only when its hash matches, otherwise the base is re-evaluated in the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.config import Params
+from opsd_core.evaluation.bootstrap import paired_bootstrap
+from opsd_core.evaluation.errors import EvalError
+from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model
+from opsd_core.evaluation.tasks import GSM8K_TASK, VAL_TASK, write_task_yamls
+from opsd_core.prompts import ANSWER_INSTRUCTION, student_messages
+
+BASE_REPORT = "eval_base.json"
+REPORT = "eval.json"
+CANDIDATE_META = "opsd_candidate.json"
+
+
+def pick_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise EvalError("eval.device is 'cuda' but no CUDA device is available")
+    return setting
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _rel(path: str | Path, root: Path) -> str:
+    """A path relative to the repo root when inside it, so reports do not depend on the checkout."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(p)
+
+
+def data_paths(params: Params, root: Path) -> dict[str, Path]:
+    return {
+        VAL_TASK: root / params.data.prepared_dir / "val.jsonl",
+        GSM8K_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
+    }
+
+
+def settings(params: Params, root: Path, device: str) -> dict[str, Any]:
+    """Everything that determines a model's scores apart from its weights."""
+    paths = data_paths(params, root)
+    eval_cfg = params.eval.model_dump(mode="json")
+    eval_cfg.pop("bootstrap_samples")  # only affects the comparison, not either model's scores
+    return {
+        "eval": eval_cfg,
+        "base_model": params.model.model_dump(mode="json"),
+        "data": {name: _sha(paths[name]) if paths[name].is_file() else None
+                 for name in params.eval.tasks if name in paths},
+        # the student prompt as a whole, so a prompt change invalidates the cached base
+        "prompt": student_messages("{problem}"),
+        "answer_instruction": ANSWER_INSTRUCTION,
+        "device": device,
+        "lm_eval": version("lm_eval"),
+    }
+
+
+def settings_hash(values: dict[str, Any]) -> str:
+    blob = json.dumps(values, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _prepare(params: Params, root: Path) -> tuple[dict[str, Any], str, Path, list[str], str]:
+    from opsd_core.models import resolve_base_dir
+
+    device = pick_device(params.eval.device)
+    values = settings(params, root, device)
+    digest = settings_hash(values)
+    tasks_dir = root / params.registry.state_dir / "lm_eval_tasks" / digest
+    paths = data_paths(params, root)
+    write_task_yamls(tasks_dir, paths[VAL_TASK], paths[GSM8K_TASK], params.eval)
+    tasks = list(dict.fromkeys([*params.eval.tasks, *params.eval.extra_tasks]))
+    base_dir = resolve_base_dir(params.model, root)
+    return values, digest, tasks_dir, tasks, str(base_dir)
+
+
+def _settings_block(values: dict[str, Any], digest: str) -> dict[str, Any]:
+    return {"settings_hash": digest, **values}
+
+
+def run_evaluate_base(params: Params, root: Path) -> dict[str, Any]:
+    """Evaluate the base model and write ``reports/eval_base.json``; returns the report."""
+    root = Path(root)
+    values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
+    result = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"])
+    report = {
+        "settings": _settings_block(values, digest),
+        "model": {"base": _rel(base_dir, root)},
+        "elapsed_s": result.elapsed_s,
+        "tasks": {name: t.to_dict() for name, t in result.tasks.items()},
+    }
+    _write_json(root / params.train.reports_dir / BASE_REPORT, report)
+    return report
+
+
+def read_candidate(params: Params, root: Path, base_dir: str) -> tuple[str, str | None, dict[str, Any]]:
+    """(pretrained dir, adapter dir or None, metadata) of the trained candidate."""
+    cand_dir = root / params.train.output_dir
+    meta_path = cand_dir / CANDIDATE_META
+    if not meta_path.is_file():
+        raise EvalError(f"no candidate at {cand_dir} ({CANDIDATE_META} missing): run `opsd train` first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    trained_on = meta.get("base_model")
+    if trained_on not in (params.model.base, base_dir):
+        raise EvalError(
+            f"candidate {cand_dir} was trained from base {trained_on!r}, but model.base is "
+            f"{params.model.base!r}: evaluating it against a different base would be meaningless"
+        )
+    if meta.get("adapter", False):
+        return base_dir, str(cand_dir), meta
+    return str(cand_dir), None, meta
+
+
+def _cached_base(path: Path, digest: str, tasks: list[str]) -> dict[str, TaskEval] | None:
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if report["settings"]["settings_hash"] != digest or not set(tasks) <= set(report["tasks"]):
+            return None
+        return {name: TaskEval.from_dict(report["tasks"][name]) for name in tasks}
+    except (KeyError, TypeError, ValueError):
+        return None  # an unreadable cache is re-evaluated, never trusted
+
+
+def compare(base: TaskEval, cand: TaskEval, n: int, seed: int) -> dict[str, Any]:
+    """Paired bootstrap over the problems both models were scored on (same keys by construction)."""
+    bs, cs = base.problem_scores(), cand.problem_scores()
+    if set(bs) != set(cs):
+        only = sorted(set(bs) ^ set(cs))[:5]
+        raise EvalError(f"base and candidate were scored on different problems (e.g. {only})")
+    keys = sorted(bs)
+    return paired_bootstrap([bs[k] for k in keys], [cs[k] for k in keys], n=n, seed=seed)
+
+
+def combine(base: dict[str, TaskEval], cand: ModelEval, n: int, seed: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, cand_task in cand.tasks.items():
+        out[name] = {
+            "base": base[name].to_dict(),
+            "candidate": cand_task.to_dict(),
+            "diff": compare(base[name], cand_task, n, seed),
+        }
+    return out
+
+
+def run_evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
+    """Evaluate the candidate (base + adapter), pair it with the base and write ``reports/eval.json``."""
+    root = Path(root)
+    values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
+    pretrained, adapter, meta = read_candidate(params, root, base_dir)
+    reports = root / params.train.reports_dir
+    base = _cached_base(reports / BASE_REPORT, digest, tasks)
+    base_source = "cache"
+    if base is None:
+        base = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"]).tasks
+        base_source = "evaluated"
+    cand = evaluate_model(pretrained, adapter, tasks, params.eval, tasks_dir, device=values["device"])
+    report = {
+        "settings": _settings_block(values, digest),
+        "models": {
+            "base": _rel(base_dir, root),
+            "candidate": {"base": _rel(pretrained, root), "adapter": _rel(adapter, root) if adapter else None,
+                          "content_hash": meta.get("content_hash")},
+        },
+        "base_source": base_source,
+        "elapsed_s": cand.elapsed_s,
+        "tasks": combine(base, cand, params.eval.bootstrap_samples, params.eval.seed),
+    }
+    _write_json(reports / REPORT, report)
+    return report

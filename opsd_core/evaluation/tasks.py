@@ -1,0 +1,157 @@
+"""The project's own lm-eval tasks, generated as YAML configs over local JSONL files.
+
+Each task gets a sanitised copy of its rows (``id``, ``problem``, ``answer`` only, all strings) beside
+its YAML: ``datasets`` infers one schema per file, and free-form ``meta`` objects that differ between
+rows would otherwise break loading. The copy is keyed by content in the settings hash, so a cached
+base evaluation is never reused over different data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opsd_core.config import EvalConfig
+from opsd_core.data.verify import extract_answer
+from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
+from opsd_core.evaluation.metrics import EXACT_MATCH, HAS_ANSWER
+
+VAL_TASK = "opsd_val"
+GSM8K_TASK = "opsd_gsm8k100"
+OWN_TASKS: tuple[str, ...] = (VAL_TASK, GSM8K_TASK)
+# lm-eval filter that keeps all k samples of a problem (its default keeps only the first).
+SAMPLES_FILTER = "all_samples"
+# ChatML end of turn; lm-eval also stops at the tokenizer's own eos.
+STOP_SEQUENCES: tuple[str, ...] = ("<|im_end|>",)
+_METRICS_MODULE = "opsd_core.evaluation.metrics"
+
+
+class _FunctionRef(str):
+    """A YAML scalar emitted with lm-eval's ``!function`` tag."""
+
+
+class _TaskDumper(yaml.SafeDumper):
+    pass
+
+
+_TaskDumper.add_representer(
+    _FunctionRef, lambda dumper, value: dumper.represent_scalar("!function", str(value))
+)
+
+
+def generation_kwargs(cfg: EvalConfig) -> dict[str, Any]:
+    """lm-eval ``generation_kwargs`` for the eval settings (greedy when temperature is 0)."""
+    sample = cfg.temperature > 0
+    return {
+        "until": list(STOP_SEQUENCES),
+        "max_gen_toks": cfg.max_new_tokens,
+        "do_sample": sample,
+        "temperature": float(cfg.temperature) if sample else 0.0,
+    }
+
+
+def task_config(name: str, data_file: Path, cfg: EvalConfig) -> dict[str, Any]:
+    """The lm-eval task config (as a dict) for one own task over one JSONL file."""
+    k = cfg.samples_per_problem
+    return {
+        "task": name,
+        "dataset_path": "json",
+        # absolute: lm-eval resolves relative data_files against the working directory
+        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "num_fewshot": 0,
+        "doc_to_text": _FunctionRef(f"{_METRICS_MODULE}.doc_to_text"),
+        "doc_to_target": "answer",
+        "process_results": _FunctionRef(f"{_METRICS_MODULE}.process_results"),
+        "generation_kwargs": generation_kwargs(cfg),
+        "repeats": k,
+        "filter_list": [{"name": SAMPLES_FILTER, "filter": [{"function": "take_first_k", "k": k}]}],
+        "metric_list": [
+            {"metric": EXACT_MATCH, "aggregation": "mean", "higher_is_better": True},
+            {"metric": HAS_ANSWER, "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def _row_answer(row: Mapping[str, Any]) -> str | None:
+    answer = row.get("answer")
+    if isinstance(answer, (str, int, float)) and str(answer).strip():
+        return str(answer).strip()
+    solution = row.get("solution")
+    return extract_answer(solution) if isinstance(solution, str) else None
+
+
+def sanitized_rows(task: str, path: Path) -> list[dict[str, str]]:
+    """Rows of ``path`` reduced to ``id``, ``problem``, ``answer`` (strings); a clear error otherwise."""
+    if not path.is_file():
+        raise EvalDataError(f"task {task!r}: its data file {path} does not exist (run `opsd prepare`?)")
+    rows: list[dict[str, str]] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalDataError(f"task {task!r}: {path}:{lineno} is not valid JSON ({err})") from None
+            problem = row.get("problem") if isinstance(row, dict) else None
+            if not isinstance(problem, str) or not problem.strip():
+                raise EvalDataError(f"task {task!r}: {path}:{lineno} has no 'problem' text")
+            answer = _row_answer(row)
+            if answer is None:
+                raise EvalDataError(f"task {task!r}: {path}:{lineno} has no 'answer' (nor one in 'solution')")
+            row_id = row.get("id")
+            rows.append({
+                "id": str(row_id) if row_id not in (None, "") else f"line{lineno}",
+                "problem": problem,
+                "answer": answer,
+            })
+    if not rows:
+        raise EvalDataError(f"task {task!r}: its data file {path} has no rows")
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        # per-sample results are keyed by id: keep keys unique and stable
+        for i, r in enumerate(rows):
+            r["id"] = f"{r['id']}#{i}"
+    return rows
+
+
+def own_task_names(names: list[str]) -> list[str]:
+    """The own tasks among ``names``; anything else must go to ``eval.extra_tasks``."""
+    unknown = [n for n in names if n not in OWN_TASKS]
+    if unknown:
+        raise EvalTaskError(
+            f"unknown own task(s) {unknown} in eval.tasks (own tasks: {list(OWN_TASKS)}); "
+            "standard lm-eval tasks such as 'gsm8k' belong in eval.extra_tasks"
+        )
+    return list(dict.fromkeys(names))
+
+
+def write_task_yamls(tasks_dir: Path, val_path: Path, gsm8k_path: Path, cfg: EvalConfig) -> list[str]:
+    """Write the YAML configs (and their data copies) of the own tasks named in ``cfg.tasks``.
+
+    Returns the task names written. Raises :class:`EvalDataError` naming the task when its data
+    file is missing, empty or malformed, and :class:`EvalTaskError` for names that are not own tasks.
+    """
+    sources = {VAL_TASK: Path(val_path), GSM8K_TASK: Path(gsm8k_path)}
+    names = own_task_names(cfg.tasks)
+    tasks_dir = Path(tasks_dir)
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    for name in names:
+        rows = sanitized_rows(name, sources[name])
+        data_file = tasks_dir / f"{name}.jsonl"
+        data_file.write_text(
+            "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
+        text = yaml.dump(task_config(name, data_file, cfg), Dumper=_TaskDumper, sort_keys=False,
+                         allow_unicode=True)
+        (tasks_dir / f"{name}.yaml").write_text(text, encoding="utf-8")
+        written.append(name)
+    return written

@@ -1,0 +1,124 @@
+"""Alias moves under a lock, with an append-only audit trail.
+
+MLflow keeps no alias history, so every move is written twice: a line in ``<state_dir>/audit.jsonl``
+(the project's log, replayed by rollback) and the ``alias_history`` tag of the versions involved (so the
+registry itself shows where an alias came from). Moves are serialised by an exclusive ``flock`` on
+``<state_dir>/registry.lock``: callers hold it around read-current-champion -> gate -> move, so two
+racing pipeline runs cannot both decide against the same stale champion.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opsd_core.registry.lineage import FLOW_RUN_ENV
+from opsd_core.registry.store import version_by_alias
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+AUDIT_FILE = "audit.jsonl"
+LOCK_FILE = "registry.lock"
+HISTORY_TAG = "alias_history"
+_HISTORY_KEEP = 200  # entries per version tag; the JSONL keeps everything
+
+
+@contextmanager
+def registry_lock(state_dir: Path) -> Iterator[None]:
+    """Exclusive inter-process lock (blocks until free; released when the process dies too)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / LOCK_FILE, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    flow = os.environ.get(FLOW_RUN_ENV)
+    return f"{user}@{socket.gethostname()} pid={os.getpid()}" + (f" flow_run={flow}" if flow else "")
+
+
+def read_audit(state_dir: Path, model: str | None = None) -> list[dict[str, Any]]:
+    path = state_dir / AUDIT_FILE
+    if not path.is_file():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in entries if model is None or e.get("model") == model]
+
+
+def _append(state_dir: Path, entry: dict[str, Any]) -> None:
+    with open(state_dir / AUDIT_FILE, "a") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _tag_history(client: MlflowClient, name: str, version: str, entry: dict[str, Any]) -> None:
+    mv = client.get_model_version(name, version)
+    try:
+        history = json.loads(mv.tags.get(HISTORY_TAG, "[]"))
+    except json.JSONDecodeError:
+        history = []
+    history = [*history, entry][-_HISTORY_KEEP:]
+    client.set_model_version_tag(name, version, HISTORY_TAG, json.dumps(history, sort_keys=True))
+
+
+def move_alias(
+    client: MlflowClient, state_dir: Path, name: str, alias: str, to_version: str, action: str,
+    reason: str, run_id: str | None = None,
+) -> dict[str, Any] | None:
+    """Point ``alias`` at ``to_version`` and record the move; None if it already points there.
+
+    Call with :func:`registry_lock` held.
+    """
+    current = version_by_alias(client, name, alias)
+    from_version = current.version if current is not None else None
+    if from_version == str(to_version):
+        return None
+    client.set_registered_model_alias(name, alias, str(to_version))
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "model": name,
+        "alias": alias,
+        "from_version": from_version,
+        "to_version": str(to_version),
+        "action": action,
+        "reason": reason,
+        "actor": actor(),
+        "run_id": run_id,
+    }
+    _append(state_dir, entry)
+    for version in {str(to_version), from_version} - {None}:
+        _tag_history(client, name, version, entry)
+    return entry
+
+
+def champion_stack(entries: list[dict[str, Any]]) -> list[str]:
+    """Replay champion moves into the stack of champions a rollback walks back through.
+
+    A promotion pushes its version; a rollback pops the version it moved away from. Pure.
+    """
+    stack: list[str] = []
+    for e in entries:
+        if e.get("alias") != "champion":
+            continue
+        if e.get("action") == "rollback" and stack and stack[-1] == e.get("from_version"):
+            stack.pop()
+        if not stack or stack[-1] != e["to_version"]:
+            stack.append(e["to_version"])
+    return stack

@@ -1,0 +1,290 @@
+"""``opsd register`` / ``opsd promote --rollback`` / ``opsd status`` over the MLflow registry.
+
+register: one MLflow run (params, per-step metrics, eval metrics, plots, model card, reports, the adapter
+under ``model/``), then - under the registry lock - gate against base and current champion, create the
+model version, move ``challenger`` (and ``champion`` if the gate says so). A failure anywhere marks the run
+FAILED and leaves the registry's versions and aliases as they were. Keyed by the candidate's content hash:
+registering the same weights twice returns the existing version and logs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opsd_core.config import Params
+from opsd_core.registry import card, lineage
+from opsd_core.registry.audit import champion_stack, move_alias, read_audit, registry_lock
+from opsd_core.registry.gate import ChampionEvidence, decide
+from opsd_core.registry.store import (
+    RegistryError, Store, ensure_experiment, ensure_registered_model, find_by_content_hash, open_client,
+    resolve_store, version_by_alias,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+MODEL_DIR = "model"
+EVAL_ARTIFACT = "eval/eval.json"
+_KEY_MAX, _PARAM_MAX, _TAG_MAX = 250, 6000, 8000  # MLflow's key, param value and run tag limits
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise RegistryError(f"{what} not found: {path} (run the earlier stages first)")
+    return json.loads(path.read_text())
+
+
+def load_inputs(params: Params, root: Path) -> dict[str, Any]:
+    """Read and check everything register needs before any MLflow call."""
+    cand_dir = root / params.train.output_dir
+    meta = _read_json(cand_dir / "opsd_candidate.json", "candidate metadata")
+    for key in ("base_model", "content_hash"):
+        if not meta.get(key):
+            raise RegistryError(f"{cand_dir / 'opsd_candidate.json'}: missing {key!r}")
+    needed = ("adapter_config.json", "adapter_model.safetensors") if meta.get("adapter") else ("config.json",)
+    missing = [f for f in needed if not (cand_dir / f).is_file()]
+    if missing:
+        raise RegistryError(f"candidate {cand_dir} lacks {', '.join(missing)}")
+    reports = root / params.train.reports_dir
+    report = _read_json(reports / "eval.json", "evaluation report")
+    if not isinstance(report.get("tasks"), dict) or not report["tasks"]:
+        raise RegistryError(f"{reports / 'eval.json'}: no tasks")
+    evaluated = report.get("candidate_hash") or report.get("settings", {}).get("candidate_hash")
+    if evaluated and evaluated != meta["content_hash"]:
+        raise RegistryError(f"eval.json scored candidate {evaluated}, but models hold {meta['content_hash']}: "
+                            "re-run evaluate")
+    data_path = reports / "data.json"
+    return {
+        "candidate_dir": cand_dir, "meta": meta, "report": report,
+        "train": _read_json(reports / "train.json", "training report"),
+        "curve": card.read_curve(reports / "train_curve.csv"),
+        "data": json.loads(data_path.read_text()) if data_path.is_file() else {},
+        "reports_dir": reports,
+    }
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b": "value"} within MLflow's key and param-value limits."""
+    if not isinstance(tree, dict):
+        return {prefix[:_KEY_MAX]: json.dumps(tree) if isinstance(tree, list | tuple) else str(tree)[:_PARAM_MAX]}
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return {k: v[:_PARAM_MAX] for k, v in out.items()}
+
+
+def _version_tags(inp: dict[str, Any], lin: dict[str, Any], verdict: dict[str, Any], cfg: Any) -> dict[str, str]:
+    meta, tags = inp["meta"], {}
+    tags.update({"content_hash": meta["content_hash"], "base_model": str(meta["base_model"]),
+                 "adapter": str(bool(meta.get("adapter"))).lower(), "steps": str(meta.get("steps")),
+                 "train_params_hash": str(meta.get("params_hash")),
+                 "eval.settings_hash": str(inp["report"].get("settings", {}).get("settings_hash")),
+                 "primary_task": cfg.primary_task})
+    tags.update({f"lineage.{k}": str(v) for k, v in lin.items() if v is not None})
+    for task, res in inp["report"]["tasks"].items():
+        tags[f"score.{task}.base"] = f"{float(res['base']['score']):.6g}"
+        tags[f"score.{task}.candidate"] = f"{float(res['candidate']['score']):.6g}"
+        for k in ("mean_diff", "ci_low", "ci_high", "p_better"):
+            if k in (res.get("diff") or {}):
+                tags[f"score.{task}.{k}"] = f"{float(res['diff'][k]):.6g}"
+    tags["gate.promote"] = str(verdict["promote"]).lower()
+    tags["gate.reasons"] = "; ".join(verdict["reasons"])
+    tags["gate.verdict"] = json.dumps(verdict, sort_keys=True, default=str)
+    return tags
+
+
+def _log_run(client: MlflowClient, run_id: str, inp: dict[str, Any], params: Params, tmp: Path) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    flat = flatten({"params": params.model_dump(mode="json"), "candidate": inp["meta"]})
+    metrics = [Metric(f"train/{k}", v, now, int(row["step"])) for row in inp["curve"]
+               for k, v in row.items() if k != "step"]
+    for task, res in inp["report"]["tasks"].items():
+        metrics += [Metric(f"eval/{task}/{who}", float(res[who]["score"]), now, 0) for who in ("base", "candidate")]
+        metrics += [Metric(f"eval/{task}/{k}", float(v), now, 0) for k, v in (res.get("diff") or {}).items()
+                    if k in ("mean_diff", "ci_low", "ci_high", "p_better")]
+    metrics += [Metric(f"train_summary/{k}", float(v), now, 0) for k, v in inp["train"].items()
+                if isinstance(v, int | float) and not isinstance(v, bool)]
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()])
+    plots = tmp / "plots"
+    plots.mkdir()
+    card.plot_training_curve(inp["curve"], plots / "training_curve.png")
+    card.plot_eval(inp["report"], plots / "eval.png")
+    client.log_artifacts(run_id, str(plots), "plots")
+    for name in ("eval.json", "train.json", "train_curve.csv", "data.json"):
+        path = inp["reports_dir"] / name
+        if path.is_file():
+            client.log_artifact(run_id, str(path), "eval" if name == "eval.json" else "reports")
+    client.log_artifacts(run_id, str(inp["candidate_dir"]), MODEL_DIR)
+
+
+def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path) -> ChampionEvidence | None:
+    if mv is None:
+        return None
+    report = None
+    if mv.run_id:
+        try:
+            path = client.download_artifacts(mv.run_id, EVAL_ARTIFACT, str(tmp / f"champion-{mv.version}"))
+            report = json.loads(Path(path).read_text())
+        except Exception:  # noqa: BLE001 - any failure means "cannot compare", which the gate reports
+            report = None
+    return ChampionEvidence(mv.version, mv.tags.get("content_hash"), report)
+
+
+def _write_result(params: Params, root: Path, result: dict[str, Any]) -> dict[str, Any]:
+    out = root / params.train.reports_dir / "registry.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(out)
+    return result
+
+
+def _existing(client: MlflowClient, store: Store, params: Params, mv: ModelVersion) -> dict[str, Any]:
+    name = params.registry.model_name
+    champ, chall = version_by_alias(client, name, "champion"), version_by_alias(client, name, "challenger")
+    verdict = json.loads(mv.tags.get("gate.verdict", "null"))
+    return {"model_name": name, "version": mv.version, "run_id": mv.run_id, "already_registered": True,
+            "content_hash": mv.tags.get("content_hash"), "verdict": verdict, "alias_moves": [],
+            "champion": champ.version if champ else None, "challenger": chall.version if chall else None,
+            "tracking_uri": store.tracking_uri}
+
+
+def _register_locked(
+    client: MlflowClient, store: Store, params: Params, root: Path, inp: dict[str, Any],
+    run: Any, lin: dict[str, Any], tmp: Path,
+) -> dict[str, Any]:
+    """Gate + version + aliases; the caller holds the registry lock."""
+    cfg, run_id, content_hash = params.registry, run.info.run_id, inp["meta"]["content_hash"]
+    dup = find_by_content_hash(client, cfg.model_name, content_hash)
+    if dup is not None:  # a racing run registered the same weights first
+        client.set_tag(run_id, "opsd.duplicate_of_version", dup.version)
+        return _existing(client, store, params, dup)
+    evidence = _champion_evidence(client, version_by_alias(client, cfg.model_name, "champion"), tmp)
+    verdict = decide(inp["report"], cfg, evidence, content_hash, params.eval.bootstrap_samples, params.eval.seed)
+    text = card.model_card(inp["meta"], inp["report"], inp["train"], params.model_dump(mode="json"), lin,
+                           verdict, cfg.model_name)
+    (tmp / "model_card.md").write_text(text)
+    (tmp / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True, default=str))
+    client.log_artifact(run_id, str(tmp / "model_card.md"))
+    client.log_artifact(run_id, str(tmp / "model_card.md"), MODEL_DIR)
+    client.log_artifact(run_id, str(tmp / "verdict.json"), "gate")
+    client.set_tag(run_id, "gate.promote", str(verdict["promote"]).lower())
+    ensure_registered_model(client, cfg.model_name)
+    mv = client.create_model_version(
+        cfg.model_name, source=f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run_id,
+        tags=_version_tags(inp, lin, verdict, cfg),
+        description=f"OPSD candidate {content_hash[:16]} on {inp['meta']['base_model']}",
+    )
+    moves = []
+    try:
+        moves.append(move_alias(client, store.state_dir, cfg.model_name, "challenger", mv.version, "register",
+                                f"registered candidate {content_hash[:16]}", run_id))
+        if verdict["promote"]:
+            moves.append(move_alias(client, store.state_dir, cfg.model_name, "champion", mv.version, "promote",
+                                    "gate passed: " + "; ".join(verdict["reasons"]), run_id))
+    except BaseException:
+        client.delete_model_version(cfg.model_name, mv.version)  # its aliases go with it
+        raise
+    champ = version_by_alias(client, cfg.model_name, "champion")
+    return {"model_name": cfg.model_name, "version": mv.version, "run_id": run_id, "already_registered": False,
+            "content_hash": content_hash, "verdict": verdict, "alias_moves": [m for m in moves if m],
+            "champion": champ.version if champ else None, "challenger": mv.version,
+            "tracking_uri": store.tracking_uri}
+
+
+def register(params: Params, root: Path) -> dict[str, Any]:
+    """Register ``models/candidate`` (idempotent); returns and writes ``reports/registry.json``."""
+    root = Path(root).resolve()
+    inp = load_inputs(params, root)
+    cfg, store = params.registry, resolve_store(params, root)
+    client = open_client(store)
+    with registry_lock(store.state_dir):  # one process creates (migrates) a new store and experiment
+        exp_id = ensure_experiment(client, store, cfg.experiment)
+    existing = find_by_content_hash(client, cfg.model_name, inp["meta"]["content_hash"])
+    if existing is not None:
+        return _write_result(params, root, _existing(client, store, params, existing))
+    lin = lineage.collect(params, root, inp["data"].get("data_hash") or inp["meta"].get("data_hash"))
+    tags = {f"lineage.{k}": str(v)[:_TAG_MAX] for k, v in lin.items() if v is not None}
+    tags["opsd.content_hash"] = inp["meta"]["content_hash"]
+    run = client.create_run(exp_id, run_name=f"register-{inp['meta']['content_hash'][:12]}", tags=tags)
+    try:
+        with tempfile.TemporaryDirectory(prefix="opsd-register-") as tmp:
+            _log_run(client, run.info.run_id, inp, params, Path(tmp))
+            with registry_lock(store.state_dir):
+                result = _register_locked(client, store, params, root, inp, run, lin, Path(tmp))
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return _write_result(params, root, result)
+
+
+def rollback(params: Params, root: Path) -> dict[str, Any]:
+    """Move ``champion`` back to the champion before it, per the audit log."""
+    root = Path(root).resolve()
+    cfg, store = params.registry, resolve_store(params, root)
+    client = open_client(store)
+    with registry_lock(store.state_dir):
+        current = version_by_alias(client, cfg.model_name, "champion")
+        if current is None:
+            raise RegistryError(f"{cfg.model_name} has no champion to roll back")
+        stack = champion_stack(read_audit(store.state_dir, cfg.model_name))
+        if not stack or stack[-1] != current.version:
+            raise RegistryError(f"audit log does not match the registry: champion is v{current.version}, "
+                                f"the log ends at {('v' + stack[-1]) if stack else 'nothing'}")
+        if len(stack) < 2:
+            raise RegistryError(f"v{current.version} is the first champion: no previous champion to restore")
+        target = stack[-2]
+        client.get_model_version(cfg.model_name, target)  # raises if it was deleted
+        entry = move_alias(client, store.state_dir, cfg.model_name, "champion", target, "rollback",
+                           f"rollback from v{current.version} to v{target}")
+        client.set_model_version_tag(cfg.model_name, current.version, "rolled_back_at", entry["time"] if entry else "")
+    return {"model_name": cfg.model_name, "champion": target, "previous": current.version, "alias_moves": [entry]}
+
+
+def _describe(mv: ModelVersion | None, primary: str) -> dict[str, Any] | None:
+    if mv is None:
+        return None
+    t = mv.tags
+    return {"version": mv.version, "run_id": mv.run_id, "content_hash": t.get("content_hash"),
+            "base_model": t.get("base_model"), "primary_task": primary,
+            "scores": {k: t.get(f"score.{primary}.{k}") for k in ("base", "candidate", "mean_diff", "ci_low",
+                                                                   "ci_high")},
+            "gate_promote": t.get("gate.promote"),
+            "lineage": {k.removeprefix("lineage."): v for k, v in sorted(t.items()) if k.startswith("lineage.")}}
+
+
+def status(params: Params, root: Path) -> dict[str, Any]:
+    """Champion and challenger with their primary-task scores and lineage, plus recent alias moves."""
+    root = Path(root).resolve()
+    cfg, store = params.registry, resolve_store(params, root)
+    client = open_client(store)
+    primary = cfg.primary_task
+    return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri,
+            "champion": _describe(version_by_alias(client, cfg.model_name, "champion"), primary),
+            "challenger": _describe(version_by_alias(client, cfg.model_name, "challenger"), primary),
+            "recent_moves": read_audit(store.state_dir, cfg.model_name)[-5:]}
+
+
+def render_status(st: dict[str, Any]) -> str:
+    lines = [f"model {st['model_name']}  (tracking {st['tracking_uri']})"]
+    for alias in ("champion", "challenger"):
+        d = st.get(alias)
+        if d is None:
+            lines.append(f"{alias:<10}: none")
+            continue
+        s = d["scores"]
+        lines.append(f"{alias:<10}: v{d['version']}  {str(d['content_hash'])[:16]}  base {d['base_model']}")
+        lines.append(f"{'':<12}{d['primary_task']}: candidate {s['candidate']} vs base {s['base']} "
+                     f"(diff {s['mean_diff']}, 95% CI [{s['ci_low']}, {s['ci_high']}])")
+        lines.append(f"{'':<12}lineage: " + ", ".join(f"{k}={str(v)[:12]}" for k, v in d["lineage"].items()))
+    for m in st.get("recent_moves", []):
+        lines.append(f"  {m['time']}  {m['alias']}: v{m['from_version']} -> v{m['to_version']}  ({m['action']})")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Where the registry lives: tracking-URI resolution, client, experiment, version downloads.
+
+The embedded default keeps everything inside the project's state folder (``<state_dir>/mlflow.db`` and
+``<state_dir>/mlartifacts``) so that a checkout never writes MLflow files to the working directory.
+Any other tracking URI (a server, PostgreSQL, ...) comes from ``params.registry.tracking_uri`` or
+``$MLFLOW_TRACKING_URI`` and keeps that server's own artifact root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from opsd_core.config import Params
+
+if TYPE_CHECKING:  # mlflow costs ~2 s to import: only the functions that talk to it import it
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot go ahead (missing input, nothing to roll back to, ...)."""
+
+
+@dataclass(frozen=True)
+class Store:
+    tracking_uri: str
+    artifact_location: str | None  # None: the tracking server decides
+    state_dir: Path
+
+    @property
+    def embedded(self) -> bool:
+        return self.artifact_location is not None
+
+
+def state_dir(params: Params, root: Path) -> Path:
+    # an absolute state_dir (shared between checkouts) survives the join unchanged
+    return (Path(root) / params.registry.state_dir).resolve()
+
+
+def resolve_store(params: Params, root: Path) -> Store:
+    """params.registry.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite in the state folder."""
+    state = state_dir(params, root)
+    uri = params.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri:
+        return Store(tracking_uri=uri, artifact_location=None, state_dir=state)
+    return Store(
+        tracking_uri=f"sqlite:///{state / 'mlflow.db'}",
+        artifact_location=(state / "mlartifacts").as_uri(),
+        state_dir=state,
+    )
+
+
+def open_client(store: Store) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    if store.embedded:
+        store.state_dir.mkdir(parents=True, exist_ok=True)
+    # the registry URI is explicit: MLflow would otherwise fall back to ./mlflow.db for models:/ URIs
+    return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, store: Store, name: str) -> str:
+    """Experiment id; a new embedded experiment keeps its artifacts under the state folder."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=store.artifact_location)
+    except MlflowException:  # created meanwhile by a racing process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(
+            name, description="OPSD candidates (peft adapters on their base model); see each model card."
+        )
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of ``name`` (paginated); tag filters are done here, not by the backend."""
+    out: list[ModelVersion] = []
+    token: str | None = None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", max_results=1000, page_token=token)
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def find_by_content_hash(client: MlflowClient, name: str, content_hash: str) -> ModelVersion | None:
+    matches = [v for v in all_versions(client, name) if v.tags.get("content_hash") == content_hash]
+    return min(matches, key=lambda v: int(v.version)) if matches else None
+
+
+def download_version(client: MlflowClient, name: str, version: str, dst: Path) -> Path:
+    """Download a version's files (the adapter folder) to ``dst``; returns the local folder."""
+    import mlflow.artifacts
+
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dst),
+            tracking_uri=client.tracking_uri, registry_uri=client.tracking_uri,  # open_client sets both alike
+        )
+    )

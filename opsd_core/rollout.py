@@ -1,0 +1,105 @@
+"""On-policy sampling with transformers ``generate`` (KV cache, left padding), token ids end to end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from opsd_core.config import SamplingConfig
+
+
+@dataclass
+class Rollouts:
+    """Sampled completions, right-padded.
+
+    completion_ids: [B, L] int64 (pad after the end), completion_mask: [B, L] bool (valid tokens,
+    the end-of-sequence token included), ended: [B] bool (an EOS was produced within the budget).
+    """
+
+    completion_ids: Tensor
+    completion_mask: Tensor
+    ended: Tensor
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad id lists → (ids [B, T], attention_mask [B, T])."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def completion_mask_from_ids(completion_ids: Tensor, eos_ids: set[int]) -> tuple[Tensor, Tensor]:
+    """Valid-token mask up to and including the first EOS; [B, L] → ([B, L] bool, [B] ended)."""
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for eos in eos_ids:
+        is_eos |= completion_ids == eos
+    # eos_before[t] = an EOS occurred strictly before position t
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long() > 0
+    return ~eos_before, is_eos.any(dim=1)
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    if not ids:
+        raise ValueError("model and tokenizer define no end-of-sequence token")
+    return ids
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    pad_id: int,
+    eos_ids: set[int],
+    seed: int,
+    device: torch.device,
+) -> Rollouts:
+    """Sample one completion per prompt from ``model`` (its current weights, adapter included)."""
+    ids, attn = left_pad(prompts, pad_id)
+    ids, attn = ids.to(device), attn.to(device)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k if cfg.top_k > 0 else None,
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids),
+        use_cache=True,
+    )
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    completion = out[:, ids.shape[1]:].cpu()
+    if completion.shape[1] == 0:  # nothing generated at all: keep shapes valid
+        completion = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
+    mask, ended = completion_mask_from_ids(completion, eos_ids)
+    completion = completion.masked_fill(~mask, pad_id)
+    return Rollouts(completion, mask, ended, seconds)

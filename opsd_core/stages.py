@@ -1,0 +1,205 @@
+"""Pipeline stages: read params, call components, write outputs and reports.
+
+Each function is one ``opsd <stage>`` command and one DVC stage. Paths in params are relative to
+``root`` (the project directory).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.config import Params
+from opsd_core.trainer import CURVE_FIELDS, OPSDTrainer, TrainingError, load_problems, run_key
+
+
+def configure_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads; on small machines oversubscription costs far more than it gains."""
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- prepare -----------------------------------------------------------------------------------
+def prepare(params: Params, root: Path) -> dict[str, Any]:
+    from opsd_core.data import prepare_data
+    from opsd_core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(params.model, root)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    summary = prepare_data(params.data, root, count_tokens, root / params.train.reports_dir)
+    try:
+        from opsd_core.evaluation.tasks import write_task_yamls
+
+        write_task_yamls(
+            root / params.registry.state_dir / "lm_eval_tasks",
+            root / params.data.prepared_dir / "val.jsonl",
+            root / params.data.eval_dir / "gsm8k100.jsonl",
+            params.eval,
+        )
+    except ImportError:  # evaluation extra not installed: prepare still works
+        pass
+    return summary if isinstance(summary, dict) else vars(summary)
+
+
+# -- train -------------------------------------------------------------------------------------
+def _training_dtype(params: Params, dev: torch.device) -> torch.dtype:
+    from opsd_core.models import pick_dtype
+
+    return pick_dtype(params.train.precision) if dev.type == "cuda" else (
+        torch.bfloat16 if params.train.precision == "bfloat16" else torch.float32
+    )
+
+
+def _data_hash(params: Params, root: Path) -> str:
+    report = root / params.train.reports_dir / "data.json"
+    if report.is_file():
+        value = json.loads(report.read_text()).get("data_hash")
+        if value:
+            return str(value)
+    return file_hash(root / params.data.prepared_dir / "train.jsonl")
+
+
+def build_policy(params: Params, root: Path, dev: torch.device) -> tuple[torch.nn.Module, Any, str]:
+    """Base model (+ LoRA) ready to train; returns (model, tokenizer, resolved base path)."""
+    from opsd_core.models import load_model_and_tokenizer, resolve_base_dir, wrap_lora
+
+    base_path = resolve_base_dir(params.model, root)
+    model, tokenizer = load_model_and_tokenizer(params.model, root, dtype=_training_dtype(params, dev))
+    torch.manual_seed(params.train.seed)  # LoRA A init
+    if params.lora.enabled:
+        model = wrap_lora(model, params.lora)
+    else:
+        model.requires_grad_(True)
+    return model.to(dev), tokenizer, base_path
+
+
+def _probe_logits(model: torch.nn.Module, tokenizer: Any, dev: torch.device) -> torch.Tensor:
+    from opsd_core.prompts import student_prompt_ids
+
+    ids = torch.tensor([student_prompt_ids(tokenizer, "What is 12 + 30?")], device=dev)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().cpu()
+
+
+def save_candidate(
+    params: Params, root: Path, model: torch.nn.Module, tokenizer: Any, base_path: str,
+    data_hash: str, dev: torch.device,
+) -> dict[str, Any]:
+    """Write the candidate atomically, reload it and compare logits with the in-memory model."""
+    from opsd_core.models import load_candidate, weights_hash
+
+    out = root / params.train.output_dir
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    expected = _probe_logits(model, tokenizer, dev)
+    reloaded, _ = load_candidate(base_path, tmp, dtype=next(model.parameters()).dtype)
+    got = _probe_logits(reloaded.to(dev), tokenizer, dev)
+    del reloaded
+    if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
+        diff = (expected - got).abs().max().item()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"saved candidate does not reproduce the trained model (max |Δlogit| {diff:.3g})")
+    meta = {
+        "base_model": params.model.base,
+        "base_path": base_path,
+        "adapter": params.lora.enabled,
+        "params_hash": params.hash(),
+        "data_hash": data_hash,
+        "content_hash": weights_hash(tmp),
+        "steps": params.train.steps,
+        "profile": params.profile,
+    }
+    write_json(tmp / "opsd_candidate.json", meta)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return meta
+
+
+def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in CURVE_FIELDS})
+
+
+def train(params: Params, root: Path) -> dict[str, Any]:
+    configure_threads(params.train.threads)
+    dev = device()
+    started = time.perf_counter()
+    model, tokenizer, base_path = build_policy(params, root, dev)
+    problems = load_problems(root / params.data.prepared_dir / "train.jsonl", tokenizer)
+    data_hash = _data_hash(params, root)
+    run_dir = root / params.train.checkpoint_dir / run_key(params, data_hash)
+    trainer = OPSDTrainer(params, model, tokenizer, problems, dev, run_dir)
+    state = trainer.run()
+    reports = root / params.train.reports_dir
+    _write_curve(reports / "train_curve.csv", state.curve)
+    meta = save_candidate(params, root, model, tokenizer, base_path, data_hash, dev)
+    curve = state.curve
+    sample_s = sum(r.get("sample_s", 0.0) for r in curve)
+    train_s = sum(r.get("train_s", 0.0) for r in curve)
+    tokens = sum(r["completion_len"] * params.train.rollouts_per_step for r in curve)
+    summary = {
+        "base_model": params.model.base,
+        "profile": params.profile,
+        "params_hash": meta["params_hash"],
+        "data_hash": data_hash,
+        "content_hash": meta["content_hash"],
+        "steps": state.step,
+        "problems": len(problems),
+        "first_loss": curve[0]["loss"] if curve else None,
+        "final_loss": curve[-1]["loss"] if curve else None,
+        "final_kl": curve[-1]["kl"] if curve else None,
+        "completion_tokens": tokens,
+        "sampling_tokens_per_s": tokens / sample_s if sample_s else None,
+        "training_tokens_per_s": tokens / train_s if train_s else None,
+        "wall_s": time.perf_counter() - started,
+        "peak_rss_mb": peak_rss_mb(),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+    }
+    if dev.type == "cuda":
+        summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    write_json(reports / "train.json", summary)
+    print(f"candidate written to {root / params.train.output_dir}", file=sys.stderr)
+    return summary

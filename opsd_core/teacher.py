@@ -1,0 +1,165 @@
+"""Teachers behind one interface: ``fixed``, ``ema`` and ``live`` (DESIGN.md section 5.3).
+
+A teacher produces completion hidden states without gradient, plus the lm-head weight that turns
+them into logits. With LoRA, ``fixed`` is the same module with its adapter disabled (one copy of
+the weights); with full fine-tuning it is a frozen copy. ``ema`` keeps an exponential moving
+average of the *effective* weights of the trained modules (for LoRA: W0 + scale·B·A, the merged
+delta, not separate averages of A and B, whose product would not be the average delta).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from opsd_core.scoring import ScoringBatch, completion_hidden, lm_head
+
+TeacherMode = Literal["fixed", "ema", "live"]
+
+
+class Teacher(Protocol):
+    def hidden(self, batch: ScoringBatch) -> Tensor: ...
+    def lm_head_weight(self) -> Tensor: ...
+    def update(self) -> None: ...
+    def state_dict(self) -> dict[str, Tensor]: ...
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+def is_peft(model: nn.Module) -> bool:
+    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
+
+
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """LoRA-wrapped linear layers by name (modules with a ``base_layer`` and ``lora_A``)."""
+    return {
+        name: m for name, m in model.named_modules()
+        if hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "get_delta_weight")
+    }
+
+
+class _TeacherBase:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @contextmanager
+    def _weights(self) -> Iterator[nn.Module]:
+        yield self.model
+
+    @torch.no_grad()
+    def hidden(self, batch: ScoringBatch) -> Tensor:
+        with self._weights() as module:
+            was_training = module.training
+            module.eval()
+            try:
+                return completion_hidden(module, batch).detach()
+            finally:
+                module.train(was_training)
+
+    def lm_head_weight(self) -> Tensor:
+        with self._weights() as module:
+            return lm_head(module).weight.detach()
+
+    def update(self) -> None:
+        """Called after each optimizer step."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {len(state)} tensors")
+
+
+class LiveTeacher(_TeacherBase):
+    """The current weights under stop-gradient."""
+
+
+class FixedTeacher(_TeacherBase):
+    """The initial policy: adapter disabled (LoRA) or a frozen copy (full fine-tuning)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._frozen: nn.Module | None = None
+        if not is_peft(model):
+            self._frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @contextmanager
+    def _weights(self) -> Iterator[nn.Module]:
+        if self._frozen is not None:
+            yield self._frozen
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+
+class EmaTeacher(_TeacherBase):
+    """Exponential moving average of the effective trained weights, swapped in for teacher passes."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model)
+        self.decay = decay
+        self.lora = is_peft(model)
+        self.ema = {name: w.detach().clone() for name, w in self._effective().items()}
+
+    def _targets(self) -> dict[str, Tensor]:
+        """name -> the parameter tensor the EMA replaces during a teacher pass."""
+        if self.lora:
+            return {n: m.base_layer.weight for n, m in _lora_layers(self.model).items()}
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def _effective(self) -> dict[str, Tensor]:
+        if not self.lora:
+            return {n: p.detach() for n, p in self._targets().items()}
+        out = {}
+        for name, layer in _lora_layers(self.model).items():
+            delta = sum(
+                (layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A),
+                start=torch.zeros_like(layer.base_layer.weight),
+            )
+            out[name] = layer.base_layer.weight.detach() + delta.to(layer.base_layer.weight.dtype)
+        return out
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, w in self._effective().items():
+            self.ema[name].mul_(self.decay).add_(w, alpha=1.0 - self.decay)
+
+    @contextmanager
+    def _weights(self) -> Iterator[nn.Module]:
+        targets = self._targets()
+        saved = {n: t.data for n, t in targets.items()}
+        ctx = self.model.disable_adapter() if self.lora else nullcontext()
+        with ctx:
+            try:
+                for n, t in targets.items():
+                    t.data = self.ema[n]
+                yield self.model
+            finally:
+                for n, t in targets.items():
+                    t.data = saved[n]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {n: t.clone() for n, t in self.ema.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if set(state) != set(self.ema):
+            missing = sorted(set(self.ema) - set(state))[:3]
+            raise ValueError(f"EMA state does not match the model (missing e.g. {missing})")
+        for n, t in state.items():
+            self.ema[n].copy_(t)
+
+
+def make_teacher(mode: TeacherMode, model: nn.Module, ema_decay: float = 0.99) -> Teacher:
+    if mode == "fixed":
+        return FixedTeacher(model)
+    if mode == "live":
+        return LiveTeacher(model)
+    if mode == "ema":
+        return EmaTeacher(model, ema_decay)
+    raise ValueError(f"opsd.teacher: unknown mode {mode!r} (fixed, ema, live)")

@@ -1,0 +1,251 @@
+"""The OPSD loop: rollout → teacher/student scoring → global-token-mean loss → optimizer step.
+
+One optimizer step consumes ``rollouts_per_step`` problems: all rollouts are sampled in one batch,
+then scored in micro-batches whose losses are divided by the step's *total* number of valid
+completion tokens, so gradient accumulation gives exactly the full-batch token mean.
+Sampling seeds and the data order are functions of the step index, and checkpoints carry the
+optimizer, scheduler, teacher (EMA) and RNG state, so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from opsd_core import checkpoint as ckpt
+from opsd_core.config import Params
+from opsd_core.losses import DivergenceSpec, chunked_divergence_loss
+from opsd_core.optim import build_optimizer
+from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
+from opsd_core.rollout import Rollouts, eos_token_ids, sample
+from opsd_core.scoring import assert_same_completion, build_scoring_batch, completion_hidden, lm_head
+from opsd_core.teacher import Teacher, make_teacher
+
+CURVE_FIELDS = [
+    "step", "loss", "kl", "clipped_frac", "completion_len", "ended_frac",
+    "sample_tok_s", "train_tok_s", "lr", "grad_norm",
+]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, no tokens, ...); no candidate is written."""
+
+
+@dataclass
+class Problem:
+    id: str
+    student_ids: list[int]
+    teacher_ids: list[int]
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def load_problems(path: Path, tokenizer: Any, limit: int | None = None) -> list[Problem]:
+    """Tokenize both contexts of every prepared training row once."""
+    problems = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            problems.append(Problem(
+                str(row["id"]),
+                student_prompt_ids(tokenizer, row["problem"]),
+                teacher_prompt_ids(tokenizer, row["problem"], row["solution"]),
+            ))
+            if limit and len(problems) >= limit:
+                break
+    if not problems:
+        raise TrainingError(f"{path}: no training problems (run `opsd prepare` first)")
+    return problems
+
+
+def step_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
+    """Problem indices for optimizer step ``step``: a fresh seeded permutation per epoch (stateless)."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, n)
+        gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+        out.append(int(torch.randperm(n, generator=gen)[pos]))
+    return out
+
+
+def run_key(params: Params, data_hash: str) -> str:
+    """Identifies a training run: checkpoints from other params or data are never resumed."""
+    dump = params.model_dump(mode="json")
+    volatile = {"threads", "progress", "keep_checkpoints", "checkpoint_every", "checkpoint_dir",
+                "output_dir", "reports_dir"}
+    train = {k: v for k, v in dump["train"].items() if k not in volatile}
+    blob = json.dumps(
+        {"model": dump["model"], "lora": dump["lora"], "opsd": dump["opsd"], "train": train,
+         "data": data_hash}, sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class OPSDTrainer:
+    def __init__(
+        self,
+        params: Params,
+        model: nn.Module,
+        tokenizer: Any,
+        problems: list[Problem],
+        device: torch.device,
+        run_dir: Path,
+        log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    ) -> None:
+        self.params, self.model, self.tokenizer = params, model, tokenizer
+        self.problems, self.device, self.run_dir, self.log = problems, device, run_dir, log
+        self.cfg = params.train
+        sampling = params.opsd.sampling
+        self.spec = DivergenceSpec.from_config(params.opsd, sampling.temperature)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.optimizer, self.scheduler = build_optimizer(model, self.cfg)
+        self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay)
+        self.state = TrainState()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "curve": self.state.curve,
+            "trainable": {n: p.detach().cpu().clone() for n, p in self.trainable.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save(self.run_dir, self.state.step, self._state(), self.cfg.keep_checkpoints)
+
+    def resume(self) -> bool:
+        found = ckpt.latest(self.run_dir)
+        if found is None:
+            return False
+        state = ckpt.load(found)
+        missing = set(self.trainable) ^ set(state["trainable"])
+        if missing:
+            raise TrainingError(f"checkpoint {found.path} does not match the model: {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(state["trainable"][name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.teacher.load_state_dict(state["teacher"])
+        ckpt.set_rng_state(state["rng"])
+        self.state = TrainState(state["step"], state["curve"])
+        self.log(f"resumed from {found.path} (step {self.state.step}/{self.cfg.steps})")
+        return True
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def rollout(self, batch: list[Problem], step: int) -> Rollouts:
+        seed = self.cfg.seed * 1_000_003 + step
+        return sample(self.model, [p.student_ids for p in batch], self.params.opsd.sampling,
+                      self.pad_id, self.eos_ids, seed, self.device)
+
+    def step(self, step: int, bar: Any = None) -> dict[str, float]:
+        batch = [self.problems[i] for i in step_indices(step, self.cfg.rollouts_per_step,
+                                                         len(self.problems), self.cfg.seed)]
+        rollouts = self.rollout(batch, step)
+        total = rollouts.num_tokens
+        if total == 0:
+            raise TrainingError(f"step {step}: the rollouts hold no completion tokens")
+        self.model.train()
+        start = time.perf_counter()
+        loss_sum = kl_sum = clipped_sum = 0.0
+        mb = self.cfg.micro_batch_size
+        for lo in range(0, len(batch), mb):
+            part = batch[lo:lo + mb]
+            ids = rollouts.completion_ids[lo:lo + mb]
+            mask = rollouts.completion_mask[lo:lo + mb]
+            s_batch = build_scoring_batch([p.student_ids for p in part], ids, mask, self.pad_id)
+            t_batch = build_scoring_batch([p.teacher_ids for p in part], ids, mask, self.pad_id)
+            assert_same_completion(s_batch, t_batch)
+            s_batch, t_batch = s_batch.to(self.device), t_batch.to(self.device)
+            t_hidden = self.teacher.hidden(t_batch)
+            s_hidden = completion_hidden(self.model, s_batch)
+            loss, metrics = chunked_divergence_loss(
+                s_hidden, t_hidden, lm_head(self.model).weight, mask.to(self.device), self.spec,
+                sampled_ids=ids.to(self.device), chunk_size=self.params.opsd.chunk_size, denom=total,
+                teacher_lm_head_weight=self.teacher.lm_head_weight(),
+            )
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"step {step}: non-finite loss ({loss.item()}); stopping, no candidate is written"
+                )
+            loss.backward()
+            loss_sum += loss.item()
+            kl_sum += float(metrics["kl_sum"])
+            clipped_sum += float(metrics["clipped_sum"])
+            if bar is not None:
+                bar.update(len(part))
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), clip))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"step {step}: non-finite gradient norm; stopping, no candidate is written")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.teacher.update()
+        train_s = time.perf_counter() - start
+        lengths = rollouts.completion_mask.sum(dim=1).float()
+        return {
+            "step": step + 1,
+            "loss": loss_sum,
+            "kl": kl_sum / total,
+            "clipped_frac": clipped_sum / total,
+            "completion_len": float(lengths.mean()),
+            "ended_frac": float(rollouts.ended.float().mean()),
+            "sample_tok_s": total / max(rollouts.seconds, 1e-9),
+            "train_tok_s": total / max(train_s, 1e-9),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "sample_s": rollouts.seconds,
+            "train_s": train_s,
+        }
+
+    def run(self) -> TrainState:
+        """Train until ``train.steps``, resuming from the latest checkpoint of this run."""
+        self.resume()
+        show = self.cfg.progress and sys.stderr.isatty()
+        steps_bar = tqdm(total=self.cfg.steps, initial=self.state.step, desc="steps", disable=not show)
+        rollouts_bar = tqdm(total=0, desc="rollouts", unit="rollout", disable=not show, leave=False)
+        try:
+            while self.state.step < self.cfg.steps:
+                rollouts_bar.reset(total=self.cfg.rollouts_per_step)
+                row = self.step(self.state.step, rollouts_bar)
+                self.state.step += 1
+                self.state.curve.append(row)
+                steps_bar.update(1)
+                steps_bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}")
+                if not show:
+                    self.log(
+                        f"step {row['step']}/{self.cfg.steps} loss={row['loss']:.5f} kl={row['kl']:.5f} "
+                        f"len={row['completion_len']:.0f} sample={row['sample_tok_s']:.0f} tok/s "
+                        f"train={row['train_tok_s']:.0f} tok/s"
+                    )
+                if self.state.step % self.cfg.checkpoint_every == 0 or self.state.step == self.cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            rollouts_bar.close()
+            steps_bar.close()
+        return self.state
