@@ -161,15 +161,16 @@ class OPSDTrainer:
         return sample(self.model, [p.student_ids for p in batch], self.params.opsd.sampling,
                       self.pad_id, self.eos_ids, seed, self.device)
 
-    def step(self, step: int, bar: Any = None) -> dict[str, float]:
-        batch = [self.problems[i] for i in step_indices(step, self.cfg.rollouts_per_step,
-                                                         len(self.problems), self.cfg.seed)]
-        rollouts = self.rollout(batch, step)
+    def batch_for(self, step: int) -> list[Problem]:
+        return [self.problems[i] for i in step_indices(step, self.cfg.rollouts_per_step,
+                                                        len(self.problems), self.cfg.seed)]
+
+    def accumulate(self, batch: list[Problem], rollouts: Rollouts, bar: Any = None) -> dict[str, float]:
+        """Forward/backward over micro-batches; the loss is the mean over all the step's valid tokens."""
         total = rollouts.num_tokens
         if total == 0:
-            raise TrainingError(f"step {step}: the rollouts hold no completion tokens")
+            raise TrainingError("the rollouts hold no completion tokens")
         self.model.train()
-        start = time.perf_counter()
         loss_sum = kl_sum = clipped_sum = 0.0
         mb = self.cfg.micro_batch_size
         for lo in range(0, len(batch), mb):
@@ -188,40 +189,49 @@ class OPSDTrainer:
                 teacher_lm_head_weight=self.teacher.lm_head_weight(),
             )
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"step {step}: non-finite loss ({loss.item()}); stopping, no candidate is written"
-                )
+                raise TrainingError(f"non-finite loss ({loss.item()}); stopping, no candidate is written")
             loss.backward()
             loss_sum += loss.item()
             kl_sum += float(metrics["kl_sum"])
             clipped_sum += float(metrics["clipped_sum"])
             if bar is not None:
                 bar.update(len(part))
+        return {"loss": loss_sum, "kl": kl_sum / total, "clipped_frac": clipped_sum / total}
+
+    def optimizer_step(self) -> dict[str, float]:
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), clip))
         if not math.isfinite(grad_norm):
-            raise TrainingError(f"step {step}: non-finite gradient norm; stopping, no candidate is written")
+            raise TrainingError("non-finite gradient norm; stopping, no candidate is written")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher.update()
+        return {"lr": lr, "grad_norm": grad_norm}
+
+    def step(self, step: int, bar: Any = None) -> dict[str, float]:
+        batch = self.batch_for(step)
+        rollouts = self.rollout(batch, step)
+        start = time.perf_counter()
+        try:
+            row = self.accumulate(batch, rollouts, bar)
+            row.update(self.optimizer_step())
+        except TrainingError as err:
+            raise TrainingError(f"step {step + 1}: {err}") from None
         train_s = time.perf_counter() - start
+        total = rollouts.num_tokens
         lengths = rollouts.completion_mask.sum(dim=1).float()
-        return {
+        row.update({
             "step": step + 1,
-            "loss": loss_sum,
-            "kl": kl_sum / total,
-            "clipped_frac": clipped_sum / total,
             "completion_len": float(lengths.mean()),
             "ended_frac": float(rollouts.ended.float().mean()),
             "sample_tok_s": total / max(rollouts.seconds, 1e-9),
             "train_tok_s": total / max(train_s, 1e-9),
-            "lr": lr,
-            "grad_norm": grad_norm,
             "sample_s": rollouts.seconds,
             "train_s": train_s,
-        }
+        })
+        return row
 
     def run(self) -> TrainState:
         """Train until ``train.steps``, resuming from the latest checkpoint of this run."""
@@ -245,7 +255,20 @@ class OPSDTrainer:
                     )
                 if self.state.step % self.cfg.checkpoint_every == 0 or self.state.step == self.cfg.steps:
                     self.save_checkpoint()
+                    _maybe_fault(self.state.step)
         finally:
             rollouts_bar.close()
             steps_bar.close()
         return self.state
+
+
+def _maybe_fault(step: int) -> None:
+    """Test hook: ``OPSD_FAULT_AFTER_STEP=N`` SIGKILLs this process right after checkpoint N.
+
+    It lets tests kill a real training process at a known point instead of racing a timer.
+    """
+    import os
+    import signal
+
+    if os.environ.get("OPSD_FAULT_AFTER_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)

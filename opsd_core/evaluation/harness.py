@@ -63,11 +63,21 @@ class ModelEval:
 
 
 @functools.lru_cache(maxsize=4)
-def _task_manager(include_path: str, include_defaults: bool) -> Any:
-    # Indexing lm-eval's built-in tasks takes ~10 s: build each manager once per process.
+def _cached_task_manager(include_path: str, include_defaults: bool, listing: tuple[Any, ...]) -> Any:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def _task_manager(tasks_dir: Path, include_defaults: bool) -> Any:
+    """A TaskManager over ``tasks_dir`` (plus lm-eval's built-ins when asked).
+
+    Indexing the built-in tasks takes ~10 s, so managers are reused within a process; the key holds
+    the directory's YAML names and mtimes so that rewritten task files are re-indexed.
+    """
+    path = Path(tasks_dir).resolve()
+    listing = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in path.glob("*.yaml")))
+    return _cached_task_manager(str(path), include_defaults, listing)
 
 
 def _unknown_task_error(name: str, known: list[str]) -> EvalTaskError:
@@ -82,7 +92,9 @@ def load_tasks(names: list[str], tasks_dir: Path) -> tuple[Any, dict[str, Any]]:
     Loading a task loads its dataset, so data problems surface here, before any model is loaded.
     Returns the TaskManager to hand to ``simple_evaluate`` and the tasks by name.
     """
-    own_tm = _task_manager(str(Path(tasks_dir).resolve()), False)
+    if not Path(tasks_dir).is_dir():
+        raise EvalTaskError(f"task directory {tasks_dir} does not exist (write_task_yamls first)")
+    own_tm = _task_manager(tasks_dir, False)
     own = [n for n in names if n in own_tm.all_tasks]
     extra = [n for n in names if n not in own_tm.all_tasks]
     missing_own = [n for n in extra if n in OWN_TASKS]
@@ -90,7 +102,7 @@ def load_tasks(names: list[str], tasks_dir: Path) -> tuple[Any, dict[str, Any]]:
         raise EvalTaskError(f"own task(s) {missing_own} have no generated YAML in {tasks_dir}")
     tm = own_tm
     if extra:
-        tm = _task_manager(str(Path(tasks_dir).resolve()), True)
+        tm = _task_manager(tasks_dir, True)
         for name in extra:
             if name not in tm.all_tasks:
                 raise _unknown_task_error(name, tm.all_tasks)

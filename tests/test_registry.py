@@ -1,0 +1,427 @@
+"""Registry stage: the pure gate, and register / promote / rollback / status on a real MLflow store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from opsd_core.config import Params
+from opsd_core.evaluation.bootstrap import paired_bootstrap
+from opsd_core.registry import (
+    ChampionEvidence,
+    RegistryError,
+    decide,
+    register,
+    render_status,
+    rollback,
+    status,
+)
+from opsd_core.registry.audit import champion_stack, read_audit
+from opsd_core.registry.store import download_version, open_client, resolve_store
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [f"d{i:02d}" for i in range(40)]
+PRIMARY, GUARD = "opsd_val", "opsd_gsm8k100"
+
+
+# -- fabricated evaluation reports ------------------------------------------------------------
+def _samples(ones: int) -> dict[str, list[int]]:
+    # nested sets: a model with more ones is at least as good on every doc, so the pairing matters
+    return {d: [int(i < ones)] for i, d in enumerate(DOCS)}
+
+
+def _side(ones: int) -> dict[str, Any]:
+    return {"score": ones / len(DOCS), "n": len(DOCS), "samples": _samples(ones)}
+
+
+def _task(base: int, cand: int) -> dict[str, Any]:
+    b, c = _side(base), _side(cand)
+    keys = sorted(b["samples"])
+    diff = paired_bootstrap([b["samples"][k][0] for k in keys], [c["samples"][k][0] for k in keys], 1000, 0)
+    return {"base": b, "candidate": c, "diff": diff}
+
+
+def eval_report(cand: int, base: int = 10, guard: tuple[int, int] = (20, 20), settings: str = "s1") -> dict:
+    return {"settings": {"settings_hash": settings},
+            "tasks": {PRIMARY: _task(base, cand), GUARD: _task(*guard)}}
+
+
+def champ(cand: int, version: str = "1", settings: str = "s1", content: str = "old") -> ChampionEvidence:
+    return ChampionEvidence(version, content, eval_report(cand, settings=settings))
+
+
+CFG = Params().registry
+
+
+# -- the gate (pure) ----------------------------------------------------------------------------
+def test_gate_promotes_clear_win_without_champion() -> None:
+    v = decide(eval_report(cand=30), CFG, None, "new")
+    assert v["promote"] is True
+    assert v["checks"]["vs_base"]["ci_low"] > 0
+    assert v["checks"]["vs_champion"]["status"] == "no_champion"
+    assert all(r.startswith("PASS") for r in v["reasons"])
+
+
+@pytest.mark.parametrize(("cand", "margin", "why"), [
+    (5, 0.0, "worse than base"),
+    (10, 0.0, "equal to base"),
+    (11, 0.0, "one doc better: bootstrap lower bound not above zero"),
+    (14, 0.2, "significant but below the margin"),
+])
+def test_gate_rejects_candidates_not_clearly_better_than_base(cand: int, margin: float, why: str) -> None:
+    cfg = CFG.model_copy(update={"margin": margin})
+    v = decide(eval_report(cand=cand), cfg, None, "new")
+    assert v["promote"] is False, why
+    assert v["checks"]["vs_base"]["passed"] is False
+    assert any(r.startswith("FAIL vs base") for r in v["reasons"])
+
+
+def test_gate_margin_is_inclusive() -> None:
+    cfg = CFG.model_copy(update={"margin": 0.25})  # 20/40 - 10/40 = 0.25 exactly
+    assert decide(eval_report(cand=20), cfg, None, "new")["promote"] is True
+    assert decide(eval_report(cand=19), cfg, None, "new")["promote"] is False
+
+
+@pytest.mark.parametrize(("guard", "ok"), [((20, 19), True), ((20, 18), True), ((20, 17), False), ((20, 30), True)])
+def test_gate_guard_tolerance(guard: tuple[int, int], ok: bool) -> None:
+    # tolerance 0.05 = 2 of 40 docs
+    v = decide(eval_report(cand=30, guard=guard), CFG, None, "new")
+    assert v["promote"] is ok
+    assert v["checks"]["guards"][GUARD]["passed"] is ok
+
+
+def test_gate_fails_closed_on_missing_tasks() -> None:
+    report = eval_report(cand=30)
+    no_guard = {**report, "tasks": {PRIMARY: report["tasks"][PRIMARY]}}
+    assert decide(no_guard, CFG, None, "new")["promote"] is False
+    no_primary = {**report, "tasks": {GUARD: report["tasks"][GUARD]}}
+    v = decide(no_primary, CFG, None, "new")
+    assert v["promote"] is False and "missing" in v["checks"]["vs_base"]["reason"]
+
+
+def test_gate_against_champion() -> None:
+    report = eval_report(cand=30)
+    assert decide(report, CFG, champ(20), "new")["promote"] is True
+    worse = decide(report, CFG, champ(35), "new")
+    assert worse["promote"] is False and worse["checks"]["vs_champion"]["mean_diff"] < 0
+    tie = decide(report, CFG, champ(30), "new")
+    assert tie["promote"] is False and tie["checks"]["vs_champion"]["status"] == "compared"
+    other = decide(report, CFG, champ(20, settings="s2"), "new")
+    assert other["promote"] is False and other["checks"]["vs_champion"]["status"] == "cannot_compare"
+    lost = decide(report, CFG, ChampionEvidence("1", "old", None), "new")
+    assert lost["promote"] is False and "no stored eval report" in lost["checks"]["vs_champion"]["reason"]
+    same = decide(report, CFG, champ(35, content="new"), "new")
+    assert same["promote"] is True and same["checks"]["vs_champion"]["status"] == "same"
+
+
+def test_gate_pairs_champion_by_doc_id() -> None:
+    report = eval_report(cand=30)
+    ch = champ(20)
+    # reorder the champion's samples: pairing must follow ids, not positions
+    samples = ch.report["tasks"][PRIMARY]["candidate"]["samples"]
+    ch.report["tasks"][PRIMARY]["candidate"]["samples"] = dict(reversed(list(samples.items())))
+    v = decide(report, CFG, ch, "new")
+    assert v["checks"]["vs_champion"]["mean_diff"] == pytest.approx(10 / 40)
+    assert v["checks"]["vs_champion"]["ci_low"] > 0
+
+
+def test_gate_recomputes_missing_diff() -> None:
+    report = eval_report(cand=30)
+    stripped = json.loads(json.dumps(report))
+    del stripped["tasks"][PRIMARY]["diff"]
+    a, b = decide(report, CFG, None, "new"), decide(stripped, CFG, None, "new")
+    assert a["promote"] == b["promote"] is True
+    assert a["checks"]["vs_base"]["mean_diff"] == pytest.approx(b["checks"]["vs_base"]["mean_diff"])
+
+
+def test_champion_stack_replays_promotions_and_rollbacks() -> None:
+    def mv(frm: str | None, to: str, action: str = "promote") -> dict:
+        return {"alias": "champion", "from_version": frm, "to_version": to, "action": action}
+
+    log = [mv(None, "1"), {"alias": "challenger", "from_version": None, "to_version": "9", "action": "register"},
+           mv("1", "2"), mv("2", "3"), mv("3", "2", "rollback"), mv("2", "4")]
+    assert champion_stack(log) == ["1", "2", "4"]
+    assert champion_stack(log + [mv("4", "2", "rollback"), mv("2", "1", "rollback")]) == ["1"]
+
+
+# -- a tiny real peft adapter and a project folder -------------------------------------------------
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("base")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+PROBE = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=PROBE).logits
+
+
+def make_candidate(out: Path, base_dir: Path, seed: int) -> torch.Tensor:
+    """Write a LoRA adapter with non-zero B weights; returns its logits on PROBE."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.5
+    model.save_pretrained(out)
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    meta = {"base_model": "tiny", "base_path": str(base_dir), "adapter": True, "params_hash": "p" * 16,
+            "data_hash": "d" * 16, "content_hash": hashlib.sha256(weights).hexdigest(), "steps": 3}
+    (out / "opsd_candidate.json").write_text(json.dumps(meta))
+    return _logits(model)
+
+
+def make_project(root: Path, base_dir: Path, seed: int, report: dict) -> torch.Tensor:
+    reports = root / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "eval.json").write_text(json.dumps(report))
+    (reports / "train.json").write_text(json.dumps({"final_loss": 0.5, "steps": 3, "device": "cpu"}))
+    (reports / "data.json").write_text(json.dumps({"data_hash": "d" * 16}))
+    (reports / "train_curve.csv").write_text(
+        "step,loss,kl,clipped_frac,completion_len,ended_frac,sample_tok_s,train_tok_s,lr,grad_norm\n"
+        "1,0.9,0.9,0.1,12,0.5,100,200,1e-4,1.0\n2,0.7,0.7,0.05,11,0.75,100,200,9e-5,0.8\n")
+    (root / "data").mkdir(exist_ok=True)
+    (root / "data" / "raw.dvc").write_text("outs:\n- md5: abc123.dir\n  path: raw\n")
+    (root / "dvc.lock").write_text("schema: '2.0'\n")
+    return make_candidate(root / "models" / "candidate", base_dir, seed)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Params]:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("OPSD_FLOW_RUN_ID", "flow-123")
+    return tmp_path, Params(eval={"bootstrap_samples": 500})
+
+
+def load_version(client: Any, name: str, version: str, base_dir: Path, dst: Path) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    local = download_version(client, name, version, dst)
+    return _logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), str(local)))
+
+
+# -- register / promote / rollback on SQLite ----------------------------------------------------
+def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], base_dir: Path) -> None:
+    root, params = project
+    expected = make_project(root, base_dir, seed=1, report=eval_report(cand=30))
+    res = register(params, root)
+    assert res["version"] == "1" and res["champion"] == "1" and res["challenger"] == "1"
+    assert res["verdict"]["promote"] is True and not res["already_registered"]
+    assert json.loads((root / "reports" / "registry.json").read_text())["version"] == "1"
+
+    store = resolve_store(params, root)
+    assert store.tracking_uri == f"sqlite:///{root / '.opsd' / 'mlflow.db'}"
+    client = open_client(store)
+    run = client.get_run(res["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((root / ".opsd" / "mlartifacts").as_uri())
+    assert run.data.params["params.registry.primary_task"] == PRIMARY
+    assert run.data.tags["lineage.flow_run_id"] == "flow-123"
+    assert run.data.tags["lineage.dvc_raw_md5"] == "abc123.dir"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert run.data.metrics[f"eval/{PRIMARY}/candidate"] == pytest.approx(0.75)
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert files == {"plots/training_curve.png", "plots/eval.png"}
+    card = Path(client.download_artifacts(run.info.run_id, "model_card.md", str(root / "dl"))).read_text()
+    assert "`tiny`" in card and "abc123.dir" in card and "promoted" in card
+
+    mv = client.get_model_version(params.registry.model_name, "1")
+    assert mv.tags["gate.promote"] == "true" and mv.tags["lineage.params_hash"] == params.hash()
+    assert mv.tags["score.opsd_val.candidate"] == "0.75"
+    got = load_version(client, params.registry.model_name, "1", base_dir, root / "v1")
+    assert torch.allclose(got, expected, atol=1e-5)
+    from transformers import LlamaForCausalLM
+
+    assert not torch.allclose(_logits(LlamaForCausalLM.from_pretrained(base_dir)), expected, atol=1e-3)
+
+    # same weights again: no new run, no new version
+    again = register(params, root)
+    assert again["already_registered"] and again["version"] == "1"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert len(client.search_model_versions(f"name='{params.registry.model_name}'")) == 1
+
+
+def test_gate_champion_rollback_audit_and_status(project: tuple[Path, Params], base_dir: Path) -> None:
+    root, params = project
+    name = params.registry.model_name
+    for seed, cand in ((1, 20), (2, 30), (3, 25)):  # v1 champion, v2 beats it, v3 worse than v2
+        make_project(root, base_dir, seed, eval_report(cand=cand))
+        res = register(params, root)
+    assert res["version"] == "3" and res["challenger"] == "3" and res["champion"] == "2"
+    assert res["verdict"]["promote"] is False
+    client = open_client(resolve_store(params, root))
+    v3 = client.get_model_version(name, "3")
+    assert v3.tags["gate.promote"] == "false" and "FAIL vs champion v2" in v3.tags["gate.reasons"]
+    verdict_file = json.loads((root / "reports" / "registry.json").read_text())["verdict"]
+    assert verdict_file["checks"]["vs_champion"]["champion_version"] == "2"
+
+    text = render_status(status(params, root))
+    assert "champion  : v2" in text and "challenger: v3" in text
+
+    back = rollback(params, root)
+    assert back["champion"] == "1" and client.get_model_version_by_alias(name, "champion").version == "1"
+    with pytest.raises(RegistryError, match="first champion"):
+        rollback(params, root)
+
+    log = read_audit(root / ".opsd", name)
+    moves = [(e["alias"], e["from_version"], e["to_version"], e["action"]) for e in log]
+    assert moves == [
+        ("challenger", None, "1", "register"), ("champion", None, "1", "promote"),
+        ("challenger", "1", "2", "register"), ("champion", "1", "2", "promote"),
+        ("challenger", "2", "3", "register"), ("champion", "2", "1", "rollback"),
+    ]
+    assert all(e["actor"] and e["time"] for e in log)
+    history = json.loads(client.get_model_version(name, "2").tags["alias_history"])
+    assert [(h["alias"], h["action"]) for h in history] == [
+        ("challenger", "register"), ("champion", "promote"), ("challenger", "register"), ("champion", "rollback")]
+
+
+def test_failed_run_creates_no_version(project: tuple[Path, Params], base_dir: Path) -> None:
+    root, params = project
+    report = eval_report(cand=30)
+    del report["tasks"][GUARD]["candidate"]["score"]  # breaks the run after it started logging
+    make_project(root, base_dir, 1, report)
+    with pytest.raises(KeyError):
+        register(params, root)
+    client = open_client(resolve_store(params, root))
+    exp = client.get_experiment_by_name(params.registry.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_model_versions(f"name='{params.registry.model_name}'") == []
+    assert read_audit(root / ".opsd") == []
+
+
+_WORKER = """
+import json, sys
+from pathlib import Path
+from opsd_core.config import Params
+from opsd_core.registry import register
+import mlflow  # pay the import before the start signal so both processes really race
+params = Params.model_validate(json.loads(sys.argv[2]))
+print("ready", flush=True)
+sys.stdin.readline()
+print(json.dumps(register(params, Path(sys.argv[1]))), flush=True)
+"""
+
+
+def test_two_racing_registrations_leave_one_consistent_champion(
+    tmp_path: Path, base_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shared = tmp_path / "state"  # two checkouts, one registry
+    params = Params(registry={"state_dir": str(shared)}, eval={"bootstrap_samples": 500})
+    roots = [tmp_path / "a", tmp_path / "b"]
+    make_project(roots[0], base_dir, 1, eval_report(cand=20))
+    make_project(roots[1], base_dir, 2, eval_report(cand=35))  # b beats a whichever goes first
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(r), params.model_dump_json()], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for r in roots]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    client = open_client(resolve_store(params, roots[0]))
+    name = params.registry.model_name
+    assert sorted(o["version"] for o in outs) == ["1", "2"]
+    champion = client.get_model_version_by_alias(name, "champion").version
+    assert champion == outs[1]["version"]
+    champ_moves = [e for e in read_audit(shared, name) if e["alias"] == "champion"]
+    assert champ_moves[0]["from_version"] is None
+    for prev, nxt in zip(champ_moves, champ_moves[1:], strict=False):
+        assert nxt["from_version"] == prev["to_version"]  # each move saw the previous one
+    assert champ_moves[-1]["to_version"] == champion
+
+
+# -- a real tracking server, as a user would run it ---------------------------------------------
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Any:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, tmp_path / "server.log")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, attempts: int = 240) -> None:
+    for _ in range(attempts):
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            try:  # pause between probes by waiting on the server process (returns early if it dies)
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    raise RuntimeError("mlflow server did not become healthy")
+
+
+@pytest.mark.slow
+def test_tracking_server_as_registry(
+    mlflow_server: str, tmp_path: Path, base_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlflow.artifacts
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the user's way of pointing at a server
+    params = Params(eval={"bootstrap_samples": 200})
+    root = tmp_path / "proj"
+    expected = make_project(root, base_dir, 1, eval_report(cand=30))
+    res = register(params, root)
+    assert res["champion"] == "1" and res["tracking_uri"] == mlflow_server
+    assert not (root / ".opsd" / "mlflow.db").exists()
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{params.registry.model_name}@champion", dst_path=str(tmp_path / "dl"),
+        tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    got = _logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), local))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert list((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))
+    assert register(params, root)["already_registered"]

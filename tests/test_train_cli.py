@@ -1,0 +1,101 @@
+"""`opsd data generate → prepare → train` as separate processes, with a killed and resumed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def opsd(project: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+         ) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "opsd_core.cli", *args], cwd=project, env=full_env,
+        capture_output=True, text=True, timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"opsd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def make_project(path: Path, cache: Path, extra: str = "") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    text = (ROOT / "params.yaml").read_text().replace("profile: default", "profile: smoke", 1)
+    text = text.replace("cache_dir: .opsd/models", f"cache_dir: {cache}", 1)
+    (path / "params.yaml").write_text(text + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("models")
+    project = make_project(tmp_path_factory.mktemp("project"), cache)
+    opsd(project, "data", "generate")
+    opsd(project, "prepare")
+    return project
+
+
+def _clone(src: Path, dst: Path, overrides: list[str]) -> Path:
+    dst.mkdir()
+    shutil.copy(src / "params.yaml", dst)
+    shutil.copytree(src / "data", dst / "data")
+    shutil.copytree(src / "reports", dst / "reports")
+    return dst
+
+
+def _weights(project: Path) -> str:
+    return json.loads((project / "models/candidate/opsd_candidate.json").read_text())["content_hash"]
+
+
+def test_prepare_writes_splits_and_reports(prepared: Path) -> None:
+    report = json.loads((prepared / "reports/data.json").read_text())
+    assert report["train"] > 0 and report["val"] > 0
+    assert (prepared / "data/prepared/train.jsonl").is_file()
+    assert (prepared / "data/eval/gsm8k100.jsonl").is_file()
+
+
+def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) -> None:
+    sets = ["--set", "train.steps=4", "--set", "train.checkpoint_every=1"]
+    straight = _clone(prepared, tmp_path / "straight", sets)
+    opsd(straight, "train", *sets)
+
+    crashed = _clone(prepared, tmp_path / "crashed", sets)
+    killed = opsd(crashed, "train", *sets, env={"OPSD_FAULT_AFTER_STEP": "2"}, check=False)
+    assert killed.returncode == -9  # SIGKILL: a real crash, no cleanup code ran
+    assert not (crashed / "models/candidate").exists()
+    resumed = opsd(crashed, "train", *sets)
+    assert "resumed from" in resumed.stderr and "step 2/4" in resumed.stderr
+
+    assert _weights(crashed) == _weights(straight)
+    curve_a = (straight / "reports/train_curve.csv").read_text()
+    curve_b = (crashed / "reports/train_curve.csv").read_text()
+    drop_speed = [",".join(r.split(",")[:6]) for r in curve_a.splitlines()]
+    assert drop_speed == [",".join(r.split(",")[:6]) for r in curve_b.splitlines()]
+    summary = json.loads((crashed / "reports/train.json").read_text())
+    assert summary["steps"] == 4
+    meta = json.loads((crashed / "models/candidate/opsd_candidate.json").read_text())
+    assert meta["adapter"] is True and (crashed / "models/candidate/adapter_model.safetensors").is_file()
+
+
+def test_changed_params_never_resume_a_foreign_checkpoint(prepared: Path, tmp_path: Path) -> None:
+    project = _clone(prepared, tmp_path / "p", [])
+    opsd(project, "train", "--set", "train.steps=2")
+    other = opsd(project, "train", "--set", "train.steps=2", "--set", "train.lr=0.001")
+    assert "resumed from" not in other.stderr
+
+
+def test_config_errors_name_the_key(prepared: Path) -> None:
+    bad = opsd(prepared, "train", "--set", "train.stepz=3", check=False)
+    assert bad.returncode == 2 and "train.stepz: unknown key" in bad.stderr
+    wrong = opsd(prepared, "train", "--set", "opsd.divergence=kl", check=False)
+    assert wrong.returncode == 2 and "opsd.divergence" in wrong.stderr
+    profile = opsd(prepared, "train", "--profile", "nope", check=False)
+    assert profile.returncode == 2 and "unknown profile 'nope'" in profile.stderr

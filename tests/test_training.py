@@ -1,0 +1,207 @@
+"""OPSD training on the tiny model: alignment, teachers, learning, checkpoint/resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsd_core.config import Params, load_params
+from opsd_core.models import load_model_and_tokenizer, wrap_lora
+from opsd_core.rollout import Rollouts, completion_mask_from_ids, eos_token_ids
+from opsd_core.scoring import build_scoring_batch, completion_hidden, lm_head
+from opsd_core.teacher import EmaTeacher, FixedTeacher, LiveTeacher
+from opsd_core.trainer import OPSDTrainer, Problem, TrainingError, load_problems, step_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Params:
+    cache = tmp_path_factory.mktemp("models")
+    return load_params(ROOT / "params.yaml", "smoke", [f"model.cache_dir={cache}"])
+
+
+def _policy(params: Params, lora: bool = True) -> tuple[torch.nn.Module, object]:
+    model, tok = load_model_and_tokenizer(params.model, ROOT)
+    torch.manual_seed(0)
+    if lora:
+        model = wrap_lora(model, params.lora)
+    else:
+        model.requires_grad_(True)
+    return model, tok
+
+
+def _problems(tok: object) -> list[Problem]:
+    from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
+
+    rows = [
+        ("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7\n#### 7"),
+        ("A book costs 12 dollars. What do 5 books cost in dollars, in total?", "5 * 12 = 60\n#### 60"),
+        ("Sam ran 2 km.", "#### 2"),
+        ("What is 9 times 9? Think about it carefully before you answer.", "9 * 9 = 81\n#### 81"),
+    ]
+    return [Problem(str(i), student_prompt_ids(tok, p), teacher_prompt_ids(tok, p, s))
+            for i, (p, s) in enumerate(rows)]
+
+
+def _fixed_rollouts(tok: object, n: int, length: int = 6, seed: int = 0) -> Rollouts:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 200, (n, length), generator=gen)
+    ids[0, 3] = tok.eos_token_id  # one rollout ends early: the tokens after it must be masked
+    mask, ended = completion_mask_from_ids(ids, {tok.eos_token_id})
+    return Rollouts(ids.masked_fill(~mask, tok.pad_token_id), mask, ended, 1.0)
+
+
+def test_student_and_teacher_score_the_same_tokens_at_the_same_positions(smoke: Params) -> None:
+    """Batched, left-padded scoring equals scoring each row alone without any padding."""
+    model, tok = _policy(smoke)
+    model.eval()
+    problems = _problems(tok)
+    rollouts = _fixed_rollouts(tok, len(problems))
+    head = lm_head(model).weight
+    for prompts in ([p.student_ids for p in problems], [p.teacher_ids for p in problems]):
+        assert len({len(p) for p in prompts}) > 1  # really different prompt lengths
+        batch = build_scoring_batch(prompts, rollouts.completion_ids, rollouts.completion_mask, tok.pad_token_id)
+        assert torch.equal(batch.completion_ids(), rollouts.completion_ids)
+        with torch.no_grad():
+            batched = completion_hidden(model, batch) @ head.T
+            for i, prompt in enumerate(prompts):
+                n = int(rollouts.completion_mask[i].sum())
+                ids = torch.tensor([prompt + rollouts.completion_ids[i, :n].tolist()])
+                alone = model(input_ids=ids).logits[0, len(prompt) - 1:len(prompt) - 1 + n]
+                torch.testing.assert_close(batched[i, :n], alone, atol=1e-4, rtol=1e-4)
+
+
+def _trainer(params: Params, model: torch.nn.Module, tok: object, tmp: Path) -> OPSDTrainer:
+    return OPSDTrainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp / "run",
+                       log=lambda _m: None)
+
+
+def test_training_lowers_the_divergence_on_a_fixed_batch(smoke: Params, tmp_path: Path) -> None:
+    model, tok = _policy(smoke)
+    trainer = _trainer(smoke, model, tok, tmp_path)
+    batch = trainer.problems
+    rollouts = _fixed_rollouts(tok, len(batch), length=8)
+    losses = []
+    for _ in range(6):
+        losses.append(trainer.accumulate(batch, rollouts)["kl"])
+        trainer.optimizer_step()
+    assert losses[0] > 0
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_fixed_teacher_stays_the_base_model_after_training(smoke: Params, tmp_path: Path) -> None:
+    base, tok = load_model_and_tokenizer(smoke.model, ROOT)
+    base.eval()
+    model, _ = _policy(smoke)
+    trainer = _trainer(smoke, model, tok, tmp_path)
+    assert isinstance(trainer.teacher, FixedTeacher)
+    rollouts = _fixed_rollouts(tok, 4)
+    for _ in range(3):
+        trainer.accumulate(trainer.problems, rollouts)
+        trainer.optimizer_step()
+    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
+                                rollouts.completion_mask, tok.pad_token_id)
+    with torch.no_grad():
+        expected = completion_hidden(base, batch)
+        student = completion_hidden(model, batch)
+    assert torch.equal(trainer.teacher.hidden(batch), expected)
+    assert not torch.allclose(student, expected)  # the student did move
+
+
+def test_fixed_teacher_for_full_finetuning_is_a_frozen_copy(smoke: Params, tmp_path: Path) -> None:
+    params = smoke.model_copy(deep=True)
+    params.lora.enabled = False
+    model, tok = _policy(params, lora=False)
+    initial = copy.deepcopy(model)
+    trainer = _trainer(params, model, tok, tmp_path)
+    rollouts = _fixed_rollouts(tok, 4)
+    trainer.accumulate(trainer.problems, rollouts)
+    trainer.optimizer_step()
+    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
+                                rollouts.completion_mask, tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(trainer.teacher.hidden(batch), completion_hidden(initial, batch))
+        assert not torch.equal(completion_hidden(model, batch), completion_hidden(initial, batch))
+
+
+def test_live_teacher_tracks_the_current_weights(smoke: Params, tmp_path: Path) -> None:
+    params = smoke.model_copy(deep=True)
+    params.opsd.teacher = "live"
+    model, tok = _policy(params)
+    trainer = _trainer(params, model, tok, tmp_path)
+    assert isinstance(trainer.teacher, LiveTeacher)
+    rollouts = _fixed_rollouts(tok, 4)
+    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
+                                rollouts.completion_mask, tok.pad_token_id)
+    before = trainer.teacher.hidden(batch)
+    for _ in range(2):
+        trainer.accumulate(trainer.problems, rollouts)
+        trainer.optimizer_step()
+    model.eval()
+    with torch.no_grad():
+        current = completion_hidden(model, batch)
+    assert torch.equal(trainer.teacher.hidden(batch), current)
+    assert not torch.allclose(before, current)
+
+
+def test_ema_teacher_averages_the_merged_delta_and_survives_resume(smoke: Params, tmp_path: Path) -> None:
+    params = smoke.model_copy(deep=True)
+    params.opsd.teacher = "ema"
+    params.opsd.ema_decay = 0.5
+    model, tok = _policy(params)
+    trainer = _trainer(params, model, tok, tmp_path)
+    assert isinstance(trainer.teacher, EmaTeacher)
+    rollouts = _fixed_rollouts(tok, 4)
+    name = next(iter(trainer.teacher.ema))
+    w0 = trainer.teacher.ema[name].clone()
+    trainer.accumulate(trainer.problems, rollouts)
+    trainer.optimizer_step()
+    effective = trainer.teacher._effective()[name]
+    torch.testing.assert_close(trainer.teacher.ema[name], 0.5 * w0 + 0.5 * effective)
+    assert not torch.equal(trainer.teacher.ema[name], w0)
+    trainer.state.step = 1
+    trainer.save_checkpoint()
+
+    model2, _ = _policy(params)
+    resumed = _trainer(params, model2, tok, tmp_path)
+    assert resumed.resume()
+    for key, value in trainer.teacher.ema.items():
+        assert torch.equal(resumed.teacher.ema[key], value)
+    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
+                                rollouts.completion_mask, tok.pad_token_id)
+    assert torch.equal(resumed.teacher.hidden(batch), trainer.teacher.hidden(batch))
+
+
+def test_non_finite_loss_stops_training(smoke: Params, tmp_path: Path) -> None:
+    model, tok = _policy(smoke)
+    trainer = _trainer(smoke, model, tok, tmp_path)
+    with torch.no_grad():
+        lm_head(model).weight[5, 0] = float("nan")
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.accumulate(trainer.problems, _fixed_rollouts(tok, 4))
+
+
+def test_step_indices_cover_each_epoch_once() -> None:
+    seen = [i for s in range(5) for i in step_indices(s, 2, 10, seed=3)]
+    assert sorted(seen) == list(range(10))
+    assert step_indices(7, 4, 10, 3) == step_indices(7, 4, 10, 3)
+
+
+def test_eos_masking_keeps_the_end_token_and_drops_what_follows() -> None:
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9]])
+    mask, ended = completion_mask_from_ids(ids, {2})
+    assert mask.tolist() == [[True, True, True, False, False], [True] * 5]
+    assert ended.tolist() == [True, False]
+
+
+def test_load_problems_tokenizes_both_contexts(smoke: Params, tmp_path: Path) -> None:
+    _, tok = load_model_and_tokenizer(smoke.model, ROOT)
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"id": "a", "problem": "1+1?", "solution": "#### 2", "answer": "2"}\n')
+    (problem,) = load_problems(path, tok)
+    assert len(problem.teacher_ids) > len(problem.student_ids)
+    assert eos_token_ids(_policy(smoke)[0], tok)
