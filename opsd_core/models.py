@@ -9,6 +9,7 @@ materialised once into ``<root>/<model.cache_dir>/`` and loaded from plain safet
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -21,21 +22,22 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
-from opsd_core.config import LoraConfig, ModelConfig, TinyModelConfig
+from opsd_core.config import LoraConfig, ModelConfig
+from opsd_core.tiny import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, build_tiny_model_dir  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +49,8 @@ _TINY_FORMAT = 1
 _GGUF_FORMAT = 1
 _MARKER = ".opsd-complete.json"
 
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
 class ModelSourceError(RuntimeError):
     """A model source that cannot be resolved or loaded; the message names the source."""
-
-
-# --------------------------------------------------------------------------- cache plumbing
 
 
 def _cache_root(cfg: ModelConfig, root: Path) -> Path:
@@ -86,11 +76,11 @@ def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Pa
             start = time.perf_counter()
             build(tmp)
             (tmp / _MARKER).write_text(json.dumps({"source": source}, sort_keys=True) + "\n")
-            if target.exists():  # left by hand or by an older layout: it has no marker, so replace it
-                shutil.rmtree(target)
+            if target.exists() and not (target / _MARKER).is_file():
+                shutil.rmtree(target)  # an incomplete leftover (made by hand or an older layout)
             try:
                 os.rename(tmp, target)
-            except OSError:
+            except OSError:  # a racer without the lock (another filesystem view) won: keep its copy
                 if not (target / _MARKER).is_file():
                     raise
             log.info("materialised %s into %s in %.1f s", source, target, time.perf_counter() - start)
@@ -126,7 +116,9 @@ def resolve_base_dir(cfg: ModelConfig, root: Path = Path(".")) -> str:
     """Turn ``cfg.base`` into something ``from_pretrained`` accepts: a local directory when possible."""
     base = cfg.base
     if base == "tiny":
-        key = _short_hash(json.dumps([_TINY_FORMAT, cfg.tiny.model_dump()], sort_keys=True))
+        # The tokenizer corpus comes from reasoning-gym, so its version is part of the content key.
+        corpus = importlib.metadata.version("reasoning-gym")
+        key = _short_hash(json.dumps([_TINY_FORMAT, corpus, cfg.tiny.model_dump()], sort_keys=True))
         target = _cache_root(cfg, root) / f"tiny-{key}"
         return str(_materialise(target, lambda tmp: build_tiny_model_dir(cfg.tiny, tmp), "tiny"))
     if base == BUNDLED_SMOLLM2 or base.endswith(".gguf"):
@@ -150,9 +142,6 @@ def resolve_base_dir(cfg: ModelConfig, root: Path = Path(".")) -> str:
     if _looks_like_path(base):
         raise ModelSourceError(f"model.base: local model directory not found: {local}")
     return base  # a hub id
-
-
-# --------------------------------------------------------------------------- GGUF conversion
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -204,88 +193,6 @@ def _ensure_chatml(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
     tokenizer.pad_token = IM_END
 
 
-# --------------------------------------------------------------------------- tiny model
-
-
-def _tiny_training_text(seed: int) -> list[str]:
-    """Deterministic tokenizer corpus: GSM-style problems and solutions plus the chat vocabulary."""
-    import reasoning_gym
-
-    data = reasoning_gym.create_dataset("gsm_symbolic", size=300, seed=1000 + seed)
-    texts = [f"{row['question']}\n{row['metadata']['answer_cot']}\n#### {row['answer']}" for row in data]
-    texts += [
-        "system user assistant Solve the problem step by step. Put the final answer after ####.",
-        "Reference solution: reason independently and reach the same final answer. \\boxed{42}",
-        "0123456789 0 1 2 3 4 5 6 7 8 9 + - * / = % $ . , ; : ! ? ( ) [ ] { } < > ' \" # \\ _ ^ & | ~ @",
-    ]
-    return texts
-
-
-def _train_tiny_tokenizer(cfg: TinyModelConfig) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    # Single-digit tokens keep numbers compositional (as in SmolLM2 and Llama tokenizers).
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab,
-        min_frequency=2,
-        special_tokens=[ENDOFTEXT, IM_START, IM_END],  # ids 0, 1, 2 as in SmolLM2
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_tiny_training_text(cfg.seed), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=IM_START,
-        eos_token=IM_END,
-        pad_token=IM_END,
-        unk_token=ENDOFTEXT,
-        chat_template=CHATML_TEMPLATE,
-        padding_side="left",
-        model_max_length=8192,
-    )
-
-
-def build_tiny_model_dir(cfg: TinyModelConfig, out_dir: Path) -> Path:
-    """Write a deterministic tiny Llama (weights from ``cfg.seed``) and its trained tokenizer."""
-    if cfg.hidden % cfg.heads:
-        raise ValueError(f"model.tiny.hidden ({cfg.hidden}) must be a multiple of model.tiny.heads ({cfg.heads})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tiny_tokenizer(cfg)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)}
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),  # never larger: a random model would sample ids the tokenizer lacks
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,  # like SmolLM2, so tied-weight paths are exercised by tests
-        bos_token_id=ids[IM_START],
-        eos_token_id=ids[IM_END],
-        pad_token_id=ids[IM_END],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids[IM_START], eos_token_id=ids[IM_END], pad_token_id=ids[IM_END]
-    )
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-# --------------------------------------------------------------------------- loading
-
-
 def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     # Left padding keeps the last prompt token at the end of every row, which generation needs.
     tokenizer.padding_side = "left"
@@ -300,6 +207,20 @@ def _finish_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
+
+
+def load_tokenizer(cfg: ModelConfig, root: Path = Path(".")) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``cfg.base`` alone (the prepare stage counts tokens with it)."""
+    path = resolve_base_dir(cfg, root)
+    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision is not None and not Path(path).is_dir():
+        kwargs["revision"] = cfg.revision
+    try:
+        return _finish_tokenizer(AutoTokenizer.from_pretrained(path, **kwargs))
+    except (OSError, ValueError) as err:
+        if Path(path).is_dir():
+            raise
+        raise ModelSourceError(f"could not load the tokenizer of {path!r}: {err}") from err
 
 
 def load_model_and_tokenizer(
@@ -346,10 +267,7 @@ def load_candidate(
     return _finish_model(model, tokenizer), tokenizer
 
 
-# --------------------------------------------------------------------------- LoRA
-
-
-def wrap_lora(model: PreTrainedModel, cfg: LoraConfig):  # -> peft.PeftModel
+def wrap_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     """Wrap ``model`` with a fresh LoRA adapter on the configured projections that exist in it."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
@@ -374,9 +292,6 @@ def wrap_lora(model: PreTrainedModel, cfg: LoraConfig):  # -> peft.PeftModel
         target_modules=present,
     )
     return get_peft_model(model, peft_cfg)
-
-
-# --------------------------------------------------------------------------- hashing and dtypes
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict]:

@@ -61,17 +61,6 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     summary = prepare_data(params.data, root, count_tokens, root / params.train.reports_dir)
-    try:
-        from opsd_core.evaluation.tasks import write_task_yamls
-
-        write_task_yamls(
-            root / params.registry.state_dir / "lm_eval_tasks",
-            root / params.data.prepared_dir / "val.jsonl",
-            root / params.data.eval_dir / "gsm8k100.jsonl",
-            params.eval,
-        )
-    except ImportError:  # evaluation extra not installed: prepare still works
-        pass
     return summary if isinstance(summary, dict) else vars(summary)
 
 

@@ -264,7 +264,7 @@ def test_standard_task_without_data_is_a_clear_error(project: tuple[Path, Params
     from opsd_core.evaluation.report import settings, settings_hash
 
     root, params = project
-    tasks_dir = root / ".opsd/lm_eval_tasks" / settings_hash(settings(params, root, "cpu"))
+    tasks_dir = root / ".opsd/eval_tasks" / settings_hash(settings(params, root, "cpu"))
     write_task_yamls(tasks_dir, root / "data/prepared/val.jsonl", root / "data/eval/gsm8k100.jsonl", params.eval)
     with pytest.raises(EvalDataError, match=r"task 'gsm8k'.*not available"):
         evaluate_model("unused-model-dir", None, ["opsd_val", "gsm8k"], params.eval, tasks_dir)

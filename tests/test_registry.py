@@ -284,7 +284,7 @@ def test_gate_champion_rollback_audit_and_status(project: tuple[Path, Params], b
     assert "champion  : v2" in text and "challenger: v3" in text
 
     back = rollback(params, root)
-    assert back["champion"] == "1" and client.get_model_version_by_alias(name, "champion").version == "1"
+    assert back["champion"] == "1" and str(client.get_model_version_by_alias(name, "champion").version) == "1"
     with pytest.raises(RegistryError, match="first champion"):
         rollback(params, root)
 
@@ -351,7 +351,7 @@ def test_two_racing_registrations_leave_one_consistent_champion(
     client = open_client(resolve_store(params, roots[0]))
     name = params.registry.model_name
     assert sorted(o["version"] for o in outs) == ["1", "2"]
-    champion = client.get_model_version_by_alias(name, "champion").version
+    champion = str(client.get_model_version_by_alias(name, "champion").version)
     assert champion == outs[1]["version"]
     champ_moves = [e for e in read_audit(shared, name) if e["alias"] == "champion"]
     assert champ_moves[0]["from_version"] is None

@@ -92,7 +92,7 @@ def _prepare(params: Params, root: Path) -> tuple[dict[str, Any], str, Path, lis
     device = pick_device(params.eval.device)
     values = settings(params, root, device)
     digest = settings_hash(values)
-    tasks_dir = root / params.registry.state_dir / "lm_eval_tasks" / digest
+    tasks_dir = root / params.registry.state_dir / "eval_tasks" / digest
     paths = data_paths(params, root)
     write_task_yamls(tasks_dir, paths[VAL_TASK], paths[GSM8K_TASK], params.eval)
     tasks = list(dict.fromkeys([*params.eval.tasks, *params.eval.extra_tasks]))

@@ -9,39 +9,25 @@ racing pipeline runs cannot both decide against the same stale champion.
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import json
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opsd_core.registry.lineage import FLOW_RUN_ENV
-from opsd_core.registry.store import version_by_alias
+from opsd_core.registry.store import registry_lock, version_by_alias
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+__all__ = ["champion_stack", "move_alias", "read_audit", "registry_lock"]
+
 AUDIT_FILE = "audit.jsonl"
-LOCK_FILE = "registry.lock"
 HISTORY_TAG = "alias_history"
 _HISTORY_KEEP = 200  # entries per version tag; the JSONL keeps everything
-
-
-@contextmanager
-def registry_lock(state_dir: Path) -> Iterator[None]:
-    """Exclusive inter-process lock (blocks until free; released when the process dies too)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / LOCK_FILE, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def actor() -> str:
@@ -87,7 +73,7 @@ def move_alias(
     Call with :func:`registry_lock` held.
     """
     current = version_by_alias(client, name, alias)
-    from_version = current.version if current is not None else None
+    from_version = str(current.version) if current is not None else None
     if from_version == str(to_version):
         return None
     client.set_registered_model_alias(name, alias, str(to_version))

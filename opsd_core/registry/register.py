@@ -136,11 +136,11 @@ def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path)
     report = None
     if mv.run_id:
         try:
-            path = client.download_artifacts(mv.run_id, EVAL_ARTIFACT, str(tmp / f"champion-{mv.version}"))
+            path = client.download_artifacts(mv.run_id, EVAL_ARTIFACT, str(tmp / f"champion-{str(mv.version)}"))
             report = json.loads(Path(path).read_text())
         except Exception:  # noqa: BLE001 - any failure means "cannot compare", which the gate reports
             report = None
-    return ChampionEvidence(mv.version, mv.tags.get("content_hash"), report)
+    return ChampionEvidence(str(mv.version), mv.tags.get("content_hash"), report)
 
 
 def _write_result(params: Params, root: Path, result: dict[str, Any]) -> dict[str, Any]:
@@ -156,9 +156,9 @@ def _existing(client: MlflowClient, store: Store, params: Params, mv: ModelVersi
     name = params.registry.model_name
     champ, chall = version_by_alias(client, name, "champion"), version_by_alias(client, name, "challenger")
     verdict = json.loads(mv.tags.get("gate.verdict", "null"))
-    return {"model_name": name, "version": mv.version, "run_id": mv.run_id, "already_registered": True,
+    return {"model_name": name, "version": str(mv.version), "run_id": mv.run_id, "already_registered": True,
             "content_hash": mv.tags.get("content_hash"), "verdict": verdict, "alias_moves": [],
-            "champion": champ.version if champ else None, "challenger": chall.version if chall else None,
+            "champion": str(champ.version) if champ else None, "challenger": str(chall.version) if chall else None,
             "tracking_uri": store.tracking_uri}
 
 
@@ -170,7 +170,7 @@ def _register_locked(
     cfg, run_id, content_hash = params.registry, run.info.run_id, inp["meta"]["content_hash"]
     dup = find_by_content_hash(client, cfg.model_name, content_hash)
     if dup is not None:  # a racing run registered the same weights first
-        client.set_tag(run_id, "opsd.duplicate_of_version", dup.version)
+        client.set_tag(run_id, "opsd.duplicate_of_version", str(dup.version))
         return _existing(client, store, params, dup)
     evidence = _champion_evidence(client, version_by_alias(client, cfg.model_name, "champion"), tmp)
     verdict = decide(inp["report"], cfg, evidence, content_hash, params.eval.bootstrap_samples, params.eval.seed)
@@ -190,18 +190,18 @@ def _register_locked(
     )
     moves = []
     try:
-        moves.append(move_alias(client, store.state_dir, cfg.model_name, "challenger", mv.version, "register",
+        moves.append(move_alias(client, store.state_dir, cfg.model_name, "challenger", str(mv.version), "register",
                                 f"registered candidate {content_hash[:16]}", run_id))
         if verdict["promote"]:
-            moves.append(move_alias(client, store.state_dir, cfg.model_name, "champion", mv.version, "promote",
+            moves.append(move_alias(client, store.state_dir, cfg.model_name, "champion", str(mv.version), "promote",
                                     "gate passed: " + "; ".join(verdict["reasons"]), run_id))
     except BaseException:
-        client.delete_model_version(cfg.model_name, mv.version)  # its aliases go with it
+        client.delete_model_version(cfg.model_name, str(mv.version))  # its aliases go with it
         raise
     champ = version_by_alias(client, cfg.model_name, "champion")
-    return {"model_name": cfg.model_name, "version": mv.version, "run_id": run_id, "already_registered": False,
+    return {"model_name": cfg.model_name, "version": str(mv.version), "run_id": run_id, "already_registered": False,
             "content_hash": content_hash, "verdict": verdict, "alias_moves": [m for m in moves if m],
-            "champion": champ.version if champ else None, "challenger": mv.version,
+            "champion": str(champ.version) if champ else None, "challenger": str(mv.version),
             "tracking_uri": store.tracking_uri}
 
 
@@ -211,7 +211,7 @@ def register(params: Params, root: Path) -> dict[str, Any]:
     inp = load_inputs(params, root)
     cfg, store = params.registry, resolve_store(params, root)
     client = open_client(store)
-    with registry_lock(store.state_dir):  # one process creates (migrates) a new store and experiment
+    with registry_lock(store.state_dir):
         exp_id = ensure_experiment(client, store, cfg.experiment)
     existing = find_by_content_hash(client, cfg.model_name, inp["meta"]["content_hash"])
     if existing is not None:
@@ -242,24 +242,24 @@ def rollback(params: Params, root: Path) -> dict[str, Any]:
         if current is None:
             raise RegistryError(f"{cfg.model_name} has no champion to roll back")
         stack = champion_stack(read_audit(store.state_dir, cfg.model_name))
-        if not stack or stack[-1] != current.version:
-            raise RegistryError(f"audit log does not match the registry: champion is v{current.version}, "
+        if not stack or stack[-1] != str(current.version):
+            raise RegistryError(f"audit log does not match the registry: champion is v{str(current.version)}, "
                                 f"the log ends at {('v' + stack[-1]) if stack else 'nothing'}")
         if len(stack) < 2:
-            raise RegistryError(f"v{current.version} is the first champion: no previous champion to restore")
+            raise RegistryError(f"v{str(current.version)} is the first champion: no previous champion to restore")
         target = stack[-2]
         client.get_model_version(cfg.model_name, target)  # raises if it was deleted
         entry = move_alias(client, store.state_dir, cfg.model_name, "champion", target, "rollback",
-                           f"rollback from v{current.version} to v{target}")
-        client.set_model_version_tag(cfg.model_name, current.version, "rolled_back_at", entry["time"] if entry else "")
-    return {"model_name": cfg.model_name, "champion": target, "previous": current.version, "alias_moves": [entry]}
+                           f"rollback from v{str(current.version)} to v{target}")
+        client.set_model_version_tag(cfg.model_name, str(current.version), "rolled_back_at", entry["time"] if entry else "")
+    return {"model_name": cfg.model_name, "champion": target, "previous": str(current.version), "alias_moves": [entry]}
 
 
 def _describe(mv: ModelVersion | None, primary: str) -> dict[str, Any] | None:
     if mv is None:
         return None
     t = mv.tags
-    return {"version": mv.version, "run_id": mv.run_id, "content_hash": t.get("content_hash"),
+    return {"version": str(mv.version), "run_id": mv.run_id, "content_hash": t.get("content_hash"),
             "base_model": t.get("base_model"), "primary_task": primary,
             "scores": {k: t.get(f"score.{primary}.{k}") for k in ("base", "candidate", "mean_diff", "ci_low",
                                                                    "ci_high")},

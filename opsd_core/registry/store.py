@@ -8,7 +8,10 @@ Any other tracking URI (a server, PostgreSQL, ...) comes from ``params.registry.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +21,9 @@ from opsd_core.config import Params
 if TYPE_CHECKING:  # mlflow costs ~2 s to import: only the functions that talk to it import it
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+
+LOCK_FILE = "registry.lock"
 
 
 class RegistryError(RuntimeError):
@@ -53,13 +59,29 @@ def resolve_store(params: Params, root: Path) -> Store:
     )
 
 
+@contextmanager
+def registry_lock(state: Path) -> Iterator[None]:
+    """Exclusive inter-process lock on ``<state>/registry.lock`` (blocks; freed if the holder dies).
+
+    Serialises alias moves (read champion -> gate -> move) and the creation of a new SQLite store,
+    whose schema migration is not safe to run twice at once. It protects processes sharing this
+    folder (one machine or a shared file system), not clients of a remote server on other machines.
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / LOCK_FILE, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def open_client(store: Store) -> MlflowClient:
     from mlflow import MlflowClient
 
-    if store.embedded:
-        store.state_dir.mkdir(parents=True, exist_ok=True)
-    # the registry URI is explicit: MLflow would otherwise fall back to ./mlflow.db for models:/ URIs
-    return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
+    with registry_lock(store.state_dir):  # the client creates (and migrates) a SQLite store eagerly
+        # explicit registry URI: MLflow would otherwise fall back to ./mlflow.db for registry calls
+        return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
 
 
 def ensure_experiment(client: MlflowClient, store: Store, name: str) -> str:
@@ -125,10 +147,8 @@ def download_version(client: MlflowClient, name: str, version: str, dst: Path) -
     """Download a version's files (the adapter folder) to ``dst``; returns the local folder."""
     import mlflow.artifacts
 
+    # resolved through this client: MLflow's models:/ resolution ignores an explicit registry URI
+    uri = client.get_model_version_download_uri(name, version)
     dst.mkdir(parents=True, exist_ok=True)
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(dst),
-            tracking_uri=client.tracking_uri, registry_uri=client.tracking_uri,  # open_client sets both alike
-        )
-    )
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                    tracking_uri=client.tracking_uri))
