@@ -90,7 +90,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print(handlers[args.command]())
         return 0
     if args.command == "evaluate":
-        from opsd_core.evaluation import run_evaluate_base, run_evaluate_candidate
+        from opsd_core.evaluation.report import run_evaluate_base, run_evaluate_candidate
 
         fn = run_evaluate_base if args.model == "base" else run_evaluate_candidate
         fn(params, root)

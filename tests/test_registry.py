@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -301,19 +302,50 @@ def test_gate_champion_rollback_audit_and_status(project: tuple[Path, Params], b
         ("challenger", "register"), ("champion", "promote"), ("challenger", "register"), ("champion", "rollback")]
 
 
-def test_failed_run_creates_no_version(project: tuple[Path, Params], base_dir: Path) -> None:
+def test_malformed_report_is_refused_before_any_run(project: tuple[Path, Params], base_dir: Path) -> None:
     root, params = project
     report = eval_report(cand=30)
-    del report["tasks"][GUARD]["candidate"]["score"]  # breaks the run after it started logging
+    del report["tasks"][GUARD]["candidate"]["score"]
     make_project(root, base_dir, 1, report)
-    with pytest.raises(KeyError):
+    with pytest.raises(RegistryError, match="opsd_gsm8k100.candidate.score"):
+        register(params, root)
+    st = status(params, root)
+    assert st["champion"] is None and st["challenger"] is None
+    client = open_client(resolve_store(params, root))
+    assert client.get_experiment_by_name(params.registry.experiment) is None
+
+
+def test_failure_mid_registration_leaves_registry_as_it_was(
+    project: tuple[Path, Params], base_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opsd_core.registry import register as reg_module
+
+    root, params = project
+    name = params.registry.model_name
+    make_project(root, base_dir, 1, eval_report(cand=20))
+    register(params, root)
+    real_move = reg_module.move_alias
+
+    def failing_move(*args: Any, **kwargs: Any) -> Any:
+        entry = real_move(*args, **kwargs)
+        if entry and entry["action"] == "promote":  # the alias moved, then the process "fails"
+            raise OSError("disk full")
+        return entry
+
+    monkeypatch.setattr(reg_module, "move_alias", failing_move)
+    make_project(root, base_dir, 2, eval_report(cand=35))
+    with pytest.raises(OSError, match="disk full"):
         register(params, root)
     client = open_client(resolve_store(params, root))
-    exp = client.get_experiment_by_name(params.registry.experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
-    assert client.search_model_versions(f"name='{params.registry.model_name}'") == []
-    assert read_audit(root / ".opsd") == []
+    runs = client.search_runs([client.get_experiment_by_name(params.registry.experiment).experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == ["1"]
+    for alias in ("champion", "challenger"):
+        assert str(client.get_model_version_by_alias(name, alias).version) == "1"
+    log = read_audit(root / ".opsd", name)
+    assert [(e["alias"], e["action"]) for e in log[-2:]] == [("challenger", "revert"), ("champion", "revert")]
+    assert champion_stack(log) == ["1"]
 
 
 _WORKER = """
@@ -373,17 +405,17 @@ def mlflow_server(tmp_path: Path) -> Any:
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
          f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, tmp_path / "server.log")
         yield url
-    finally:
-        proc.terminate()
+    finally:  # the server runs its app in child processes: stop the group this fixture started
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 

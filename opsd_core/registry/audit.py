@@ -65,31 +65,35 @@ def _tag_history(client: MlflowClient, name: str, version: str, entry: dict[str,
 
 
 def move_alias(
-    client: MlflowClient, state_dir: Path, name: str, alias: str, to_version: str, action: str,
+    client: MlflowClient, state_dir: Path, name: str, alias: str, to_version: str | None, action: str,
     reason: str, run_id: str | None = None,
 ) -> dict[str, Any] | None:
-    """Point ``alias`` at ``to_version`` and record the move; None if it already points there.
+    """Point ``alias`` at ``to_version`` (None: remove it) and record the move; None if nothing moved.
 
     Call with :func:`registry_lock` held.
     """
     current = version_by_alias(client, name, alias)
     from_version = str(current.version) if current is not None else None
-    if from_version == str(to_version):
+    to_version = None if to_version is None else str(to_version)
+    if from_version == to_version:
         return None
-    client.set_registered_model_alias(name, alias, str(to_version))
+    if to_version is None:
+        client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, to_version)
     entry = {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "model": name,
         "alias": alias,
         "from_version": from_version,
-        "to_version": str(to_version),
+        "to_version": to_version,
         "action": action,
         "reason": reason,
         "actor": actor(),
         "run_id": run_id,
     }
     _append(state_dir, entry)
-    for version in {str(to_version), from_version} - {None}:
+    for version in {to_version, from_version} - {None}:
         _tag_history(client, name, version, entry)
     return entry
 
@@ -97,14 +101,16 @@ def move_alias(
 def champion_stack(entries: list[dict[str, Any]]) -> list[str]:
     """Replay champion moves into the stack of champions a rollback walks back through.
 
-    A promotion pushes its version; a rollback pops the version it moved away from. Pure.
+    A promotion pushes its version; a rollback (or the revert of a failed registration) pops the
+    version it moved away from. Pure.
     """
     stack: list[str] = []
     for e in entries:
         if e.get("alias") != "champion":
             continue
-        if e.get("action") == "rollback" and stack and stack[-1] == e.get("from_version"):
+        if e.get("action") in ("rollback", "revert") and stack and stack[-1] == e.get("from_version"):
             stack.pop()
-        if not stack or stack[-1] != e["to_version"]:
-            stack.append(e["to_version"])
+        to = e.get("to_version")
+        if to is not None and (not stack or stack[-1] != to):
+            stack.append(to)
     return stack

@@ -45,6 +45,18 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _check_report(report: Any, path: Path) -> None:
+    if not isinstance(report, dict) or not isinstance(report.get("tasks"), dict) or not report["tasks"]:
+        raise RegistryError(f"{path}: no tasks")
+    for task, res in report["tasks"].items():
+        for who in ("base", "candidate"):
+            side = res.get(who) if isinstance(res, dict) else None
+            if not isinstance(side, dict) or not isinstance(side.get("score"), int | float):
+                raise RegistryError(f"{path}: tasks.{task}.{who}.score missing or not a number")
+            if not isinstance(side.get("samples", {}), dict):
+                raise RegistryError(f"{path}: tasks.{task}.{who}.samples must map doc id -> outcomes")
+
+
 def load_inputs(params: Params, root: Path) -> dict[str, Any]:
     """Read and check everything register needs before any MLflow call."""
     cand_dir = root / params.train.output_dir
@@ -58,8 +70,7 @@ def load_inputs(params: Params, root: Path) -> dict[str, Any]:
         raise RegistryError(f"candidate {cand_dir} lacks {', '.join(missing)}")
     reports = root / params.train.reports_dir
     report = _read_json(reports / "eval.json", "evaluation report")
-    if not isinstance(report.get("tasks"), dict) or not report["tasks"]:
-        raise RegistryError(f"{reports / 'eval.json'}: no tasks")
+    _check_report(report, reports / "eval.json")
     evaluated = report.get("candidate_hash") or report.get("settings", {}).get("candidate_hash")
     if evaluated and evaluated != meta["content_hash"]:
         raise RegistryError(f"eval.json scored candidate {evaluated}, but models hold {meta['content_hash']}: "
@@ -152,6 +163,10 @@ def _write_result(params: Params, root: Path, result: dict[str, Any]) -> dict[st
     return result
 
 
+def _version_of(mv: ModelVersion | None) -> str | None:
+    return None if mv is None else str(mv.version)
+
+
 def _existing(client: MlflowClient, store: Store, params: Params, mv: ModelVersion) -> dict[str, Any]:
     name = params.registry.model_name
     champ, chall = version_by_alias(client, name, "champion"), version_by_alias(client, name, "challenger")
@@ -160,6 +175,20 @@ def _existing(client: MlflowClient, store: Store, params: Params, mv: ModelVersi
             "content_hash": mv.tags.get("content_hash"), "verdict": verdict, "alias_moves": [],
             "champion": str(champ.version) if champ else None, "challenger": str(chall.version) if chall else None,
             "tracking_uri": store.tracking_uri}
+
+
+def _undo(client: MlflowClient, store: Store, name: str, version: str, before: dict[str, str | None],
+          run_id: str) -> None:
+    """Best effort after a failure mid-registration: aliases back where they were, version deleted."""
+    try:
+        for alias, prev in before.items():
+            cur = version_by_alias(client, name, alias)
+            if cur is not None and str(cur.version) == version:
+                move_alias(client, store.state_dir, name, alias, prev, "revert",
+                           f"registration of v{version} failed", run_id)
+        client.delete_model_version(name, version)
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
 
 
 def _register_locked(
@@ -183,25 +212,27 @@ def _register_locked(
     client.log_artifact(run_id, str(tmp / "verdict.json"), "gate")
     client.set_tag(run_id, "gate.promote", str(verdict["promote"]).lower())
     ensure_registered_model(client, cfg.model_name)
+    before = {a: _version_of(version_by_alias(client, cfg.model_name, a)) for a in ("challenger", "champion")}
     mv = client.create_model_version(
         cfg.model_name, source=f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run_id,
         tags=_version_tags(inp, lin, verdict, cfg),
         description=f"OPSD candidate {content_hash[:16]} on {inp['meta']['base_model']}",
     )
+    version = str(mv.version)
     moves = []
     try:
-        moves.append(move_alias(client, store.state_dir, cfg.model_name, "challenger", str(mv.version), "register",
+        moves.append(move_alias(client, store.state_dir, cfg.model_name, "challenger", version, "register",
                                 f"registered candidate {content_hash[:16]}", run_id))
         if verdict["promote"]:
-            moves.append(move_alias(client, store.state_dir, cfg.model_name, "champion", str(mv.version), "promote",
+            moves.append(move_alias(client, store.state_dir, cfg.model_name, "champion", version, "promote",
                                     "gate passed: " + "; ".join(verdict["reasons"]), run_id))
     except BaseException:
-        client.delete_model_version(cfg.model_name, str(mv.version))  # its aliases go with it
+        _undo(client, store, cfg.model_name, version, before, run_id)
         raise
     champ = version_by_alias(client, cfg.model_name, "champion")
-    return {"model_name": cfg.model_name, "version": str(mv.version), "run_id": run_id, "already_registered": False,
+    return {"model_name": cfg.model_name, "version": version, "run_id": run_id, "already_registered": False,
             "content_hash": content_hash, "verdict": verdict, "alias_moves": [m for m in moves if m],
-            "champion": str(champ.version) if champ else None, "challenger": str(mv.version),
+            "champion": _version_of(champ), "challenger": version,
             "tracking_uri": store.tracking_uri}
 
 
