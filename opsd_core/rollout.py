@@ -103,3 +103,4 @@ def sample(
     mask, ended = completion_mask_from_ids(completion, eos_ids)
     completion = completion.masked_fill(~mask, pad_id)
     return Rollouts(completion, mask, ended, seconds)
+

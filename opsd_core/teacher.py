@@ -42,6 +42,26 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+@torch.no_grad()
+def effective_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The weights the trained modules currently apply, by name.
+
+    LoRA: for each adapted linear layer (module name) W0 + scale·B·A; full fine-tuning: every
+    trainable parameter (parameter name). Detached; fresh tensors for LoRA layers.
+    """
+    if not is_peft(model):
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    out = {}
+    for name, layer in _lora_layers(model).items():
+        weight = layer.base_layer.weight
+        delta = sum(
+            (layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A),
+            start=torch.zeros_like(weight),
+        )
+        out[name] = weight.detach() + delta.to(weight.dtype)
+    return out
+
+
 class _TeacherBase:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -104,7 +124,7 @@ class EmaTeacher(_TeacherBase):
         super().__init__(model)
         self.decay = decay
         self.lora = is_peft(model)
-        self.ema = {name: w.detach().clone() for name, w in self._effective().items()}
+        self.ema = {name: w.detach().clone() for name, w in effective_weights(self.model).items()}
 
     def _targets(self) -> dict[str, Tensor]:
         """name -> the parameter tensor the EMA replaces during a teacher pass."""
@@ -113,21 +133,8 @@ class EmaTeacher(_TeacherBase):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def _effective(self) -> dict[str, Tensor]:
-        if not self.lora:
-            return {n: p.detach() for n, p in self._targets().items()}
-        out = {}
-        for name, layer in _lora_layers(self.model).items():
-            delta = sum(
-                (layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A),
-                start=torch.zeros_like(layer.base_layer.weight),
-            )
-            out[name] = layer.base_layer.weight.detach() + delta.to(layer.base_layer.weight.dtype)
-        return out
-
-    @torch.no_grad()
     def update(self) -> None:
-        for name, w in self._effective().items():
+        for name, w in effective_weights(self.model).items():
             self.ema[name].mul_(self.decay).add_(w, alpha=1.0 - self.decay)
 
     @contextmanager

@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 from opsd_core import checkpoint as ckpt
 from opsd_core.config import Params
 from opsd_core.losses import DivergenceSpec, chunked_divergence_loss
+from opsd_core.models import sampling_dtype
 from opsd_core.optim import build_optimizer
 from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
 from opsd_core.rollout import Rollouts, eos_token_ids, sample
+from opsd_core.sampler import PolicySampler
 from opsd_core.scoring import assert_same_completion, build_scoring_batch, completion_hidden, lm_head
 from opsd_core.teacher import Teacher, make_teacher
 
@@ -119,6 +121,7 @@ class OPSDTrainer:
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer, self.scheduler = build_optimizer(model, self.cfg)
         self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay)
+        self.sampler = PolicySampler(model, sampling_dtype(sampling.dtype, device))
         self.state = TrainState()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -158,7 +161,7 @@ class OPSDTrainer:
     # -- one optimizer step ------------------------------------------------------------------
     def rollout(self, batch: list[Problem], step: int) -> Rollouts:
         seed = self.cfg.seed * 1_000_003 + step
-        return sample(self.model, [p.student_ids for p in batch], self.params.opsd.sampling,
+        return sample(self.sampler.module(), [p.student_ids for p in batch], self.params.opsd.sampling,
                       self.pad_id, self.eos_ids, seed, self.device)
 
     def batch_for(self, step: int) -> list[Problem]:

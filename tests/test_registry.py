@@ -155,6 +155,18 @@ def test_champion_stack_replays_promotions_and_rollbacks() -> None:
     assert champion_stack(log + [mv("4", "2", "rollback"), mv("2", "1", "rollback")]) == ["1"]
 
 
+def test_store_resolution_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = resolve_store(Params(), tmp_path)
+    assert default.tracking_uri == f"sqlite:///{tmp_path / '.opsd' / 'mlflow.db'}"
+    assert default.artifact_location == (tmp_path / ".opsd" / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    env = resolve_store(Params(), tmp_path)
+    assert env.tracking_uri == "http://127.0.0.1:5999" and env.artifact_location is None
+    explicit = resolve_store(Params(registry={"tracking_uri": f"sqlite:///{tmp_path / 'x' / 'r.db'}"}), tmp_path)
+    assert explicit.artifact_location == (tmp_path / "x" / "mlartifacts").as_uri()
+
+
 # -- a tiny real peft adapter and a project folder -------------------------------------------------
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -318,7 +330,7 @@ def test_malformed_report_is_refused_before_any_run(project: tuple[Path, Params]
 def test_failure_mid_registration_leaves_registry_as_it_was(
     project: tuple[Path, Params], base_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from opsd_core.registry import register as reg_module
+    from opsd_core.registry import stage as reg_module
 
     root, params = project
     name = params.registry.model_name

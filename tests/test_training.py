@@ -12,7 +12,7 @@ from opsd_core.config import Params, load_params
 from opsd_core.models import load_model_and_tokenizer, wrap_lora
 from opsd_core.rollout import Rollouts, completion_mask_from_ids, eos_token_ids
 from opsd_core.scoring import build_scoring_batch, completion_hidden, lm_head
-from opsd_core.teacher import EmaTeacher, FixedTeacher, LiveTeacher
+from opsd_core.teacher import EmaTeacher, FixedTeacher, LiveTeacher, effective_weights
 from opsd_core.trainer import OPSDTrainer, Problem, TrainingError, load_problems, step_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_ema_teacher_averages_the_merged_delta_and_survives_resume(smoke: Params
     w0 = trainer.teacher.ema[name].clone()
     trainer.accumulate(trainer.problems, rollouts)
     trainer.optimizer_step()
-    effective = trainer.teacher._effective()[name]
+    effective = effective_weights(model)[name]
     torch.testing.assert_close(trainer.teacher.ema[name], 0.5 * w0 + 0.5 * effective)
     assert not torch.equal(trainer.teacher.ema[name], w0)
     trainer.state.step = 1
@@ -205,3 +205,23 @@ def test_load_problems_tokenizes_both_contexts(smoke: Params, tmp_path: Path) ->
     (problem,) = load_problems(path, tok)
     assert len(problem.teacher_ids) > len(problem.student_ids)
     assert eos_token_ids(_policy(smoke)[0], tok)
+
+
+def test_sampler_copy_follows_the_trained_policy(smoke: Params, tmp_path: Path) -> None:
+    """The merged sampling copy (LoRA folded in) computes what the policy computes, step after step."""
+    from opsd_core.sampler import PolicySampler
+
+    model, tok = _policy(smoke)
+    trainer = _trainer(smoke, model, tok, tmp_path)
+    sampler = PolicySampler(model, torch.float64)  # a wide dtype: differences are merge errors only
+    rollouts = _fixed_rollouts(tok, 4)
+    ids = torch.tensor([trainer.problems[0].student_ids])
+    for _ in range(2):
+        trainer.accumulate(trainer.problems, rollouts)
+        trainer.optimizer_step()
+        model.eval()
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits.double()
+            got = sampler.module()(input_ids=ids).logits
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert PolicySampler(model, torch.float32).module() is model  # same dtype: no copy

@@ -2,8 +2,8 @@
 
 The embedded default keeps everything inside the project's state folder (``<state_dir>/mlflow.db`` and
 ``<state_dir>/mlartifacts``) so that a checkout never writes MLflow files to the working directory.
-Any other tracking URI (a server, PostgreSQL, ...) comes from ``params.registry.tracking_uri`` or
-``$MLFLOW_TRACKING_URI`` and keeps that server's own artifact root.
+Any other tracking URI comes from ``params.registry.tracking_uri`` or ``$MLFLOW_TRACKING_URI``: a SQLite
+file keeps its artifacts beside it, a server (or PostgreSQL, ...) keeps its own artifact root.
 """
 
 from __future__ import annotations
@@ -33,12 +33,8 @@ class RegistryError(RuntimeError):
 @dataclass(frozen=True)
 class Store:
     tracking_uri: str
-    artifact_location: str | None  # None: the tracking server decides
+    artifact_location: str | None  # for new experiments; None: the tracking server decides
     state_dir: Path
-
-    @property
-    def embedded(self) -> bool:
-        return self.artifact_location is not None
 
 
 def state_dir(params: Params, root: Path) -> Path:
@@ -47,16 +43,18 @@ def state_dir(params: Params, root: Path) -> Path:
 
 
 def resolve_store(params: Params, root: Path) -> Store:
-    """params.registry.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite in the state folder."""
+    """params.registry.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite in the state folder.
+
+    A relative ``sqlite:///name.db`` resolves against the working directory, as MLflow does.
+    """
     state = state_dir(params, root)
-    uri = params.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-    if uri:
-        return Store(tracking_uri=uri, artifact_location=None, state_dir=state)
-    return Store(
-        tracking_uri=f"sqlite:///{state / 'mlflow.db'}",
-        artifact_location=(state / "mlartifacts").as_uri(),
-        state_dir=state,
-    )
+    uri = params.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state / 'mlflow.db'}"
+    artifacts = None
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        # MLflow's default for a database store is ./mlruns in the working directory: keep the
+        # artifacts beside the database file instead
+        artifacts = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return Store(tracking_uri=uri, artifact_location=artifacts, state_dir=state)
 
 
 @contextmanager
@@ -85,7 +83,7 @@ def open_client(store: Store) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, store: Store, name: str) -> str:
-    """Experiment id; a new embedded experiment keeps its artifacts under the state folder."""
+    """Experiment id; a new experiment on a SQLite store keeps its artifacts beside the database."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
