@@ -32,9 +32,11 @@ class StageError(RuntimeError):
 
 def dvc(args: list[str], root: Path, env: dict[str, str] | None = None) -> str:
     """Run the DVC CLI in ``root`` (DVC's API depends on the working directory: keep it a subprocess)."""
+    run_env = dict(env or os.environ)
+    # stage commands call `opsd`: make this interpreter's scripts folder win even when not activated
+    run_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), run_env.get("PATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=env or os.environ.copy(),
-        capture_output=True, text=True,
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=run_env, capture_output=True, text=True,
     )
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])

@@ -1,0 +1,198 @@
+"""Shared helpers of the benchmark cases: environment, clocks, memory, statistics, problems.
+
+Imported first by every case process, so it must not import torch at module level (threads are set
+through the environment before torch starts).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CACHE = REPO / ".opsd" / "models"
+SMOLLM2 = "bundled:smollm2-135m-instruct"
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "WANDB_DISABLED": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def case_env(threads: int) -> dict[str, str]:
+    """Environment of a case process: offline, quiet, and the same thread count for every library."""
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[key] = str(threads)
+    return env
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    # one inter-op thread: the cases are single-stream, extra pools only add contention on small machines
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (a second case in the same process)
+        pass
+
+
+class Clock:
+    """Wall clock that waits for the accelerator first, so asynchronous GPU work is counted."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class PeakMemory:
+    """Peak memory of a phase: VmHWM (reset through /proc/self/clear_refs) on CPU, the allocator on CUDA.
+
+    ``reset()`` starts a phase, ``read_mb()`` returns its peak. When the kernel refuses the reset, the
+    process-wide peak (ru_maxrss) is returned instead and ``per_phase`` is False.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.per_phase = self.cuda or _can_reset_hwm()
+
+    def reset(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.per_phase:
+            _reset_hwm()
+
+    def read_mb(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return hwm_mb() if self.per_phase else process_peak_rss_mb()
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _can_reset_hwm() -> bool:
+    try:
+        _reset_hwm()
+        return hwm_mb() > 0
+    except OSError:
+        return False
+
+
+def _status_kb(field: str) -> int:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def hwm_mb() -> float:
+    """Peak resident set since the last reset (VmHWM)."""
+    return _status_kb("VmHWM") / 1024
+
+
+def rss_mb() -> float:
+    """Current resident set."""
+    current = _status_kb("VmRSS")
+    if current:
+        return current / 1024
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def process_peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary(values: list[float]) -> dict[str, float | int | None]:
+    """median / min / max / n of a list of measurements (None when empty)."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+@dataclass
+class TraceProblem:
+    """A GSM-style problem with its verified step-by-step solution."""
+
+    id: str
+    problem: str
+    solution: str
+
+
+def trace_problems(n: int, seed: int = 42) -> list[TraceProblem]:
+    """``n`` deterministic problems from reasoning-gym (the project's bundled data source)."""
+    import reasoning_gym
+
+    data = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
+    return [
+        TraceProblem(f"gsm-{seed}-{i}", row["question"], row["metadata"]["answer_cot"])
+        for i, row in enumerate(data)
+    ]
+
+
+def model_source(name: str) -> str:
+    """Short model names of the suites → ``model.base`` values."""
+    return {"tiny": "tiny", "smollm2": SMOLLM2}.get(name, name)
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+        import peft
+
+        info["peft"] = peft.__version__
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return info
