@@ -67,21 +67,22 @@ def ingest_task(params_path: str, root: str) -> dict[str, Any]:
 
 
 @task(name="stage")
-def stage_task(name: str, root: str, env: dict[str, str]) -> str:
+def stage_task(name: str, root: str, env: dict[str, str]) -> bool:
+    """``dvc repro`` one stage; True when DVC actually ran it (False: unchanged, skipped)."""
     logger = get_run_logger()
     logger.info("dvc repro %s", name)
     out = dvc(["repro", "--single-item", name], Path(root), env)
     logger.info(out.strip()[-2000:])
-    return out
+    return f"Running stage '{name}'" in out
 
 
-def _train_with_slot(root: str, env: dict[str, str], tag: str, limit: int) -> str:
+def _train_with_slot(root: str, env: dict[str, str], tag: str, limit: int) -> bool:
     with training_slot(tag, limit):
         return stage_task.fn("train", root, env)
 
 
 @task(name="train")
-def train_task(root: str, env: dict[str, str], tag: str, limit: int) -> str:
+def train_task(root: str, env: dict[str, str], tag: str, limit: int) -> bool:
     # a retry reruns `dvc repro train`, and `opsd train` resumes from its last checkpoint
     return _train_with_slot(root, env, tag, limit)
 
@@ -125,12 +126,13 @@ def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
     try:
         for name in STAGES:
             if name == "train":
-                train_task.with_options(retries=params.flow.train_retries)(
+                executed = train_task.with_options(retries=params.flow.train_retries)(
                     str(root), env, params.flow.concurrency_tag, params.flow.concurrency_limit
                 )
             else:
-                stage_task.with_options(name=name)(name, str(root), env)
-            ran.append(name)
+                executed = stage_task.with_options(name=name)(name, str(root), env)
+            if executed:
+                ran.append(name)
     except BaseException as err:
         tracking.end_pipeline_run(params, root, run_id, "FAILED", f"{type(err).__name__}: {err}"[:500])
         raise

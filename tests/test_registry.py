@@ -1,10 +1,11 @@
-"""Registry stage: the pure gate, and register / promote / rollback / status on a real MLflow store."""
+"""Registry stage on a real MLflow store: register, gate with champion, rollback, audit, races, server."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,156 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from test_registry_gate import GUARD, PRIMARY, eval_report
 
 from opsd_core.config import Params
-from opsd_core.evaluation.bootstrap import paired_bootstrap
-from opsd_core.registry import (
-    ChampionEvidence,
-    RegistryError,
-    decide,
-    register,
-    render_status,
-    rollback,
-    status,
-)
+from opsd_core.registry import RegistryError, register, render_status, rollback, status
 from opsd_core.registry.audit import champion_stack, read_audit
-from opsd_core.registry.store import download_version, open_client, resolve_store
+from opsd_core.registry.store import download_version, ensure_experiment, open_client, resolve_store
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [f"d{i:02d}" for i in range(40)]
-PRIMARY, GUARD = "opsd_val", "opsd_gsm8k100"
-
-
-# -- fabricated evaluation reports ------------------------------------------------------------
-def _samples(ones: int) -> dict[str, list[int]]:
-    # nested sets: a model with more ones is at least as good on every doc, so the pairing matters
-    return {d: [int(i < ones)] for i, d in enumerate(DOCS)}
-
-
-def _side(ones: int) -> dict[str, Any]:
-    return {"score": ones / len(DOCS), "n": len(DOCS), "samples": _samples(ones)}
-
-
-def _task(base: int, cand: int) -> dict[str, Any]:
-    b, c = _side(base), _side(cand)
-    keys = sorted(b["samples"])
-    diff = paired_bootstrap([b["samples"][k][0] for k in keys], [c["samples"][k][0] for k in keys], 1000, 0)
-    return {"base": b, "candidate": c, "diff": diff}
-
-
-def eval_report(cand: int, base: int = 10, guard: tuple[int, int] = (20, 20), settings: str = "s1") -> dict:
-    return {"settings": {"settings_hash": settings},
-            "tasks": {PRIMARY: _task(base, cand), GUARD: _task(*guard)}}
-
-
-def champ(cand: int, version: str = "1", settings: str = "s1", content: str = "old") -> ChampionEvidence:
-    return ChampionEvidence(version, content, eval_report(cand, settings=settings))
-
-
-CFG = Params().registry
-
-
-# -- the gate (pure) ----------------------------------------------------------------------------
-def test_gate_promotes_clear_win_without_champion() -> None:
-    v = decide(eval_report(cand=30), CFG, None, "new")
-    assert v["promote"] is True
-    assert v["checks"]["vs_base"]["ci_low"] > 0
-    assert v["checks"]["vs_champion"]["status"] == "no_champion"
-    assert all(r.startswith("PASS") for r in v["reasons"])
-
-
-@pytest.mark.parametrize(("cand", "margin", "why"), [
-    (5, 0.0, "worse than base"),
-    (10, 0.0, "equal to base"),
-    (11, 0.0, "one doc better: bootstrap lower bound not above zero"),
-    (14, 0.2, "significant but below the margin"),
-])
-def test_gate_rejects_candidates_not_clearly_better_than_base(cand: int, margin: float, why: str) -> None:
-    cfg = CFG.model_copy(update={"margin": margin})
-    v = decide(eval_report(cand=cand), cfg, None, "new")
-    assert v["promote"] is False, why
-    assert v["checks"]["vs_base"]["passed"] is False
-    assert any(r.startswith("FAIL vs base") for r in v["reasons"])
-
-
-def test_gate_margin_is_inclusive() -> None:
-    cfg = CFG.model_copy(update={"margin": 0.25})  # 20/40 - 10/40 = 0.25 exactly
-    assert decide(eval_report(cand=20), cfg, None, "new")["promote"] is True
-    assert decide(eval_report(cand=19), cfg, None, "new")["promote"] is False
-
-
-@pytest.mark.parametrize(("guard", "ok"), [((20, 19), True), ((20, 18), True), ((20, 17), False), ((20, 30), True)])
-def test_gate_guard_tolerance(guard: tuple[int, int], ok: bool) -> None:
-    # tolerance 0.05 = 2 of 40 docs
-    v = decide(eval_report(cand=30, guard=guard), CFG, None, "new")
-    assert v["promote"] is ok
-    assert v["checks"]["guards"][GUARD]["passed"] is ok
-
-
-def test_gate_fails_closed_on_missing_tasks() -> None:
-    report = eval_report(cand=30)
-    no_guard = {**report, "tasks": {PRIMARY: report["tasks"][PRIMARY]}}
-    assert decide(no_guard, CFG, None, "new")["promote"] is False
-    no_primary = {**report, "tasks": {GUARD: report["tasks"][GUARD]}}
-    v = decide(no_primary, CFG, None, "new")
-    assert v["promote"] is False and "missing" in v["checks"]["vs_base"]["reason"]
-
-
-def test_gate_against_champion() -> None:
-    report = eval_report(cand=30)
-    assert decide(report, CFG, champ(20), "new")["promote"] is True
-    worse = decide(report, CFG, champ(35), "new")
-    assert worse["promote"] is False and worse["checks"]["vs_champion"]["mean_diff"] < 0
-    tie = decide(report, CFG, champ(30), "new")
-    assert tie["promote"] is False and tie["checks"]["vs_champion"]["status"] == "compared"
-    other = decide(report, CFG, champ(20, settings="s2"), "new")
-    assert other["promote"] is False and other["checks"]["vs_champion"]["status"] == "cannot_compare"
-    lost = decide(report, CFG, ChampionEvidence("1", "old", None), "new")
-    assert lost["promote"] is False and "no stored eval report" in lost["checks"]["vs_champion"]["reason"]
-    same = decide(report, CFG, champ(35, content="new"), "new")
-    assert same["promote"] is True and same["checks"]["vs_champion"]["status"] == "same"
-
-
-def test_gate_pairs_champion_by_doc_id() -> None:
-    report = eval_report(cand=30)
-    ch = champ(20)
-    # reorder the champion's samples: pairing must follow ids, not positions
-    samples = ch.report["tasks"][PRIMARY]["candidate"]["samples"]
-    ch.report["tasks"][PRIMARY]["candidate"]["samples"] = dict(reversed(list(samples.items())))
-    v = decide(report, CFG, ch, "new")
-    assert v["checks"]["vs_champion"]["mean_diff"] == pytest.approx(10 / 40)
-    assert v["checks"]["vs_champion"]["ci_low"] > 0
-
-
-def test_gate_recomputes_missing_diff() -> None:
-    report = eval_report(cand=30)
-    stripped = json.loads(json.dumps(report))
-    del stripped["tasks"][PRIMARY]["diff"]
-    a, b = decide(report, CFG, None, "new"), decide(stripped, CFG, None, "new")
-    assert a["promote"] == b["promote"] is True
-    assert a["checks"]["vs_base"]["mean_diff"] == pytest.approx(b["checks"]["vs_base"]["mean_diff"])
-
-
-def test_champion_stack_replays_promotions_and_rollbacks() -> None:
-    def mv(frm: str | None, to: str, action: str = "promote") -> dict:
-        return {"alias": "champion", "from_version": frm, "to_version": to, "action": action}
-
-    log = [mv(None, "1"), {"alias": "challenger", "from_version": None, "to_version": "9", "action": "register"},
-           mv("1", "2"), mv("2", "3"), mv("3", "2", "rollback"), mv("2", "4")]
-    assert champion_stack(log) == ["1", "2", "4"]
-    assert champion_stack(log + [mv("4", "2", "rollback"), mv("2", "1", "rollback")]) == ["1"]
-
-
-def test_store_resolution_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    default = resolve_store(Params(), tmp_path)
-    assert default.tracking_uri == f"sqlite:///{tmp_path / '.opsd' / 'mlflow.db'}"
-    assert default.artifact_location == (tmp_path / ".opsd" / "mlartifacts").as_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    env = resolve_store(Params(), tmp_path)
-    assert env.tracking_uri == "http://127.0.0.1:5999" and env.artifact_location is None
-    explicit = resolve_store(Params(registry={"tracking_uri": f"sqlite:///{tmp_path / 'x' / 'r.db'}"}), tmp_path)
-    assert explicit.artifact_location == (tmp_path / "x" / "mlartifacts").as_uri()
 
 
 # -- a tiny real peft adapter and a project folder -------------------------------------------------
@@ -223,10 +82,31 @@ def make_project(root: Path, base_dir: Path, seed: int, report: dict) -> torch.T
     return make_candidate(root / "models" / "candidate", base_dir, seed)
 
 
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Params]:
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow SQLite file: migrating a new store costs seconds on a busy machine.
+
+    The racing test still starts from no store at all.
+    """
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_outer_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tests pick their own store; a pipeline run id from an enclosing flow must not leak in
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("OPSD_MLFLOW_RUN_ID", raising=False)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> tuple[Path, Params]:
     monkeypatch.setenv("OPSD_FLOW_RUN_ID", "flow-123")
+    (tmp_path / ".opsd").mkdir()
+    shutil.copyfile(empty_store, tmp_path / ".opsd" / "mlflow.db")
     return tmp_path, Params(eval={"bootstrap_samples": 500})
 
 
@@ -279,15 +159,23 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     assert len(client.search_model_versions(f"name='{params.registry.model_name}'")) == 1
 
 
-def test_gate_champion_rollback_audit_and_status(project: tuple[Path, Params], base_dir: Path) -> None:
+def test_gate_champion_rollback_audit_and_status(
+    project: tuple[Path, Params], base_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     root, params = project
     name = params.registry.model_name
+    client = open_client(resolve_store(params, root))
+    # v1 is registered inside a pipeline run opened by the flow, which also closes it
+    flow_run = client.create_run(ensure_experiment(client, resolve_store(params, root), "opsd")).info.run_id
+    monkeypatch.setenv("OPSD_MLFLOW_RUN_ID", flow_run)
     for seed, cand in ((1, 20), (2, 30), (3, 25)):  # v1 champion, v2 beats it, v3 worse than v2
         make_project(root, base_dir, seed, eval_report(cand=cand))
         res = register(params, root)
+        monkeypatch.delenv("OPSD_MLFLOW_RUN_ID", raising=False)
+        if seed == 1:
+            assert res["run_id"] == flow_run and client.get_run(flow_run).info.status == "RUNNING"
     assert res["version"] == "3" and res["challenger"] == "3" and res["champion"] == "2"
-    assert res["verdict"]["promote"] is False
-    client = open_client(resolve_store(params, root))
+    assert res["verdict"]["promote"] is False and res["promoted"] is False
     v3 = client.get_model_version(name, "3")
     assert v3.tags["gate.promote"] == "false" and "FAIL vs champion v2" in v3.tags["gate.reasons"]
     verdict_file = json.loads((root / "reports" / "registry.json").read_text())["verdict"]
@@ -314,12 +202,17 @@ def test_gate_champion_rollback_audit_and_status(project: tuple[Path, Params], b
         ("challenger", "register"), ("champion", "promote"), ("challenger", "register"), ("champion", "rollback")]
 
 
-def test_malformed_report_is_refused_before_any_run(project: tuple[Path, Params], base_dir: Path) -> None:
+def test_malformed_or_stale_report_is_refused_before_any_run(project: tuple[Path, Params], base_dir: Path) -> None:
     root, params = project
     report = eval_report(cand=30)
     del report["tasks"][GUARD]["candidate"]["score"]
     make_project(root, base_dir, 1, report)
     with pytest.raises(RegistryError, match="opsd_gsm8k100.candidate.score"):
+        register(params, root)
+    stale = eval_report(cand=30)
+    stale["models"] = {"candidate": {"content_hash": "weights-evaluated-earlier"}}
+    (root / "reports" / "eval.json").write_text(json.dumps(stale))
+    with pytest.raises(RegistryError, match="re-run evaluate"):
         register(params, root)
     st = status(params, root)
     assert st["champion"] is None and st["challenger"] is None
@@ -374,9 +267,8 @@ print(json.dumps(register(params, Path(sys.argv[1]))), flush=True)
 
 
 def test_two_racing_registrations_leave_one_consistent_champion(
-    tmp_path: Path, base_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, base_dir: Path,
 ) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shared = tmp_path / "state"  # two checkouts, one registry
     params = Params(registry={"state_dir": str(shared)}, eval={"bootstrap_samples": 500})
     roots = [tmp_path / "a", tmp_path / "b"]
@@ -411,7 +303,6 @@ def mlflow_server(tmp_path: Path) -> Any:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",

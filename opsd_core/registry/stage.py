@@ -4,12 +4,15 @@ register: one MLflow run (params, per-step metrics, eval metrics, plots, model c
 under ``model/``), then - under the registry lock - gate against base and current champion, create the
 model version, move ``challenger`` (and ``champion`` if the gate says so). A failure anywhere marks the run
 FAILED and leaves the registry's versions and aliases as they were. Keyed by the candidate's content hash:
-registering the same weights twice returns the existing version and logs nothing.
+registering the same weights twice returns the existing version and logs nothing. Under the Prefect
+flow, ``$OPSD_MLFLOW_RUN_ID`` names the pipeline's run: register logs into it and leaves closing it to
+the flow.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 MODEL_DIR = "model"
+PIPELINE_RUN_ENV = "OPSD_MLFLOW_RUN_ID"  # set by the Prefect flow (flows/tracking.py)
 EVAL_ARTIFACT = "eval/eval.json"
 _KEY_MAX, _PARAM_MAX, _TAG_MAX = 250, 6000, 8000  # MLflow's key, param value and run tag limits
 
@@ -71,8 +75,8 @@ def load_inputs(params: Params, root: Path) -> dict[str, Any]:
     reports = root / params.train.reports_dir
     report = _read_json(reports / "eval.json", "evaluation report")
     _check_report(report, reports / "eval.json")
-    evaluated = report.get("candidate_hash") or report.get("settings", {}).get("candidate_hash")
-    if evaluated and evaluated != meta["content_hash"]:
+    evaluated = ((report.get("models") or {}).get("candidate") or {}).get("content_hash")
+    if evaluated and evaluated != meta["content_hash"]:  # a stale report must not gate new weights
         raise RegistryError(f"eval.json scored candidate {evaluated}, but models hold {meta['content_hash']}: "
                             "re-run evaluate")
     data_path = reports / "data.json"
@@ -173,6 +177,7 @@ def _existing(client: MlflowClient, store: Store, params: Params, mv: ModelVersi
     verdict = json.loads(mv.tags.get("gate.verdict", "null"))
     return {"model_name": name, "version": str(mv.version), "run_id": mv.run_id, "already_registered": True,
             "content_hash": mv.tags.get("content_hash"), "verdict": verdict, "alias_moves": [],
+            "promoted": bool(verdict and verdict.get("promote")),
             "champion": str(champ.version) if champ else None, "challenger": str(chall.version) if chall else None,
             "tracking_uri": store.tracking_uri}
 
@@ -232,7 +237,7 @@ def _register_locked(
     champ = version_by_alias(client, cfg.model_name, "champion")
     return {"model_name": cfg.model_name, "version": version, "run_id": run_id, "already_registered": False,
             "content_hash": content_hash, "verdict": verdict, "alias_moves": [m for m in moves if m],
-            "champion": _version_of(champ), "challenger": version,
+            "promoted": bool(verdict["promote"]), "champion": _version_of(champ), "challenger": version,
             "tracking_uri": store.tracking_uri}
 
 
@@ -250,7 +255,14 @@ def register(params: Params, root: Path) -> dict[str, Any]:
     lin = lineage.collect(params, root, inp["data"].get("data_hash") or inp["meta"].get("data_hash"))
     tags = {f"lineage.{k}": str(v)[:_TAG_MAX] for k, v in lin.items() if v is not None}
     tags["opsd.content_hash"] = inp["meta"]["content_hash"]
-    run = client.create_run(exp_id, run_name=f"register-{inp['meta']['content_hash'][:12]}", tags=tags)
+    pipeline_run = os.environ.get(PIPELINE_RUN_ENV)
+    if pipeline_run:  # the flow's run: one pipeline run is one MLflow run, and the flow closes it
+        from mlflow.entities import RunTag
+
+        run = client.get_run(pipeline_run)
+        client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    else:
+        run = client.create_run(exp_id, run_name=f"register-{inp['meta']['content_hash'][:12]}", tags=tags)
     try:
         with tempfile.TemporaryDirectory(prefix="opsd-register-") as tmp:
             _log_run(client, run.info.run_id, inp, params, Path(tmp))
@@ -259,7 +271,8 @@ def register(params: Params, root: Path) -> dict[str, Any]:
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    if not pipeline_run:
+        client.set_terminated(run.info.run_id, "FINISHED")
     return _write_result(params, root, result)
 
 
@@ -322,6 +335,11 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"{'':<12}{d['primary_task']}: candidate {s['candidate']} vs base {s['base']} "
                      f"(diff {s['mean_diff']}, 95% CI [{s['ci_low']}, {s['ci_high']}])")
         lines.append(f"{'':<12}lineage: " + ", ".join(f"{k}={str(v)[:12]}" for k, v in d["lineage"].items()))
+    def v(x: str | None) -> str:
+        return f"v{x}" if x else "none"
+
+    if st.get("recent_moves"):
+        lines.append("recent alias moves:")
     for m in st.get("recent_moves", []):
-        lines.append(f"  {m['time']}  {m['alias']}: v{m['from_version']} -> v{m['to_version']}  ({m['action']})")
+        lines.append(f"  {m['time']}  {m['alias']}: {v(m['from_version'])} -> {v(m['to_version'])}  ({m['action']})")
     return "\n".join(lines)

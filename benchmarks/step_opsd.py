@@ -1,0 +1,158 @@
+"""Training-step cases driven by opsd: ``opsd`` (OPSDTrainer) and ``naive`` (the obvious full-logits step).
+
+Both build the policy exactly as ``opsd train`` does (``stages.build_policy``: load, seeded LoRA wrap) and
+sample with opsd's rollout (transformers ``generate``); they differ only in scoring and loss:
+
+* ``opsd``: ``OPSDTrainer.rollout`` → ``accumulate`` (decoder-only passes, completion hidden states,
+  chunked fp32 divergence) → ``optimizer_step``;
+* ``naive``: full ``model(...).logits`` [B, T, V] for the teacher (adapter disabled) and the student,
+  completion positions sliced out, fp32 log-softmax, forward KL over the whole vocabulary, masked
+  mean over the step's tokens, backward; then the same clip + AdamW.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import MODEL_CACHE, REPO, model_source, trace_problems
+from benchmarks.recorder import StepRecorder
+
+LORA_TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+
+
+def opsd_params(spec: dict[str, Any]) -> Any:
+    """Params for a case: the repo's params.yaml, with every compared setting pinned by the spec."""
+    from opsd_core.config import load_params
+
+    overrides = [f"model.base={model_source(spec['model'])}", f"model.cache_dir={MODEL_CACHE}",
+                 f"train.threads={spec['threads']}"]
+    if spec.get("profile") != "default":
+        precision = spec["precision"]
+        overrides += [
+            f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0",
+            f"lora.target_modules={LORA_TARGETS}",
+            "opsd.divergence=forward_kl", "opsd.support=full", "opsd.clip=none", "opsd.teacher=fixed",
+            "opsd.temperature=null",
+            f"opsd.sampling.max_new_tokens={spec['new_tokens']}", "opsd.sampling.temperature=1.1",
+            "opsd.sampling.top_p=0.95", "opsd.sampling.top_k=20", f"opsd.sampling.dtype={precision}",
+            f"train.rollouts_per_step={spec['rollouts']}", f"train.micro_batch_size={spec['micro_batch']}",
+            "train.lr=1.0e-4", "train.grad_clip=1.0", "train.weight_decay=0.0", "train.warmup_steps=1",
+            "train.schedule=cosine", f"train.steps={spec['warmup'] + spec['steps']}",
+            f"train.precision={precision}", "train.seed=0", "train.progress=false",
+        ]
+    return load_params(REPO / "params.yaml", overrides=overrides)
+
+
+def _setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[Any], Any]:
+    import torch
+
+    from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
+    from opsd_core.scoring import unwrap
+    from opsd_core.stages import build_policy
+    from opsd_core.trainer import Problem
+
+    params = opsd_params(spec)
+    dev = torch.device(spec["device"])
+    model, tokenizer, _ = build_policy(params, REPO, dev)
+    if spec.get("fixed_length", True) and spec.get("profile") != "default":
+        # same token count on every side: no end-of-sequence before the budget (TRL gets the same setting)
+        unwrap(model).generation_config.min_new_tokens = params.opsd.sampling.max_new_tokens
+    n = params.train.rollouts_per_step * (spec["warmup"] + spec["steps"])
+    problems = [
+        Problem(t.id, student_prompt_ids(tokenizer, t.problem), teacher_prompt_ids(tokenizer, t.problem, t.solution))
+        for t in trace_problems(n)
+    ]
+    return params, model, tokenizer, problems, dev
+
+
+def _batch(problems: list[Any], step: int, per_step: int) -> list[Any]:
+    # the k-th block of problems, in order: every implementation sees the same prompts at the same step
+    return problems[step * per_step:(step + 1) * per_step]
+
+
+def run_opsd(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any]:
+    from opsd_core.trainer import OPSDTrainer
+
+    params, model, tokenizer, problems, dev = _setup(spec)
+    trainer = OPSDTrainer(params, model, tokenizer, problems, dev, tmp / "run", log=lambda _msg: None)
+    default = spec.get("profile") == "default"
+    per_step = params.train.rollouts_per_step
+    for k in range(spec["warmup"] + spec["steps"]):
+        rec.step_begin()
+        batch = trainer.batch_for(k) if default else _batch(problems, k, per_step)
+        rec.sample_begin()
+        rollouts = trainer.rollout(batch, k)
+        rec.sample_end(rollouts.num_tokens)
+        trainer.accumulate(batch, rollouts)
+        rec.opt_begin()
+        trainer.optimizer_step()
+        lengths = rollouts.completion_mask.sum(dim=1).tolist()
+        rec.note(sequences=[(len(p.student_ids), len(p.teacher_ids), int(n)) for p, n in zip(batch, lengths)])
+        rec.step_end()
+    return {"model": model, "params": params}
+
+
+def naive_token_kl(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
+    """[B, L, V] logits → [B, L] forward KL(p_T || p_S) over the whole vocabulary, in fp32."""
+    import torch
+
+    ls = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    lt = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+def _full_logits(model: Any, prompts: list[list[int]], completion: Any, mask: Any, pad_id: int) -> Any:
+    """Full-sequence logits of prompt ⊕ completion, then the rows that predict the completion."""
+    import torch
+
+    from opsd_core.rollout import left_pad
+
+    ids, attn = left_pad(prompts, pad_id)
+    width = ids.shape[1]
+    ids = torch.cat([ids, completion], dim=1)
+    attn = torch.cat([attn, mask.long()], dim=1)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    dev = next(model.parameters()).device
+    logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev)).logits
+    return logits[:, width - 1:width - 1 + completion.shape[1]]
+
+
+def run_naive(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any]:
+    import torch
+
+    from opsd_core.rollout import eos_token_ids, sample
+
+    params, model, tokenizer, problems, dev = _setup(spec)
+    cfg = params.train
+    pad_id = tokenizer.pad_token_id
+    eos = eos_token_ids(model, tokenizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    temperature = params.opsd.sampling.temperature
+    for k in range(spec["warmup"] + spec["steps"]):
+        rec.step_begin()
+        batch = _batch(problems, k, cfg.rollouts_per_step)
+        rec.sample_begin()
+        rollouts = sample(model, [p.student_ids for p in batch], params.opsd.sampling, pad_id, eos, k, dev)
+        rec.sample_end(rollouts.num_tokens)
+        model.train()
+        total = rollouts.num_tokens
+        for lo in range(0, len(batch), cfg.micro_batch_size):
+            part = batch[lo:lo + cfg.micro_batch_size]
+            ids = rollouts.completion_ids[lo:lo + cfg.micro_batch_size]
+            mask = rollouts.completion_mask[lo:lo + cfg.micro_batch_size]
+            with torch.no_grad(), model.disable_adapter():
+                t_logits = _full_logits(model, [p.teacher_ids for p in part], ids, mask, pad_id)
+            s_logits = _full_logits(model, [p.student_ids for p in part], ids, mask, pad_id)
+            kl = naive_token_kl(s_logits, t_logits, temperature)
+            loss = (kl * mask.to(kl.device, kl.dtype)).sum() / total
+            loss.backward()
+        rec.opt_begin()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lengths = rollouts.completion_mask.sum(dim=1).tolist()
+        rec.note(sequences=[(len(p.student_ids), len(p.teacher_ids), int(n)) for p, n in zip(batch, lengths)])
+        rec.step_end()
+    return {"model": model, "params": params}
