@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_CACHE = REPO / ".opsd" / "models"
+MODEL_CACHE = Path(os.environ.get("OPSD_BENCH_MODEL_CACHE") or REPO / ".opsd" / "models")
 SMOLLM2 = "bundled:smollm2-135m-instruct"
 
 OFFLINE_ENV = {
@@ -180,19 +180,16 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device,
+        "loadavg_1m": os.getloadavg()[0],  # other jobs on the machine skew timings: keep a trace
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["transformers"] = transformers.__version__
-        import peft
-
-        info["peft"] = peft.__version__
-        import trl
-
-        info["trl"] = trl.__version__
-    except ImportError:
-        pass
+    # versions from the metadata: importing trl alone costs seconds in every case process
+    for package in ("transformers", "peft", "trl", "accelerate"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = None
     return info

@@ -93,10 +93,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print(handlers[args.command]())
         return 0
     if args.command == "evaluate":
-        from opsd_core.evaluation.report import run_evaluate_base, run_evaluate_candidate
-
-        fn = run_evaluate_base if args.model == "base" else run_evaluate_candidate
-        fn(params, root)
+        stages.evaluate(params, root, args.model)
         return 0
     if args.command in ("register", "promote", "status"):
         from opsd_core import registry

@@ -192,3 +192,27 @@ def train(params: Params, root: Path) -> dict[str, Any]:
     write_json(reports / "train.json", summary)
     print(f"candidate written to {root / params.train.output_dir}", file=sys.stderr)
     return summary
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+def evaluate(params: Params, root: Path, which: str = "candidate") -> dict[str, Any]:
+    """``base``: evaluate the base model alone (its own cached DVC stage); ``candidate``: compare."""
+    from opsd_core.evaluation.report import run_evaluate_base, run_evaluate_candidate
+
+    configure_threads(params.train.threads)
+    if which == "base":
+        return run_evaluate_base(params, root)
+    report = run_evaluate_candidate(params, root)
+    _write_eval_plot(root / params.train.reports_dir / "eval_plot.csv", report)
+    return report
+
+
+def _write_eval_plot(path: Path, report: dict[str, Any]) -> None:
+    """One row per task (base, candidate, interval of the difference): the DVC plot of evaluate."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["task", "base", "candidate", "diff_ci_low", "diff_ci_high"])
+        for task, entry in sorted(report["tasks"].items()):
+            diff = entry.get("diff") or {}
+            writer.writerow([task, entry["base"]["score"], entry["candidate"]["score"],
+                             diff.get("ci_low"), diff.get("ci_high")])

@@ -49,7 +49,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     set_param(path, "profile", "smoke")
     set_param(path, "model.cache_dir", str(tmp_path_factory.mktemp("models")))
     sh(["git", "init", "-q"], path)
-    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], path)
+    from flows.bootstrap import bootstrap
+    from opsd_core.config import load_params
+
+    bootstrap(load_params(path / "params.yaml"), path)  # what `opsd run` does first: data + `dvc add`
+    assert (path / "data/raw.dvc").is_file()
+    sh(["git", "add", "-A"], path)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"], path)
     return path
 
 

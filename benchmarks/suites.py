@@ -1,0 +1,110 @@
+"""The suites: which cases run, at which sizes, how often, in which order.
+
+A plan is a flat list of case runs. Training-step comparisons repeat each implementation in its own
+process, alternating the order every repeat (opsd, trl, naive / naive, trl, opsd / ...), so that slow
+drift of the machine (other jobs, thermal state) hits both sides alike; ratios are taken pair by pair
+(repeat i of opsd against repeat i of TRL). Kernel cases alternate chunked/naive the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# (vocabulary, hidden): SmolLM2-135M's head, and a Qwen3-size 152k vocabulary
+SMOLLM2_HEAD = (49152, 576)
+TINY_HEAD = (512, 64)
+
+
+@dataclass
+class Suite:
+    name: str
+    device: str
+    threads: int
+    precision: str
+    matmul: dict[str, Any]
+    step_groups: list[dict[str, Any]] = field(default_factory=list)
+    default_profile: dict[str, Any] | None = None
+    loss_only: list[dict[str, Any]] = field(default_factory=list)
+    kernel: dict[str, Any] | None = None
+
+
+def _step_group(model: str, repeats: int, rollouts: int, micro_batch: int, new_tokens: int, warmup: int,
+                steps: int, impls: tuple[str, ...] = ("opsd", "trl", "naive")) -> dict[str, Any]:
+    return {"model": model, "repeats": repeats, "impls": list(impls), "rollouts": rollouts,
+            "micro_batch": micro_batch, "new_tokens": new_tokens, "warmup": warmup, "steps": steps,
+            "lora_r": 16, "lora_alpha": 32}
+
+
+def build_suite(name: str, threads: int | None = None, large_model: str | None = None) -> Suite:
+    if name == "quick":  # the smoke test: every case kind once, at toy sizes (about 20 s unloaded)
+        return Suite(
+            name, "cpu", threads or 1, "float32",
+            matmul={"size": 128, "dtype": "float32", "repeats": 2},
+            step_groups=[_step_group("tiny", 1, 2, 1, 4, 0, 1, impls=("opsd", "trl"))],
+            kernel={"heads": [(512, 64)], "rows": [64], "impls": ["chunked", "naive"], "repeats": 2,
+                    "chunk": 16, "naive_cap_gb": 1.0},
+        )
+    if name == "cpu":
+        return Suite(
+            name, "cpu", threads or 2, "float32",
+            matmul={"size": 2048, "dtype": "float32", "repeats": 5},
+            step_groups=[
+                _step_group("tiny", 3, 4, 2, 64, 1, 5),
+                _step_group("smollm2", 3, 4, 2, 32, 1, 1),
+            ],
+            default_profile={"model": "smollm2", "warmup": 0, "steps": 1},
+            loss_only=[{"model": "smollm2", "vocab": SMOLLM2_HEAD[0], "hidden": SMOLLM2_HEAD[1], "rows": 64,
+                        "repeats": 5, "impls": ["chunked", "trl", "naive"]}],
+            # hidden 256 on CPU keeps the 4096 x 152k case near a minute; memory is dominated by T x V
+            kernel={"heads": [(49152, 256), (151936, 256)], "rows": [256, 1024, 4096],
+                    "impls": ["chunked", "naive"], "repeats": 3, "chunk": 128, "naive_cap_gb": 8.0},
+        )
+    if name == "gpu":
+        groups = [_step_group("smollm2", 3, 16, 8, 256, 1, 3)]
+        if large_model:
+            groups.append(_step_group(large_model, 3, 8, 4, 256, 1, 2, impls=("opsd", "trl")))
+        return Suite(
+            name, "cuda", threads or 8, "bfloat16",
+            matmul={"size": 8192, "dtype": "bfloat16", "repeats": 10},
+            step_groups=groups,
+            default_profile=None,
+            loss_only=[{"model": "smollm2", "vocab": SMOLLM2_HEAD[0], "hidden": SMOLLM2_HEAD[1],
+                        "rows": 8 * 256, "repeats": 10, "impls": ["chunked", "trl", "naive"]}],
+            kernel={"heads": [(49152, 576), (151936, 2048)], "rows": [256, 1024, 4096, 8192],
+                    "impls": ["chunked", "naive"], "repeats": 5, "chunk": 256, "naive_cap_gb": 40.0},
+        )
+    raise ValueError(f"unknown suite {name!r} (quick, cpu, gpu)")
+
+
+def plan(suite: Suite) -> list[tuple[str, dict[str, Any]]]:
+    """The ordered case runs: (kind, spec) pairs."""
+    common = {"device": suite.device, "threads": suite.threads}
+    runs: list[tuple[str, dict[str, Any]]] = [("matmul", {**common, **suite.matmul})]
+    for gi, group in enumerate(suite.step_groups):
+        for rep in range(group["repeats"]):
+            order = group["impls"] if rep % 2 == 0 else list(reversed(group["impls"]))
+            for impl in order:
+                spec = {k: v for k, v in group.items() if k not in ("repeats", "impls")}
+                runs.append(("step", {**common, **spec, "impl": impl, "precision": suite.precision,
+                                      "group": gi, "repeat": rep}))
+    if suite.default_profile:
+        runs.append(("step", {**common, **suite.default_profile, "impl": "opsd", "profile": "default",
+                              "precision": suite.precision, "group": "default", "repeat": 0}))
+    for li, case in enumerate(suite.loss_only):
+        for impl in case["impls"]:
+            runs.append(("kernel", {**common, "impl": impl, "rows": case["rows"], "hidden": case["hidden"],
+                                    "vocab": case["vocab"], "repeats": case["repeats"], "chunk": 128,
+                                    "naive_cap_gb": 1e9, "group": f"loss_only:{case['model']}"}))
+    if suite.kernel:
+        k = suite.kernel
+        index = 0
+        for vocab, hidden in k["heads"]:
+            for rows in k["rows"]:
+                order = k["impls"] if index % 2 == 0 else list(reversed(k["impls"]))
+                index += 1
+                for impl in order:
+                    runs.append(("kernel", {**common, "impl": impl, "rows": rows, "hidden": hidden, "vocab": vocab,
+                                            "repeats": k["repeats"], "chunk": k["chunk"],
+                                            "naive_cap_gb": k["naive_cap_gb"], "group": "kernel"}))
+    return runs
