@@ -1,6 +1,9 @@
 """Training-step cases driven by opsd: ``opsd`` (OPSDTrainer) and ``naive`` (the obvious full-logits step).
 
-Both build the policy exactly as ``opsd train`` does (``stages.build_policy``: load, seeded LoRA wrap) and
+``opsd_bf16s`` is ``opsd`` with ``opsd.sampling.dtype=bfloat16`` (opsd's rollouts from a merged bf16
+copy of the policy), reported separately because its sampling precision differs from TRL's.
+
+All build the policy exactly as ``opsd train`` does (``stages.build_policy``: load, seeded LoRA wrap) and
 sample with opsd's rollout (transformers ``generate``); they differ only in scoring and loss:
 
 * ``opsd``: ``OPSDTrainer.rollout`` → ``accumulate`` (decoder-only passes, completion hidden states,
@@ -29,13 +32,15 @@ def opsd_params(spec: dict[str, Any]) -> Any:
                  f"train.threads={spec['threads']}"]
     if spec.get("profile") != "default":
         precision = spec["precision"]
+        # opsd_bf16s: opsd's own fast path (rollouts from a merged bf16 copy); not identical precision
+        sampling = "bfloat16" if spec["impl"] == "opsd_bf16s" else precision
         overrides += [
             f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0",
             f"lora.target_modules={LORA_TARGETS}",
             "opsd.divergence=forward_kl", "opsd.support=full", "opsd.clip=none", "opsd.teacher=fixed",
             "opsd.temperature=null",
             f"opsd.sampling.max_new_tokens={spec['new_tokens']}", "opsd.sampling.temperature=1.1",
-            "opsd.sampling.top_p=0.95", "opsd.sampling.top_k=20", f"opsd.sampling.dtype={precision}",
+            "opsd.sampling.top_p=0.95", "opsd.sampling.top_k=20", f"opsd.sampling.dtype={sampling}",
             f"train.rollouts_per_step={spec['rollouts']}", f"train.micro_batch_size={spec['micro_batch']}",
             "train.lr=1.0e-4", "train.grad_clip=1.0", "train.weight_decay=0.0", "train.warmup_steps=1",
             "train.schedule=cosine", f"train.steps={spec['warmup'] + spec['steps']}",
@@ -88,7 +93,7 @@ def run_opsd(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, An
         rec.opt_begin()
         trainer.optimizer_step()
         lengths = rollouts.completion_mask.sum(dim=1).tolist()
-        rec.note(sequences=[(len(p.student_ids), len(p.teacher_ids), int(n)) for p, n in zip(batch, lengths)])
+        rec.note(sequences=[(len(p.student_ids), len(p.teacher_ids), int(n)) for p, n in zip(batch, lengths, strict=True)])
         rec.step_end()
     return {"model": model, "params": params}
 
@@ -153,6 +158,6 @@ def run_naive(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, A
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lengths = rollouts.completion_mask.sum(dim=1).tolist()
-        rec.note(sequences=[(len(p.student_ids), len(p.teacher_ids), int(n)) for p, n in zip(batch, lengths)])
+        rec.note(sequences=[(len(p.student_ids), len(p.teacher_ids), int(n)) for p, n in zip(batch, lengths, strict=True)])
         rec.step_end()
     return {"model": model, "params": params}

@@ -111,7 +111,7 @@ def run_trl(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any
 
         def on_step_end(self, *_a: Any, **_k: Any) -> None:
             student, teacher = (prompt_lens + [[], []])[:2]
-            rec.note(sequences=[(s, t, length_by_row[i]) for i, (s, t) in enumerate(zip(student, teacher))])
+            rec.note(sequences=[(s, t, length_by_row[i]) for i, (s, t) in enumerate(zip(student, teacher, strict=True))])
             rec.step_end()
 
     trainer = SDFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_dataset_rows(per_step * total_steps)),

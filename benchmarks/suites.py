@@ -50,8 +50,9 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
             name, "cpu", threads or 2, "float32",
             matmul={"size": 2048, "dtype": "float32", "repeats": 5},
             step_groups=[
-                _step_group("tiny", 3, 4, 2, 64, 1, 5),
-                _step_group("smollm2", 3, 4, 2, 32, 1, 1),
+                _step_group("tiny", 3, 4, 2, 64, 1, 5, impls=("opsd", "opsd_bf16s", "trl", "naive")),
+                # about a minute a step on 2 shared cores: one warm-up and one timed step per process
+                _step_group("smollm2", 3, 2, 1, 32, 1, 1, impls=("opsd", "opsd_bf16s", "trl")),
             ],
             default_profile={"model": "smollm2", "warmup": 0, "steps": 1},
             loss_only=[{"model": "smollm2", "vocab": SMOLLM2_HEAD[0], "hidden": SMOLLM2_HEAD[1], "rows": 64,
@@ -91,7 +92,7 @@ def plan(suite: Suite) -> list[tuple[str, dict[str, Any]]]:
     if suite.default_profile:
         runs.append(("step", {**common, **suite.default_profile, "impl": "opsd", "profile": "default",
                               "precision": suite.precision, "group": "default", "repeat": 0}))
-    for li, case in enumerate(suite.loss_only):
+    for case in suite.loss_only:
         for impl in case["impls"]:
             runs.append(("kernel", {**common, "impl": impl, "rows": case["rows"], "hidden": case["hidden"],
                                     "vocab": case["vocab"], "repeats": case["repeats"], "chunk": 128,

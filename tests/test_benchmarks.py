@@ -1,0 +1,103 @@
+"""Smoke test of the benchmark suite: the ``quick`` suite runs end to end and writes well-formed results.
+
+Benchmarks measure; nothing here asserts a timing. What is checked: every case ran, both training
+implementations processed exactly the configured number of completion tokens (the fixed-length
+setting holds on both sides), the pair ratios are consistent with the per-run values, the chunked and
+naive losses agree, and the Markdown tables are rectangular.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.flops import ModelShape, attention_flops, step_flops
+from benchmarks.report import _linear_fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_attention_flops_closed_form_matches_the_sum() -> None:
+    shape = ModelShape(layers=3, hidden=8, attn_width=8, vocab=10, decoder_matmul_params=100, lora_params=4)
+    cached, new = 5, 7
+    explicit = sum(4 * shape.layers * shape.attn_width * (cached + j + 1) for j in range(new))
+    assert attention_flops(shape, cached, new) == explicit
+
+
+def test_step_flops_parts_add_up_and_grow_with_the_teacher_prompt() -> None:
+    shape = ModelShape(layers=2, hidden=4, attn_width=4, vocab=16, decoder_matmul_params=1000, lora_params=10)
+    short = step_flops(shape, [(5, 9, 3)])
+    longer = step_flops(shape, [(5, 20, 3)])
+    parts = [v for k, v in short.items() if k != "total"]
+    assert math.isclose(short["total"], sum(parts))
+    assert longer["teacher_forward"] > short["teacher_forward"]
+    assert longer["student_forward"] == short["student_forward"]
+
+
+def test_linear_fit_recovers_a_line() -> None:
+    intercept, slope = _linear_fit([(1.0, 5.0), (3.0, 11.0), (4.0, 14.0)])  # y = 2 + 3x
+    assert math.isclose(intercept, 2.0) and math.isclose(slope, 3.0)
+
+
+@pytest.mark.slow
+def test_quick_suite_writes_well_formed_results(tmp_path: Path) -> None:
+    env = dict(os.environ, OPSD_BENCH_MODEL_CACHE=str(tmp_path / "models"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--suite", "quick", "--out-dir", str(tmp_path / "out"),
+         "--tag", "test"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) == 2 and files[0].endswith("-test.json") and files[1].endswith("-test.md"), files
+    report = json.loads((tmp_path / "out" / files[0]).read_text())
+
+    assert report["suite"] == "quick" and not report["failures"]
+    assert report["matmul"]["flops_best"] > 0
+
+    # training steps: both sides ran and scored exactly rollouts x max_new_tokens completion tokens
+    steps = [c for c in report["cases"] if c["kind"] == "step"]
+    assert sorted(c["spec"]["impl"] for c in steps) == ["opsd", "trl"]
+    for case in steps:
+        spec, result = case["spec"], case["result"]
+        assert result["steps"], "no timed step"
+        for row in result["steps"]:
+            assert row["tokens"] == spec["rollouts"] * spec["new_tokens"]
+            assert row["step_s"] >= row["sample_s"] > 0
+            assert row["flops"] > 0 and row["peak_score_mb"] > 0
+    (group,) = report["steps"].values()
+    ratio = group["ratios"]["opsd/trl"]["tok_s"]
+    opsd = group["impls"]["opsd"]["tok_s"]["median"]
+    trl = group["impls"]["trl"]["tok_s"]["median"]
+    assert ratio["n"] == 1 and math.isclose(ratio["median"], opsd / trl, rel_tol=1e-9)
+
+    # the loss kernel: two independent implementations of the same forward KL agree
+    losses = {r["impl"]: r["loss"] for r in report["kernel_rows"]}
+    assert set(losses) == {"chunked", "naive"}
+    assert math.isclose(losses["chunked"], losses["naive"], rel_tol=1e-4, abs_tol=1e-7)
+    assert all(r["peak_extra_mb"] is not None and r["peak_extra_mb"] >= 0 for r in report["kernel_rows"])
+
+    text = (tmp_path / "out" / files[1]).read_text()
+    for heading in ("## Training step", "## Loss kernel", "## Targets"):
+        assert heading in text
+    _assert_tables_rectangular(text)
+
+
+def _assert_tables_rectangular(text: str) -> None:
+    table: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            widths = {row.count("|") for row in table}
+            assert len(widths) == 1, f"ragged table starting {table[0]!r}"
+            assert set(table[1].replace("|", "").strip()) <= {"-", " "}, "second row is not a separator"
+            assert len(table) > 2, f"table without rows: {table[0]!r}"
+            table = []

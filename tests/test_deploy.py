@@ -1,0 +1,23 @@
+"""`opsd deploy`: the retrain flow registered with a cron schedule, read back through the client."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+
+from flows.deploy import deploy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_deploy_registers_the_cron_schedule(tmp_path: Path, prefect_harness: None) -> None:
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    assert deploy(str(tmp_path / "params.yaml"), None, None, "17 3 * * 1", "weekly", register_only=True) == 0
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("opsd-retrain/weekly")
+    assert deployment.parameters == {"params_path": str(tmp_path / "params.yaml")}
+    crons = [s.schedule.cron for s in deployment.schedules]
+    assert crons == ["17 3 * * 1"]
+    assert all(s.active for s in deployment.schedules)

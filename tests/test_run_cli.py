@@ -1,0 +1,51 @@
+"""`opsd run` as a user runs it: a fresh clone, the main job twice (the second a no-op), `opsd status`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+
+
+def opsd(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
+    return subprocess.run([sys.executable, "-m", "opsd_core.cli", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
+    project = tmp_path / "clone"
+    project.mkdir()
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    tree = yaml.safe_load((project / "params.yaml").read_text())
+    tree["profile"] = "smoke"
+    tree["model"]["cache_dir"] = str(tmp_path / "models")
+    (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+
+    refused = opsd(project, "run", "--profile", "gpu")
+    assert refused.returncode == 2 and "params.yaml" in refused.stderr
+
+    first = opsd(project, "run")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "generated the bundled dataset" in first.stderr
+    assert "stages run: prepare, train, evaluate_base, evaluate, register" in first.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+    assert (project / "data/raw.dvc").is_file() and (project / "reports/registry.json").is_file()
+
+    second = opsd(project, "run")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "nothing changed; no stage ran" in second.stdout
+
+    status = opsd(project, "status")
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "challenger" in status.stdout.lower()
