@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,3 +50,11 @@ def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
     status = opsd(project, "status")
     assert status.returncode == 0, status.stderr[-2000:]
     assert "challenger" in status.stdout.lower()
+
+    registry = json.loads((project / "reports/registry.json").read_text())
+    assert registry["challenger"] == registry["version"]
+    # one pipeline run promotes at most once: there is no earlier champion, and it says so in one line
+    rollback = opsd(project, "promote", "--rollback")
+    assert rollback.returncode == 1 and "RegistryError" in rollback.stderr, rollback.stderr[-2000:]
+    no_gate_bypass = opsd(project, "promote")
+    assert no_gate_bypass.returncode == 2 and "--rollback" in no_gate_bypass.stderr
