@@ -216,7 +216,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for entry in report["steps"].values():
         s = entry["settings"]
-        case = (f"{entry['model']} R={s['rollouts_per_step']} mb={s['micro_batch_size']} "
+        model = entry["model"].rstrip("/").rsplit("/", 1)[-1]  # a local model directory: its name
+        case = (f"{model} R={s['rollouts_per_step']} mb={s['micro_batch_size']} "
                 f"L={s['max_new_tokens']}")
         for key, label, _h in STEP_METRICS:
             for impl, vals in entry["impls"].items():

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new cases after this many seconds (the rest are marked skipped)")
     parser.add_argument("--case-timeout-s", type=float, default=1800)
+    parser.add_argument("--hard-limit-s", type=float, default=None,
+                        help="stop a running case so that the whole run ends by then (the report is still written)")
     parser.add_argument("--only", default=None, help="run only cases whose kind or group contains this text")
     args = parser.parse_args(argv)
 
@@ -87,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "error": f"time budget {args.budget_s:.0f} s spent"})
                 print(f"{label}: skipped (budget)", file=sys.stderr)
                 continue
-            result = run_case(kind, spec, Path(tmp), i, args.case_timeout_s)
+            timeout = args.case_timeout_s
+            if args.hard_limit_s is not None:
+                timeout = min(timeout, max(args.hard_limit_s - elapsed, 1.0))
+            result = run_case(kind, spec, Path(tmp), i, timeout)
             results.append(result)
             status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
             print(f"{label} {_case_note(spec)}: {status} ({result['process_wall_s']:.1f} s)", file=sys.stderr)

@@ -62,16 +62,16 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
                     "impls": ["chunked", "naive"], "repeats": 3, "chunk": 128, "naive_cap_gb": 8.0},
         )
     if name == "gpu":
-        groups = [_step_group("smollm2", 3, 16, 8, 256, 1, 3)]
+        groups = [_step_group("smollm2", 3, 16, 8, 128, 1, 2)]
         if large_model:
-            groups.append(_step_group(large_model, 3, 8, 4, 256, 1, 2, impls=("opsd", "trl")))
+            groups.append(_step_group(large_model, 3, 8, 4, 128, 1, 2, impls=("opsd", "trl")))
         return Suite(
             name, "cuda", threads or 8, "bfloat16",
             matmul={"size": 8192, "dtype": "bfloat16", "repeats": 10},
             step_groups=groups,
             default_profile=None,
             loss_only=[{"model": "smollm2", "vocab": SMOLLM2_HEAD[0], "hidden": SMOLLM2_HEAD[1],
-                        "rows": 8 * 256, "repeats": 10, "impls": ["chunked", "trl", "naive"]}],
+                        "rows": 8 * 128, "repeats": 10, "impls": ["chunked", "trl", "naive"]}],
             kernel={"heads": [(49152, 576), (151936, 2048)], "rows": [256, 1024, 4096, 8192],
                     "impls": ["chunked", "naive"], "repeats": 5, "chunk": 256, "naive_cap_gb": 40.0},
         )
@@ -82,13 +82,8 @@ def plan(suite: Suite) -> list[tuple[str, dict[str, Any]]]:
     """The ordered case runs: (kind, spec) pairs."""
     common = {"device": suite.device, "threads": suite.threads}
     runs: list[tuple[str, dict[str, Any]]] = [("matmul", {**common, **suite.matmul})]
-    for gi, group in enumerate(suite.step_groups):
-        for rep in range(group["repeats"]):
-            order = group["impls"] if rep % 2 == 0 else list(reversed(group["impls"]))
-            for impl in order:
-                spec = {k: v for k, v in group.items() if k not in ("repeats", "impls")}
-                runs.append(("step", {**common, **spec, "impl": impl, "precision": suite.precision,
-                                      "group": gi, "repeat": rep}))
+    first, *later = [_group_runs(suite, gi, group) for gi, group in enumerate(suite.step_groups)] or [[]]
+    runs += first
     if suite.default_profile:
         runs.append(("step", {**common, **suite.default_profile, "impl": "opsd", "profile": "default",
                               "precision": suite.precision, "group": "default", "repeat": 0}))
@@ -108,4 +103,19 @@ def plan(suite: Suite) -> list[tuple[str, dict[str, Any]]]:
                     runs.append(("kernel", {**common, "impl": impl, "rows": rows, "hidden": hidden, "vocab": vocab,
                                             "repeats": k["repeats"], "chunk": k["chunk"],
                                             "naive_cap_gb": k["naive_cap_gb"], "group": "kernel"}))
+    # further step groups (the gpu suite's larger model) last: a time budget cuts them first
+    for group_runs in later:
+        runs += group_runs
+    return runs
+
+
+def _group_runs(suite: Suite, gi: int, group: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    common = {"device": suite.device, "threads": suite.threads}
+    runs = []
+    for rep in range(group["repeats"]):
+        order = group["impls"] if rep % 2 == 0 else list(reversed(group["impls"]))
+        for impl in order:
+            spec = {k: v for k, v in group.items() if k not in ("repeats", "impls")}
+            runs.append(("step", {**common, **spec, "impl": impl, "precision": suite.precision,
+                                  "group": gi, "repeat": rep}))
     return runs

@@ -124,7 +124,8 @@ class EmaTeacher(_TeacherBase):
         super().__init__(model)
         self.decay = decay
         self.lora = is_peft(model)
-        self.ema = {name: w.detach().clone() for name, w in effective_weights(self.model).items()}
+        # fp32 accumulators: a 1 % update of a bf16 weight is often below bf16's resolution
+        self.ema = {name: w.detach().float().clone() for name, w in effective_weights(self.model).items()}
 
     def _targets(self) -> dict[str, Tensor]:
         """name -> the parameter tensor the EMA replaces during a teacher pass."""
@@ -135,7 +136,7 @@ class EmaTeacher(_TeacherBase):
     @torch.no_grad()
     def update(self) -> None:
         for name, w in effective_weights(self.model).items():
-            self.ema[name].mul_(self.decay).add_(w, alpha=1.0 - self.decay)
+            self.ema[name].mul_(self.decay).add_(w.float(), alpha=1.0 - self.decay)
 
     @contextmanager
     def _weights(self) -> Iterator[nn.Module]:
@@ -145,7 +146,7 @@ class EmaTeacher(_TeacherBase):
         with ctx:
             try:
                 for n, t in targets.items():
-                    t.data = self.ema[n]
+                    t.data = self.ema[n].to(t.dtype)  # no copy when the weights are fp32
                 yield self.model
             finally:
                 for n, t in targets.items():

@@ -1,0 +1,68 @@
+"""Where a training step spends its time: one step case under cProfile, in this process.
+
+``python -m benchmarks.profile_step --impl opsd --model smollm2 [--rollouts 2 --micro-batch 1 --new-tokens 32]``
+prints the step's phase times, then the functions with the largest cumulative time and, for each,
+its share of the timed steps. cProfile adds a per-call cost, so Python-heavy code (the decode loop)
+looks somewhat slower than it is; compare shares between implementations, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import re
+
+from benchmarks.common import OFFLINE_ENV, set_threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", default="opsd", choices=["opsd", "opsd_bf16s", "trl", "naive"])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--rollouts", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--match", default=None, help="only list functions whose description matches this regex")
+    args = parser.parse_args(argv)
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    set_threads(args.threads)
+    from benchmarks.case import run_step
+
+    spec = {"impl": args.impl, "model": args.model, "device": "cpu", "threads": args.threads,
+            "precision": "float32", "lora_r": 16, "lora_alpha": 32, "rollouts": args.rollouts,
+            "micro_batch": args.micro_batch, "new_tokens": args.new_tokens, "warmup": args.warmup,
+            "steps": args.steps}
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = run_step(spec)
+    profiler.disable()
+    timed = sum(s["step_s"] for s in result["steps"]) + sum(s["step_s"] for s in result["warmup_steps"])
+    for row in result["warmup_steps"] + result["steps"]:
+        print({k: round(v, 3) for k, v in row.items() if k in ("step_s", "sample_s", "score_s", "opt_s")})
+    buffer = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buffer).sort_stats("cumulative")
+    stats.print_stats(*([args.match, args.top] if args.match else [args.top]))
+    print(f"all steps (warm-up included): {timed:.2f} s; share = cumtime / that")
+    for line in buffer.getvalue().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and re.match(r"^[\d/]+$", fields[0]):
+            try:
+                share = float(fields[3]) / timed
+            except ValueError:
+                continue
+            print(f"{share:7.1%}  {line}")
+        elif line.strip():
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
