@@ -153,6 +153,8 @@ def aggregate(suite: Suite, results: list[dict[str, Any]]) -> dict[str, Any]:
                      if not r.get("ok")],
         "cases": results,
     }
+    report["loadavg"] = summary([r["machine"]["loadavg_1m"] for r in results
+                                 if r.get("machine", {}).get("loadavg_1m") is not None])
     report["targets"] = targets(report)
     return report
 
@@ -201,6 +203,7 @@ def _sfmt(s: dict[str, Any] | None) -> tuple[str, str, str, str]:
 def markdown(report: dict[str, Any]) -> str:
     m = report.get("machine", {})
     mm = report.get("matmul") or {}
+    load = report.get("loadavg") or {}
     lines = [
         f"# opsd benchmarks: suite `{report.get('suite')}`, {report.get('date')}", "",
         f"- machine: {m.get('hostname')} ({m.get('cpu_count')} CPUs{', ' + m['gpu'] if m.get('gpu') else ''}), "
@@ -209,7 +212,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"trl {m.get('trl')}",
         f"- matmul limit: {_fmt(mm.get('flops_best'))} FLOP/s ({mm.get('dtype')} {mm.get('size')}³, best of "
         f"{len(mm.get('seconds', []))})",
-        f"- total wall time: {_fmt(report.get('total_wall_s'))} s", "",
+        f"- total wall time: {_fmt(report.get('total_wall_s'))} s; 1-minute load average over the cases "
+        f"{_fmt(load.get('min'))} – {_fmt(load.get('max'))} (median {_fmt(load.get('median'))}) on "
+        f"{m.get('cpu_count')} CPUs: other jobs share the machine, compare ratios (the load includes the case itself, about its thread count)", "",
         "## Training step (one process per run; ratio = opsd / other, pair by pair)", "",
         "| case | impl | metric | median | min | max | n | impl/TRL med [min, max] | impl/naive med [min, max] |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -26,15 +26,12 @@ from benchmarks.suites import build_suite, plan
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine_tag(device: str) -> str:
+def machine_tag(results: list[dict[str, Any]]) -> str:
+    """Hostname, plus the GPU's name when the cases ran on one (read from the cases: the parent stays off CUDA)."""
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", platform.node() or "machine").strip("-") or "machine"
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            tag += "-" + re.sub(r"[^A-Za-z0-9]+", "", torch.cuda.get_device_name(0))[:24]
-        except Exception:  # no torch/cuda in the parent: the hostname alone still names the file
-            pass
+    gpu = next((r["machine"].get("gpu") for r in results if r.get("machine", {}).get("gpu")), None)
+    if gpu:
+        tag += "-" + re.sub(r"[^A-Za-z0-9]+", "", gpu)[:24]
     return tag
 
 
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     report["total_wall_s"] = total
     report["date"] = dt.date.today().isoformat()
     report["argv"] = sys.argv[1:] if argv is None else argv
-    tag = args.tag or machine_tag(suite.device)
+    tag = args.tag or machine_tag(results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"{report['date']}-{tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -51,12 +51,12 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
             matmul={"size": 2048, "dtype": "float32", "repeats": 5},
             step_groups=[
                 _step_group("tiny", 3, 4, 2, 64, 1, 5, impls=("opsd", "opsd_bf16s", "trl", "naive")),
-                # about a minute a step on 2 shared cores: one warm-up and one timed step per process
-                _step_group("smollm2", 3, 2, 1, 32, 1, 1, impls=("opsd", "opsd_bf16s", "trl")),
+                # the default profile's batch shape; ~15 s a step on 2 quiet cores: one warm-up, one timed step
+                _step_group("smollm2", 3, 4, 2, 32, 1, 1, impls=("opsd", "opsd_bf16s", "trl", "naive")),
             ],
             default_profile={"model": "smollm2", "warmup": 0, "steps": 1},
             loss_only=[{"model": "smollm2", "vocab": SMOLLM2_HEAD[0], "hidden": SMOLLM2_HEAD[1], "rows": 64,
-                        "repeats": 5, "impls": ["chunked", "trl", "naive"]}],
+                        "repeats": 10, "impls": ["chunked", "trl", "naive"]}],
             # hidden 256 on CPU keeps the 4096 x 152k case near a minute; memory is dominated by T x V
             kernel={"heads": [(49152, 256), (151936, 256)], "rows": [256, 1024, 4096],
                     "impls": ["chunked", "naive"], "repeats": 3, "chunk": 128, "naive_cap_gb": 8.0},
@@ -90,7 +90,7 @@ def plan(suite: Suite) -> list[tuple[str, dict[str, Any]]]:
     for case in suite.loss_only:
         for impl in case["impls"]:
             runs.append(("kernel", {**common, "impl": impl, "rows": case["rows"], "hidden": case["hidden"],
-                                    "vocab": case["vocab"], "repeats": case["repeats"], "chunk": 128,
+                                    "vocab": case["vocab"], "repeats": case["repeats"], "chunk": 128, "warmup": 1,
                                     "naive_cap_gb": 1e9, "group": f"loss_only:{case['model']}"}))
     if suite.kernel:
         k = suite.kernel

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from opsd_core.teacher import effective_weights, is_peft
+from opsd_core.teacher import is_peft, iter_effective_weights
 
 
 class PolicySampler:
@@ -36,7 +36,7 @@ class PolicySampler:
     def sync(self) -> None:
         if self.copy is None:
             return
-        for name, weight in effective_weights(self.model).items():
+        for name, weight in iter_effective_weights(self.model):
             if self.lora:
                 target = self.copy.get_submodule(name.removeprefix(self._PEFT_PREFIX)).weight
             else:

@@ -42,24 +42,31 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-@torch.no_grad()
-def effective_weights(model: nn.Module) -> dict[str, Tensor]:
-    """The weights the trained modules currently apply, by name.
+def iter_effective_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The weights the trained modules currently apply, by name, one at a time.
 
     LoRA: for each adapted linear layer (module name) W0 + scale·B·A; full fine-tuning: every
-    trainable parameter (parameter name). Detached; fresh tensors for LoRA layers.
+    trainable parameter (parameter name). Detached. A generator, so a caller that copies each
+    tensor away holds one merged layer at a time, not a second copy of the model.
     """
     if not is_peft(model):
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    out = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                yield n, p.detach()
+        return
     for name, layer in _lora_layers(model).items():
         weight = layer.base_layer.weight
-        delta = sum(
-            (layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A),
-            start=torch.zeros_like(weight),
-        )
-        out[name] = weight.detach() + delta.to(weight.dtype)
-    return out
+        with torch.no_grad():
+            delta = sum(
+                (layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A),
+                start=torch.zeros_like(weight),
+            )
+            yield name, weight.detach() + delta.to(weight.dtype)
+
+
+def effective_weights(model: nn.Module) -> dict[str, Tensor]:
+    """:func:`iter_effective_weights` as a dict (holds all merged layers at once)."""
+    return dict(iter_effective_weights(model))
 
 
 class _TeacherBase:
@@ -135,7 +142,7 @@ class EmaTeacher(_TeacherBase):
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, w in effective_weights(self.model).items():
+        for name, w in iter_effective_weights(self.model):
             self.ema[name].mul_(self.decay).add_(w.float(), alpha=1.0 - self.decay)
 
     @contextmanager

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.flops import ModelShape, attention_flops, step_flops
-from benchmarks.report import _linear_fit
-
 REPO = Path(__file__).resolve().parents[1]
+
+from benchmarks.flops import ModelShape, attention_flops, step_flops  # noqa: E402
+from benchmarks.report import _linear_fit  # noqa: E402
 
 
 def test_attention_flops_closed_form_matches_the_sum() -> None:
