@@ -78,14 +78,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     root = Path(args.params).resolve().parent if Path(args.params).exists() else Path.cwd()
     from opsd_core import stages
 
-    handlers: dict[str, Callable[[], Any]] = {}
     if args.command == "data":
         from opsd_core.data import generate_raw
 
         path = generate_raw(params.data.generate, root)
         print(f"wrote {path}")
         return 0
-    handlers = {
+    handlers: dict[str, Callable[[], Any]] = {
         "prepare": lambda: stages.prepare(params, root),
         "train": lambda: stages.train(params, root),
     }
@@ -132,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("OPSD_DEBUG"):
             raise
         name = type(err).__name__
-        if name in {"DataError", "TrainingError", "EvalDataError", "RegistryError", "GateError",
-                    "ModelSourceError", "FileNotFoundError"}:
+        if name in {"DataError", "BundledDataError", "TrainingError", "EvalError", "EvalDataError",
+                    "EvalTaskError", "RegistryError", "ModelSourceError", "StageError", "FileNotFoundError"}:
             print(f"opsd {args.command}: {name}: {err}", file=sys.stderr)
             return 1
         raise

@@ -65,12 +65,11 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
 
 
 # -- train -------------------------------------------------------------------------------------
-def _training_dtype(params: Params, dev: torch.device) -> torch.dtype:
+def _training_dtype(params: Params) -> torch.dtype:
     from opsd_core.models import pick_dtype
 
-    return pick_dtype(params.train.precision) if dev.type == "cuda" else (
-        torch.bfloat16 if params.train.precision == "bfloat16" else torch.float32
-    )
+    # "auto": bf16 weights on a bf16-capable GPU, fp32 on CPU (LoRA weights and the loss stay fp32)
+    return pick_dtype(params.train.precision)
 
 
 def _data_hash(params: Params, root: Path) -> str:
@@ -87,7 +86,7 @@ def build_policy(params: Params, root: Path, dev: torch.device) -> tuple[torch.n
     from opsd_core.models import load_model_and_tokenizer, resolve_base_dir, wrap_lora
 
     base_path = resolve_base_dir(params.model, root)
-    model, tokenizer = load_model_and_tokenizer(params.model, root, dtype=_training_dtype(params, dev))
+    model, tokenizer = load_model_and_tokenizer(params.model, root, dtype=_training_dtype(params))
     torch.manual_seed(params.train.seed)  # LoRA A init
     if params.lora.enabled:
         model = wrap_lora(model, params.lora)
