@@ -31,14 +31,14 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.recorder import StepRecorder
 
     impl = spec["impl"]
-    if impl in ("opsd", "opsd_bf16s"):
+    if impl in ("opsd", "opsd_bf16s", "opsd_fast"):
         from benchmarks.step_opsd import run_opsd as runner
     elif impl == "naive":
         from benchmarks.step_opsd import run_naive as runner
     elif impl == "trl":
         from benchmarks.step_trl import run_trl as runner
     else:
-        raise ValueError(f"unknown step implementation {impl!r} (opsd, opsd_bf16s, trl, naive)")
+        raise ValueError(f"unknown step implementation {impl!r} (opsd, opsd_bf16s, opsd_fast, trl, naive)")
     rec = StepRecorder(spec["device"])
     with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
         info = runner(spec, rec, Path(tmp))

@@ -20,7 +20,7 @@ from benchmarks.common import OFFLINE_ENV, set_threads
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", default="opsd", choices=["opsd", "opsd_bf16s", "trl", "naive"])
+    parser.add_argument("--impl", default="opsd", choices=["opsd", "opsd_bf16s", "opsd_fast", "trl", "naive"])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--rollouts", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=1)

@@ -32,8 +32,9 @@ def opsd_params(spec: dict[str, Any]) -> Any:
                  f"train.threads={spec['threads']}"]
     if spec.get("profile") != "default":
         precision = spec["precision"]
-        # opsd_bf16s: opsd's own fast path (rollouts from a merged bf16 copy); not identical precision
-        sampling = "bfloat16" if spec["impl"] == "opsd_bf16s" else precision
+        # opsd_bf16s: opsd's own fast path (rollouts from a merged bf16 copy); not identical precision.
+        # opsd_fast: also the fixed teacher scored from a frozen bf16 copy of the base.
+        sampling = "bfloat16" if spec["impl"] in ("opsd_bf16s", "opsd_fast") else precision
         overrides += [
             f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0",
             f"lora.target_modules={LORA_TARGETS}",
@@ -46,6 +47,8 @@ def opsd_params(spec: dict[str, Any]) -> Any:
             "train.schedule=cosine", f"train.steps={spec['warmup'] + spec['steps']}",
             f"train.precision={precision}", "train.seed=0", "train.progress=false",
         ]
+        if spec["impl"] == "opsd_fast":
+            overrides.append("opsd.teacher_dtype=bfloat16")
     return load_params(REPO / "params.yaml", overrides=overrides)
 
 

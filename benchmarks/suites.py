@@ -52,7 +52,8 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
             step_groups=[
                 _step_group("tiny", 3, 4, 2, 64, 1, 5, impls=("opsd", "opsd_bf16s", "trl", "naive")),
                 # the default profile's batch shape; ~15 s a step on 2 quiet cores: one warm-up, one timed step
-                _step_group("smollm2", 3, 4, 2, 32, 1, 1, impls=("opsd", "opsd_bf16s", "trl", "naive")),
+                _step_group("smollm2", 3, 4, 2, 32, 1, 1,
+                            impls=("opsd", "opsd_bf16s", "opsd_fast", "trl", "naive")),
             ],
             default_profile={"model": "smollm2", "warmup": 0, "steps": 1},
             loss_only=[{"model": "smollm2", "vocab": SMOLLM2_HEAD[0], "hidden": SMOLLM2_HEAD[1], "rows": 64,

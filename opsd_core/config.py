@@ -95,9 +95,21 @@ class OPSDConfig(_Section):
     # None: use the sampling temperature (DESIGN.md section 5.4)
     temperature: float | None = Field(None, gt=0)
     teacher: Literal["fixed", "ema", "live"] = "fixed"
+    # fixed teacher only: score with a frozen copy of the base in this dtype (None: the training
+    # dtype, no copy). bfloat16 makes the teacher pass ~1.5x faster on CPUs with bf16 units.
+    teacher_dtype: Literal["float32", "bfloat16"] | None = None
     ema_decay: float = Field(0.99, gt=0, lt=1)
     chunk_size: int = Field(128, ge=1)
     sampling: SamplingConfig = SamplingConfig()
+
+
+    @model_validator(mode="after")
+    def _teacher_dtype_needs_fixed(self) -> OPSDConfig:
+        if self.teacher_dtype is not None and self.teacher != "fixed":
+            raise ValueError(
+                f"opsd.teacher_dtype applies to the fixed teacher only (opsd.teacher is {self.teacher!r})"
+            )
+        return self
 
 
 class TrainConfig(_Section):

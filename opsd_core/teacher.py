@@ -107,12 +107,20 @@ class LiveTeacher(_TeacherBase):
 
 
 class FixedTeacher(_TeacherBase):
-    """The initial policy: adapter disabled (LoRA) or a frozen copy (full fine-tuning)."""
+    """The initial policy: adapter disabled (LoRA) or a frozen copy (full fine-tuning).
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``dtype`` different from the weights' dtype, a frozen copy of the base in that dtype is
+    scored instead (LoRA removed), trading teacher precision for speed.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
         super().__init__(model)
         self._frozen: nn.Module | None = None
-        if not is_peft(model):
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            frozen = copy.deepcopy(model)
+            frozen = frozen.unload() if is_peft(frozen) else frozen
+            self._frozen = frozen.to(dtype).eval().requires_grad_(False)
+        elif not is_peft(model):
             self._frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     @contextmanager
@@ -170,9 +178,11 @@ class EmaTeacher(_TeacherBase):
             self.ema[n].copy_(t)
 
 
-def make_teacher(mode: TeacherMode, model: nn.Module, ema_decay: float = 0.99) -> Teacher:
+def make_teacher(
+    mode: TeacherMode, model: nn.Module, ema_decay: float = 0.99, dtype: torch.dtype | None = None
+) -> Teacher:
     if mode == "fixed":
-        return FixedTeacher(model)
+        return FixedTeacher(model, dtype)
     if mode == "live":
         return LiveTeacher(model)
     if mode == "ema":

@@ -120,7 +120,8 @@ class OPSDTrainer:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer, self.scheduler = build_optimizer(model, self.cfg)
-        self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay)
+        teacher_dtype = getattr(torch, params.opsd.teacher_dtype) if params.opsd.teacher_dtype else None
+        self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype)
         self.sampler = PolicySampler(model, sampling_dtype(sampling.dtype, device))
         self.state = TrainState()
 

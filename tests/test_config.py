@@ -66,3 +66,10 @@ def test_hash_ignores_key_order() -> None:
     a = Params.model_validate({"train": {"lr": 0.1, "steps": 3}})
     b = Params.model_validate({"train": {"steps": 3, "lr": 0.1}})
     assert a.hash() == b.hash() != Params().hash()
+
+
+def test_teacher_dtype_needs_the_fixed_teacher() -> None:
+    ok = load_params(ROOT / "params.yaml", "smoke", ["opsd.teacher_dtype=bfloat16"])
+    assert ok.opsd.teacher_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="fixed teacher only"):
+        load_params(ROOT / "params.yaml", "smoke", ["opsd.teacher=ema", "opsd.teacher_dtype=bfloat16"])

@@ -225,3 +225,24 @@ def test_sampler_copy_follows_the_trained_policy(smoke: Params, tmp_path: Path) 
             got = sampler.module()(input_ids=ids).logits
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert PolicySampler(model, torch.float32).module() is model  # same dtype: no copy
+
+
+def test_fixed_teacher_in_another_dtype_is_the_base_model(smoke: Params, tmp_path: Path) -> None:
+    """teacher_dtype scores with a frozen base copy (LoRA removed) in that dtype, untouched by training."""
+    base, tok = load_model_and_tokenizer(smoke.model, ROOT)
+    base.eval()
+    model, _ = _policy(smoke)
+    teacher = FixedTeacher(model, torch.float64)  # wide dtype: any difference is a wrong copy
+    trainer = _trainer(smoke, model, tok, tmp_path)
+    rollouts = _fixed_rollouts(tok, 4)
+    for _ in range(2):
+        trainer.accumulate(trainer.problems, rollouts)
+        trainer.optimizer_step()
+    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
+                                rollouts.completion_mask, tok.pad_token_id)
+    with torch.no_grad():
+        expected = completion_hidden(base, batch).double()
+    got = teacher.hidden(batch)
+    assert got.dtype == torch.float64 and teacher.lm_head_weight().dtype == torch.float64
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in n for n, _ in teacher._frozen.named_parameters())
