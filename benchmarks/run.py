@@ -68,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case-timeout-s", type=float, default=1800)
     parser.add_argument("--hard-limit-s", type=float, default=None,
                         help="stop a running case so that the whole run ends by then (the report is still written)")
-    parser.add_argument("--only", default=None, help="run only cases whose kind or group contains this text")
+    parser.add_argument("--only", default=None,
+                        help="run only cases whose kind, group or model contains this text")
     args = parser.parse_args(argv)
 
     suite = build_suite(args.suite, args.threads, args.large_model)
     runs = plan(suite)
     if args.only:
-        runs = [(k, s) for k, s in runs if args.only in k or args.only in str(s.get("group", ""))]
+        runs = [(k, s) for k, s in runs
+                if any(args.only in str(v) for v in (k, s.get("group", ""), s.get("model", "")))]
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:

@@ -99,3 +99,12 @@ def test_config_errors_name_the_key(prepared: Path) -> None:
     assert wrong.returncode == 2 and "opsd.divergence" in wrong.stderr
     profile = opsd(prepared, "train", "--profile", "nope", check=False)
     assert profile.returncode == 2 and "unknown profile 'nope'" in profile.stderr
+
+
+def test_full_finetuning_writes_and_verifies_full_weights(prepared: Path, tmp_path: Path) -> None:
+    project = _clone(prepared, tmp_path / "full", [])
+    opsd(project, "train", "--set", "train.steps=1", "--set", "lora.enabled=false", "--set", "train.lr=1e-3")
+    meta = json.loads((project / "models/candidate/opsd_candidate.json").read_text())
+    assert meta["adapter"] is False
+    assert (project / "models/candidate/model.safetensors").is_file()
+    assert not (project / "models/candidate/adapter_config.json").exists()
