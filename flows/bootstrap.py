@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,6 @@ def _dvc(args: list[str], root: Path) -> None:
     from flows.retrain import dvc
 
     dvc(args, root)
-
-
-def default_prefect_home(root: Path) -> None:
-    """Without a configured Prefect API, keep Prefect's local database inside the project state."""
-    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
-        os.environ["PREFECT_HOME"] = str(root / ".opsd" / "prefect")
 
 
 def bootstrap(params: Params, root: Path) -> dict[str, Any]:

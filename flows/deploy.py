@@ -15,12 +15,10 @@ from opsd_core.config import load_params
 
 def deploy(params_path: str, profile: str | None, overrides: list[str] | None, cron: str, name: str,
            register_only: bool = False) -> int:
-    from flows.bootstrap import default_prefect_home
     from flows.retrain import retrain
 
     params_file = Path(params_path).resolve()
     params = load_params(params_file, profile, overrides)
-    default_prefect_home(params_file.parent)
     parameters = {"params_path": str(params_file)}
     if params.flow.work_pool:
         deployment_id = retrain.from_source(
