@@ -8,6 +8,7 @@ the process crashes or receives SIGTERM, so a failed pipeline never registers or
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -46,8 +47,6 @@ def dvc(args: list[str], root: Path, env: dict[str, str] | None = None) -> str:
 
 def pending_stages(root: Path) -> list[str]:
     """Stages DVC would rerun (``dvc status`` lists only changed ones)."""
-    import json
-
     status = json.loads(dvc(["status", "--json"], root) or "{}")
     return [name.split(":")[-1] for name in status if not name.endswith(".dvc")]
 
@@ -76,21 +75,15 @@ def stage_task(name: str, root: str, env: dict[str, str]) -> bool:
     return f"Running stage '{name}'" in out
 
 
-def _train_with_slot(root: str, env: dict[str, str], tag: str, limit: int) -> bool:
+@task(name="train")
+def train_task(root: str, env: dict[str, str], tag: str, limit: int) -> bool:
+    # a retry reruns `dvc repro train`, and `opsd train` resumes from its last checkpoint
     with training_slot(tag, limit):
         return stage_task.fn("train", root, env)
 
 
-@task(name="train")
-def train_task(root: str, env: dict[str, str], tag: str, limit: int) -> bool:
-    # a retry reruns `dvc repro train`, and `opsd train` resumes from its last checkpoint
-    return _train_with_slot(root, env, tag, limit)
-
-
 @task(name="summary")
 def summary_task(root: str, params_path: str, ran: list[str], ingest: dict[str, Any]) -> dict[str, Any]:
-    import json
-
     params = load_params(params_path)
     reports = Path(root) / params.train.reports_dir
     out: dict[str, Any] = {"ran": ran, "ingest": ingest}

@@ -7,7 +7,6 @@ Each function is one ``opsd <stage>`` command and one DVC stage. Paths in params
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import resource
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from opsd_core.config import Params
+from opsd_core.reports import file_hash, write_json
 from opsd_core.trainer import CURVE_FIELDS, OPSDTrainer, TrainingError, load_problems, run_key
 
 
@@ -32,17 +32,6 @@ def configure_threads(threads: int | None) -> None:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def peak_rss_mb() -> float:

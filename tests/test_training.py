@@ -11,7 +11,7 @@ import torch
 from opsd_core.config import Params, load_params
 from opsd_core.models import load_model_and_tokenizer, wrap_lora
 from opsd_core.rollout import Rollouts, completion_mask_from_ids, eos_token_ids
-from opsd_core.scoring import build_scoring_batch, completion_hidden, lm_head
+from opsd_core.scoring import ScoringBatch, build_scoring_batch, completion_hidden, lm_head
 from opsd_core.teacher import EmaTeacher, FixedTeacher, LiveTeacher, effective_weights
 from opsd_core.trainer import OPSDTrainer, Problem, TrainingError, load_problems, step_indices
 
@@ -80,6 +80,17 @@ def _trainer(params: Params, model: torch.nn.Module, tok: object, tmp: Path) -> 
                        log=lambda _m: None)
 
 
+def _train(trainer: OPSDTrainer, rollouts: Rollouts, steps: int) -> None:
+    for _ in range(steps):
+        trainer.accumulate(trainer.problems, rollouts)
+        trainer.optimizer_step()
+
+
+def _teacher_batch(trainer: OPSDTrainer, rollouts: Rollouts, tok: object) -> ScoringBatch:
+    return build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
+                               rollouts.completion_mask, tok.pad_token_id)
+
+
 def test_training_lowers_the_divergence_on_a_fixed_batch(smoke: Params, tmp_path: Path) -> None:
     model, tok = _policy(smoke)
     trainer = _trainer(smoke, model, tok, tmp_path)
@@ -100,11 +111,8 @@ def test_fixed_teacher_stays_the_base_model_after_training(smoke: Params, tmp_pa
     trainer = _trainer(smoke, model, tok, tmp_path)
     assert isinstance(trainer.teacher, FixedTeacher)
     rollouts = _fixed_rollouts(tok, 4)
-    for _ in range(3):
-        trainer.accumulate(trainer.problems, rollouts)
-        trainer.optimizer_step()
-    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
-                                rollouts.completion_mask, tok.pad_token_id)
+    _train(trainer, rollouts, 3)
+    batch = _teacher_batch(trainer, rollouts, tok)
     with torch.no_grad():
         expected = completion_hidden(base, batch)
         student = completion_hidden(model, batch)
@@ -119,10 +127,8 @@ def test_fixed_teacher_for_full_finetuning_is_a_frozen_copy(smoke: Params, tmp_p
     initial = copy.deepcopy(model)
     trainer = _trainer(params, model, tok, tmp_path)
     rollouts = _fixed_rollouts(tok, 4)
-    trainer.accumulate(trainer.problems, rollouts)
-    trainer.optimizer_step()
-    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
-                                rollouts.completion_mask, tok.pad_token_id)
+    _train(trainer, rollouts, 1)
+    batch = _teacher_batch(trainer, rollouts, tok)
     with torch.no_grad():
         assert torch.equal(trainer.teacher.hidden(batch), completion_hidden(initial, batch))
         assert not torch.equal(completion_hidden(model, batch), completion_hidden(initial, batch))
@@ -135,12 +141,9 @@ def test_live_teacher_tracks_the_current_weights(smoke: Params, tmp_path: Path) 
     trainer = _trainer(params, model, tok, tmp_path)
     assert isinstance(trainer.teacher, LiveTeacher)
     rollouts = _fixed_rollouts(tok, 4)
-    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
-                                rollouts.completion_mask, tok.pad_token_id)
+    batch = _teacher_batch(trainer, rollouts, tok)
     before = trainer.teacher.hidden(batch)
-    for _ in range(2):
-        trainer.accumulate(trainer.problems, rollouts)
-        trainer.optimizer_step()
+    _train(trainer, rollouts, 2)
     model.eval()
     with torch.no_grad():
         current = completion_hidden(model, batch)
@@ -158,8 +161,7 @@ def test_ema_teacher_averages_the_merged_delta_and_survives_resume(smoke: Params
     rollouts = _fixed_rollouts(tok, 4)
     name = next(iter(trainer.teacher.ema))
     w0 = trainer.teacher.ema[name].clone()
-    trainer.accumulate(trainer.problems, rollouts)
-    trainer.optimizer_step()
+    _train(trainer, rollouts, 1)
     effective = effective_weights(model)[name]
     torch.testing.assert_close(trainer.teacher.ema[name], 0.5 * w0 + 0.5 * effective)
     assert not torch.equal(trainer.teacher.ema[name], w0)
@@ -171,8 +173,7 @@ def test_ema_teacher_averages_the_merged_delta_and_survives_resume(smoke: Params
     assert resumed.resume()
     for key, value in trainer.teacher.ema.items():
         assert torch.equal(resumed.teacher.ema[key], value)
-    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
-                                rollouts.completion_mask, tok.pad_token_id)
+    batch = _teacher_batch(trainer, rollouts, tok)
     assert torch.equal(resumed.teacher.hidden(batch), trainer.teacher.hidden(batch))
 
 
@@ -217,8 +218,7 @@ def test_sampler_copy_follows_the_trained_policy(smoke: Params, tmp_path: Path) 
     rollouts = _fixed_rollouts(tok, 4)
     ids = torch.tensor([trainer.problems[0].student_ids])
     for _ in range(2):
-        trainer.accumulate(trainer.problems, rollouts)
-        trainer.optimizer_step()
+        _train(trainer, rollouts, 1)
         model.eval()
         with torch.no_grad():
             expected = model(input_ids=ids).logits.double()
@@ -235,11 +235,8 @@ def test_fixed_teacher_in_another_dtype_is_the_base_model(smoke: Params, tmp_pat
     teacher = FixedTeacher(model, torch.float64)  # wide dtype: any difference is a wrong copy
     trainer = _trainer(smoke, model, tok, tmp_path)
     rollouts = _fixed_rollouts(tok, 4)
-    for _ in range(2):
-        trainer.accumulate(trainer.problems, rollouts)
-        trainer.optimizer_step()
-    batch = build_scoring_batch([p.teacher_ids for p in trainer.problems], rollouts.completion_ids,
-                                rollouts.completion_mask, tok.pad_token_id)
+    _train(trainer, rollouts, 2)
+    batch = _teacher_batch(trainer, rollouts, tok)
     with torch.no_grad():
         expected = completion_hidden(base, batch).double()
     got = teacher.hidden(batch)

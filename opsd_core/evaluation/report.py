@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from opsd_core.evaluation.errors import EvalError
 from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model
 from opsd_core.evaluation.tasks import GSM8K_TASK, VAL_TASK, write_task_yamls
 from opsd_core.prompts import ANSWER_INSTRUCTION, student_messages
+from opsd_core.reports import file_hash, write_json
 
 BASE_REPORT = "eval_base.json"
 REPORT = "eval.json"
@@ -34,10 +34,6 @@ def pick_device(setting: str) -> str:
     if setting == "cuda" and not torch.cuda.is_available():
         raise EvalError("eval.device is 'cuda' but no CUDA device is available")
     return setting
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _rel(path: str | Path, root: Path) -> str:
@@ -64,7 +60,7 @@ def settings(params: Params, root: Path, device: str) -> dict[str, Any]:
     return {
         "eval": eval_cfg,
         "base_model": params.model.model_dump(mode="json"),
-        "data": {name: _sha(paths[name]) if paths[name].is_file() else None
+        "data": {name: file_hash(paths[name]) if paths[name].is_file() else None
                  for name in params.eval.tasks if name in paths},
         # the student prompt as a whole, so a prompt change invalidates the cached base
         "prompt": student_messages("{problem}"),
@@ -77,13 +73,6 @@ def settings(params: Params, root: Path, device: str) -> dict[str, Any]:
 def settings_hash(values: dict[str, Any]) -> str:
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _prepare(params: Params, root: Path) -> tuple[dict[str, Any], str, Path, list[str], str]:
@@ -115,7 +104,7 @@ def run_evaluate_base(params: Params, root: Path) -> dict[str, Any]:
         "elapsed_s": result.elapsed_s,
         "tasks": {name: t.to_dict() for name, t in result.tasks.items()},
     }
-    _write_json(root / params.train.reports_dir / BASE_REPORT, report)
+    write_json(root / params.train.reports_dir / BASE_REPORT, report)
     return report
 
 
@@ -193,5 +182,5 @@ def run_evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
         "elapsed_s": cand.elapsed_s,
         "tasks": combine(base, cand, params.eval.bootstrap_samples, params.eval.seed),
     }
-    _write_json(reports / REPORT, report)
+    write_json(reports / REPORT, report)
     return report

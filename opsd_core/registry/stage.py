@@ -32,6 +32,7 @@ from opsd_core.registry.store import (
     resolve_store,
     version_by_alias,
 )
+from opsd_core.reports import write_json
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -159,11 +160,7 @@ def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path)
 
 
 def _write_result(params: Params, root: Path, result: dict[str, Any]) -> dict[str, Any]:
-    out = root / params.train.reports_dir / "registry.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(out)
+    write_json(root / params.train.reports_dir / "registry.json", result)
     return result
 
 
