@@ -47,6 +47,8 @@ def opsd_params(spec: dict[str, Any]) -> Any:
             "train.schedule=cosine", f"train.steps={spec['warmup'] + spec['steps']}",
             f"train.precision={precision}", "train.seed=0", "train.progress=false",
         ]
+        if spec.get("fixed_length", True):
+            overrides.append(f"opsd.sampling.min_new_tokens={spec['new_tokens']}")
         if spec["impl"] == "opsd_fast":
             overrides.append("opsd.teacher_dtype=bfloat16")
     return load_params(REPO / "params.yaml", overrides=overrides)

@@ -83,6 +83,19 @@ class SamplingConfig(_Section):
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(20, ge=0)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # no end-of-sequence before this many tokens (benchmarks use it for fixed-length rollouts)
+    min_new_tokens: int = Field(0, ge=0)
+    # engine: opsd_core.engine on a merged copy of the policy (Llama-family models; others fall back
+    # to generate); generate: transformers generate
+    backend: Literal["engine", "generate"] = "engine"
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> SamplingConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"opsd.sampling.min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
 
 
 class OPSDConfig(_Section):
@@ -95,8 +108,9 @@ class OPSDConfig(_Section):
     # None: use the sampling temperature (DESIGN.md section 5.4)
     temperature: float | None = Field(None, gt=0)
     teacher: Literal["fixed", "ema", "live"] = "fixed"
-    # fixed teacher only: score with a frozen copy of the base in this dtype (None: the training
-    # dtype, no copy). bfloat16 makes the teacher pass ~1.5x faster on CPUs with bf16 units.
+    # fixed teacher only: score with a frozen copy of the base in this dtype through the decoder
+    # engine, without padding (None: the policy with its adapter disabled, no copy). bfloat16 makes
+    # the teacher pass ~2.5x faster on CPUs with bf16 units, at bf16 teacher precision.
     teacher_dtype: Literal["float32", "bfloat16"] | None = None
     ema_decay: float = Field(0.99, gt=0, lt=1)
     chunk_size: int = Field(128, ge=1)

@@ -1,4 +1,4 @@
-"""On-policy sampling with transformers ``generate`` (KV cache, left padding), token ids end to end."""
+"""On-policy sampling, token ids end to end: opsd's decoder engine or transformers ``generate``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from opsd_core.config import SamplingConfig
+from opsd_core.engine import DecoderEngine
 
 
 @dataclass
@@ -64,9 +65,18 @@ def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
+def _finish(completion: Tensor, n_prompts: int, pad_id: int, eos_ids: set[int], seconds: float) -> Rollouts:
+    completion = completion.cpu()
+    if completion.shape[1] == 0:  # nothing generated at all: keep shapes valid
+        completion = torch.full((n_prompts, 1), pad_id, dtype=torch.long)
+    mask, ended = completion_mask_from_ids(completion, eos_ids)
+    completion = completion.masked_fill(~mask, pad_id)
+    return Rollouts(completion, mask, ended, seconds)
+
+
 @torch.no_grad()
 def sample(
-    model: nn.Module,
+    model: nn.Module | DecoderEngine,
     prompts: list[list[int]],
     cfg: SamplingConfig,
     pad_id: int,
@@ -74,7 +84,19 @@ def sample(
     seed: int,
     device: torch.device,
 ) -> Rollouts:
-    """Sample one completion per prompt from ``model`` (its current weights, adapter included)."""
+    """Sample one completion per prompt from ``model`` (its current weights, adapter included).
+
+    ``model`` is a :class:`DecoderEngine` (opsd's decode loop) or a transformers module (``generate``).
+    """
+    if isinstance(model, DecoderEngine):
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+        start = time.perf_counter()
+        out = model.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                             top_p=cfg.top_p, eos_ids=eos_ids, pad_id=pad_id,
+                             min_new_tokens=cfg.min_new_tokens, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return _finish(out, len(prompts), pad_id, eos_ids, time.perf_counter() - start)
     ids, attn = left_pad(prompts, pad_id)
     ids, attn = ids.to(device), attn.to(device)
     was_training = model.training
@@ -93,14 +115,10 @@ def sample(
         max_new_tokens=cfg.max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=sorted(eos_ids),
+        min_new_tokens=cfg.min_new_tokens or None,
         use_cache=True,
     )
     seconds = time.perf_counter() - start
     model.train(was_training)
-    completion = out[:, ids.shape[1]:].cpu()
-    if completion.shape[1] == 0:  # nothing generated at all: keep shapes valid
-        completion = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
-    mask, ended = completion_mask_from_ids(completion, eos_ids)
-    completion = completion.masked_fill(~mask, pad_id)
-    return Rollouts(completion, mask, ended, seconds)
+    return _finish(out[:, ids.shape[1]:], len(prompts), pad_id, eos_ids, seconds)
 

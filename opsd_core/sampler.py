@@ -1,36 +1,52 @@
-"""Which module rollouts are generated with (the policy, or a merged copy in the sampling dtype)."""
+"""Which module rollouts are generated with: the policy, or a merged copy (engine or ``generate``)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from opsd_core.engine import DecoderEngine, supports
 from opsd_core.teacher import is_peft, iter_effective_weights
 
 
 class PolicySampler:
-    """The module rollouts are generated with: the policy itself, or a merged copy in another dtype.
+    """What rollouts are sampled from: the policy itself, or a merged copy of it.
 
-    Decoding is memory-bound, so sampling in bf16 while training in fp32 roughly halves the bytes
-    read per token. The copy has LoRA folded in (no adapter matmuls in the decode loop) and is
-    refreshed from the policy's effective weights before every rollout, so rollouts stay on-policy
-    up to the sampling dtype's rounding (as with any bf16 inference engine beside an fp32 trainer).
+    The copy has LoRA folded in (no adapter matmuls in the decode loop), may use another dtype
+    (decoding is memory-bound, so bf16 roughly halves the bytes read per token), and is refreshed
+    from the policy's effective weights before every rollout, so rollouts stay on-policy up to the
+    sampling dtype's rounding (as with any bf16 inference engine beside an fp32 trainer).
+
+    ``backend="engine"`` always makes the copy and decodes it with :class:`DecoderEngine` when the
+    architecture is supported; otherwise (or with ``"generate"``) transformers ``generate`` runs on
+    the copy when the dtype differs, else on the policy itself.
     """
 
     _PEFT_PREFIX = "base_model.model."
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, backend: str = "engine",
+                 log: Callable[[str], None] = lambda _msg: None) -> None:
         self.model = model
         self.copy: nn.Module | None = None
-        if dtype == next(model.parameters()).dtype:
-            return
+        self.engine: DecoderEngine | None = None
         self.lora = is_peft(model)
+        use_engine = backend == "engine"
+        if use_engine:
+            reason = supports(model)
+            if reason is not None:
+                log(f"sampling: engine unavailable ({reason}); using transformers generate")
+                use_engine = False
+        if not use_engine and dtype == next(model.parameters()).dtype:
+            return
         plain = copy.deepcopy(model)
         if self.lora:
             plain = plain.merge_and_unload()
         self.copy = plain.to(dtype).eval().requires_grad_(False)
+        if use_engine:
+            self.engine = DecoderEngine(self.copy)
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -41,9 +57,12 @@ class PolicySampler:
                 target = self.copy.get_submodule(name.removeprefix(self._PEFT_PREFIX)).weight
             else:
                 target = self.copy.get_parameter(name)
-            target.copy_(weight)
+            target.copy_(weight)  # in place: the engine's packed matrices are this storage
 
-    def module(self) -> nn.Module:
-        """The up-to-date module to call ``generate`` on."""
+    def module(self) -> nn.Module | DecoderEngine:
+        """The up-to-date engine or module to sample from."""
         self.sync()
+        if self.engine is not None:
+            return self.engine
         return self.copy if self.copy is not None else self.model
+

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from opsd_core.engine import DecoderEngine
 from opsd_core.rollout import left_pad
 
 
@@ -76,6 +77,23 @@ def completion_hidden(model: nn.Module, batch: ScoringBatch) -> Tensor:
     hidden = out.last_hidden_state
     start = batch.prompt_width - 1
     return hidden[:, start:start + batch.completion_len]
+
+
+def engine_completion_hidden(engine: DecoderEngine, batch: ScoringBatch) -> Tensor:
+    """:func:`completion_hidden` computed by the engine, one row at a time without padding: [B, L, H].
+
+    Row b is its real prompt tokens followed by the whole completion block; pads after an EOS only
+    feed positions after it (causal), which the loss masks, so the kept rows match the padded pass.
+    """
+    p, n = batch.prompt_width, batch.completion_len
+    ids = batch.input_ids.to(engine.device)
+    keep = batch.attention_mask[:, :p].bool().to(engine.device)
+    rows = []
+    for b in range(ids.shape[0]):
+        seq = torch.cat([ids[b, :p][keep[b]], ids[b, p:p + n]])
+        start = int(keep[b].sum()) - 1
+        rows.append(engine.hidden(seq)[start:start + n])
+    return torch.stack(rows)
 
 
 def assert_same_completion(student: ScoringBatch, teacher: ScoringBatch) -> None:

@@ -17,7 +17,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from opsd_core.scoring import ScoringBatch, completion_hidden, lm_head
+from opsd_core.engine import DecoderEngine, supports
+from opsd_core.scoring import ScoringBatch, completion_hidden, engine_completion_hidden, lm_head
 
 TeacherMode = Literal["fixed", "ema", "live"]
 
@@ -109,19 +110,29 @@ class LiveTeacher(_TeacherBase):
 class FixedTeacher(_TeacherBase):
     """The initial policy: adapter disabled (LoRA) or a frozen copy (full fine-tuning).
 
-    With ``dtype`` different from the weights' dtype, a frozen copy of the base in that dtype is
-    scored instead (LoRA removed), trading teacher precision for speed.
+    With ``dtype`` set, a frozen copy of the base in that dtype is scored instead (LoRA removed):
+    one more copy of the weights in memory, scored by :class:`DecoderEngine` without padding when
+    the architecture is supported; bf16 also trades teacher precision for speed.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
         super().__init__(model)
         self._frozen: nn.Module | None = None
-        if dtype is not None and dtype != next(model.parameters()).dtype:
+        self._engine: DecoderEngine | None = None
+        if dtype is not None:
             frozen = copy.deepcopy(model)
             frozen = frozen.unload() if is_peft(frozen) else frozen
             self._frozen = frozen.to(dtype).eval().requires_grad_(False)
         elif not is_peft(model):
             self._frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        if self._frozen is not None and supports(self._frozen) is None:
+            self._engine = DecoderEngine(self._frozen)
+
+    @torch.no_grad()
+    def hidden(self, batch: ScoringBatch) -> Tensor:
+        if self._engine is not None:
+            return engine_completion_hidden(self._engine, batch)
+        return super().hidden(batch)
 
     @contextmanager
     def _weights(self) -> Iterator[nn.Module]:

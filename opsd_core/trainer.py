@@ -122,7 +122,7 @@ class OPSDTrainer:
         self.optimizer, self.scheduler = build_optimizer(model, self.cfg)
         teacher_dtype = getattr(torch, params.opsd.teacher_dtype) if params.opsd.teacher_dtype else None
         self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype)
-        self.sampler = PolicySampler(model, sampling_dtype(sampling.dtype, device))
+        self.sampler = PolicySampler(model, sampling_dtype(sampling.dtype, device), sampling.backend, log)
         self.state = TrainState()
 
     # -- checkpoints -------------------------------------------------------------------------

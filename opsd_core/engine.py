@@ -1,0 +1,260 @@
+"""A lean inference engine for frozen Llama-family decoders: packed weights, static KV cache, no padding.
+
+Rollouts and the fixed teacher's pass are inference on weights that do not change within the call,
+so they need none of transformers' generality: this engine runs the same math as the transformers
+module it is built from (and reads its weights, so updates to that module are seen), with
+
+* q/k/v and gate/up packed into one matrix each: 4 matmuls per layer instead of 7;
+* a static KV cache allocated once per call, written in place (no ``torch.cat`` per token);
+* prompts prefilled one at a time with a causal kernel, so no compute is spent on padding;
+* a plain decode loop: no logits processors, stopping criteria or cache objects per token.
+
+On a 2-core CPU this decodes SmolLM2-135M in bf16 about 2x faster than ``generate`` (see
+``benchmarks/``). Supported: ``llama``, ``mistral`` (no sliding window), ``qwen2``, ``qwen3``
+(per-head q/k norms); :func:`supports` says whether a module qualifies, callers fall back to
+transformers otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def supports(model: nn.Module) -> str | None:
+    """None when the engine can run ``model``'s architecture (LoRA merged first); otherwise why not."""
+    lm = _causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} is not one of {SUPPORTED}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} is not silu"
+    if getattr(cfg, "use_sliding_window", False) or (kind == "mistral" and getattr(cfg, "sliding_window", None)):
+        return "sliding-window attention is not supported"
+    return None
+
+
+@dataclass
+class _Layer:
+    attn_norm: nn.Module
+    mlp_norm: nn.Module
+    qkv: Tensor  # [(nq + 2·nkv)·d, H], views of it back the module's q/k/v weights
+    qkv_bias: Tensor | None
+    o: nn.Linear
+    gate_up: Tensor  # [2·I, H]
+    down: nn.Linear
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+
+
+def _pack(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """Concatenate the rows of several linears and make their weights views of the packed matrix."""
+    packed = torch.cat([m.weight.data for m in linears], dim=0)
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias.data if m.bias is not None else torch.zeros(m.out_features, dtype=packed.dtype,
+                                                                             device=packed.device)
+                          for m in linears])
+    row = 0
+    for m in linears:
+        n = m.out_features
+        m.weight.data = packed[row:row + n]
+        if m.bias is not None and bias is not None:
+            m.bias.data = bias[row:row + n]
+        row += n
+    return packed, bias
+
+
+class DecoderEngine:
+    """Inference over a frozen transformers Llama-family causal LM (any dtype, any device).
+
+    The module's q/k/v and gate/up weights are re-pointed at packed matrices, so code that later
+    copies new weights into the module (the rollout sampler's sync) updates the engine too.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = supports(model)
+        if reason is not None:
+            raise ValueError(f"DecoderEngine: {reason}")
+        lm = _causal_lm(model)
+        if any(hasattr(m, "lora_A") for m in lm.modules()):
+            raise ValueError("DecoderEngine: the module holds unmerged LoRA layers (merge them first)")
+        decoder = lm.get_decoder()
+        cfg = lm.config
+        self.embed = decoder.embed_tokens
+        self.norm = decoder.norm
+        self.rotary = decoder.rotary_emb
+        self.head = lm.get_output_embeddings()
+        self.n_kv = cfg.num_key_value_heads
+        self.n_q = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
+        self.layers: list[_Layer] = []
+        for block in decoder.layers:
+            at, mlp = block.self_attn, block.mlp
+            qkv, qkv_bias = _pack([at.q_proj, at.k_proj, at.v_proj])
+            gate_up, _ = _pack([mlp.gate_proj, mlp.up_proj])
+            self.layers.append(_Layer(block.input_layernorm, block.post_attention_layernorm, qkv, qkv_bias,
+                                      at.o_proj, gate_up, mlp.down_proj, getattr(at, "q_norm", None),
+                                      getattr(at, "k_norm", None)))
+        self.scaling = self.head_dim ** -0.5
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].qkv.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].qkv.device
+
+    # -- one pass over the layers -------------------------------------------------------------
+    def _forward(self, ids: Tensor, positions: Tensor, cache: list[tuple[Tensor, Tensor]] | None,
+                 rows: slice | None, cols: slice | None, mask: Tensor | None) -> Tensor:
+        """ids, positions: [B, T] → final-norm hidden states [B, T, H].
+
+        With ``cache``, the new keys/values are written at ``cache[l][rows, :, cols]`` and attention
+        reads the cache up to ``cols.stop`` under ``mask`` ([B, 1, T, S] bool, True = attend); without
+        it, attention is causal over ``ids`` alone.
+        """
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        b, t = ids.shape
+        nq, nkv, d = self.n_q, self.n_kv, self.head_dim
+        for i, layer in enumerate(self.layers):
+            h = layer.attn_norm(x)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, nq + 2 * nkv, d)
+            q, k, v = qkv.split([nq, nkv, nkv], dim=2)
+            if layer.q_norm is not None:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if cache is not None:
+                kc, vc = cache[i]
+                kc[rows, :, cols] = k
+                vc[rows, :, cols] = v
+                if mask is not None:  # decoding: attend over the cache; a prefill attends over itself
+                    k, v = kc[rows, :, :cols.stop], vc[rows, :, :cols.stop]
+            if t == 1 and mask is not None:
+                attn = _decode_attention(q, k, v, mask, self.scaling)
+            else:
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                                      scale=self.scaling, enable_gqa=nq != nkv)
+            x = x + layer.o(attn.transpose(1, 2).reshape(b, t, nq * d))
+            gate, up = F.linear(layer.mlp_norm(x), layer.gate_up).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden)
+
+    # -- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def hidden(self, ids: list[int] | Tensor) -> Tensor:
+        """One unpadded sequence [T] → its final hidden states [T, H]."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)[None]
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        return self._forward(ids, positions, None, None, None, None)[0]
+
+    # -- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float, top_k: int,
+                 top_p: float, eos_ids: set[int], pad_id: int, min_new_tokens: int = 0,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample up to ``max_new_tokens`` per prompt → [B, N] ids (``pad_id`` after a row's end).
+
+        Same distribution as transformers' sampling with these settings: EOS suppressed before
+        ``min_new_tokens``, then temperature, top-k, top-p (nucleus keeps the smallest set whose
+        mass reaches ``top_p``, at least one token), multinomial draw.
+        """
+        dev = self.device
+        bsz = len(prompts)
+        width = max(len(p) for p in prompts)
+        shape = (bsz, self.n_kv, width + max_new_tokens, self.head_dim)
+        # zeros, not empty: masked columns still meet V in the product, and 0 x NaN would be NaN
+        cache = [(torch.zeros(shape, dtype=self.dtype, device=dev), torch.zeros(shape, dtype=self.dtype, device=dev))
+                 for _ in self.layers]
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        start = width - lengths  # prompts right-aligned at column `width`, as with left padding
+        last = []
+        for r, prompt in enumerate(prompts):
+            ids = torch.tensor(prompt, dtype=torch.long, device=dev)[None]
+            pos = torch.arange(len(prompt), device=dev)[None]
+            h = self._forward(ids, pos, cache, slice(r, r + 1), slice(width - len(prompt), width), None)
+            last.append(h[:, -1])
+        logits = self.logits(torch.cat(last))
+        eos = torch.tensor(sorted(eos_ids), device=dev)
+        out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        columns = torch.arange(width + max_new_tokens, device=dev)
+        for step in range(max_new_tokens):
+            if step < min_new_tokens:
+                logits[:, eos] = float("-inf")
+            token = _draw(logits.float(), temperature, top_k, top_p, generator)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            out[:, step] = token
+            done |= torch.isin(token, eos)
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                break
+            col = width + step
+            mask = (columns[: col + 1][None] >= start[:, None])[:, None, None, :]
+            pos = (lengths + step)[:, None]
+            h = self._forward(token[:, None], pos, cache, slice(None), slice(col, col + 1), mask)
+            logits = self.logits(h[:, -1])
+        return out
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """One query per row against the cache: q [B, nq, 1, d], k/v [B, nkv, S, d], mask [B, 1, 1, S] → [B, nq, 1, d].
+
+    Grouped heads are folded into the query axis, so K/V are read once and never expanded; about
+    2x faster than the fused CPU kernel at one query, and the softmax is taken in fp32.
+    """
+    b, nq, _, d = q.shape
+    nkv = k.shape[1]
+    scores = (q.view(b, nkv, nq // nkv, d) @ k.transpose(-1, -2)) * scale  # [B, nkv, g, S]
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(b, nq, 1, d)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """logits [B, V] → temperature-scaled logits with -inf outside the top-k and the top-p nucleus.
+
+    The same rule as transformers' temperature, top-k and top-p warpers, in that order: top-k keeps
+    ties with the k-th value; top-p drops the tokens whose ascending cumulative mass stays within
+    1 - top_p, always keeping the most likely one.
+    """
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """logits [B, V] fp32 → one sampled id per row [B]."""
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
