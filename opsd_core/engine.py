@@ -45,20 +45,38 @@ def supports(model: nn.Module) -> str | None:
     return None
 
 
+class _Proj:
+    """One or several row-stacked linear maps applied as one: packed into a single matrix, or not."""
+
+    def __init__(self, linears: list[nn.Module], pack: bool) -> None:
+        linears = [getattr(m, "base_layer", m) for m in linears]  # a LoRA wrapper's frozen base
+        self.parts = linears
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+        if pack:
+            self.weight, self.bias = _pack(linears)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        if len(self.parts) == 1:
+            return F.linear(x, self.parts[0].weight, self.parts[0].bias)
+        return torch.cat([F.linear(x, m.weight, m.bias) for m in self.parts], dim=-1)
+
+
 @dataclass
 class _Layer:
     attn_norm: nn.Module
     mlp_norm: nn.Module
-    qkv: Tensor  # [(nq + 2·nkv)·d, H], views of it back the module's q/k/v weights
-    qkv_bias: Tensor | None
-    o: nn.Linear
-    gate_up: Tensor  # [2·I, H]
-    down: nn.Linear
+    qkv: _Proj
+    o: _Proj
+    gate_up: _Proj
+    down: _Proj
     q_norm: nn.Module | None
     k_norm: nn.Module | None
 
 
-def _pack(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+def _pack(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None]:
     """Concatenate the rows of several linears and make their weights views of the packed matrix."""
     packed = torch.cat([m.weight.data for m in linears], dim=0)
     bias = None
@@ -79,43 +97,47 @@ def _pack(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
 class DecoderEngine:
     """Inference over a frozen transformers Llama-family causal LM (any dtype, any device).
 
-    The module's q/k/v and gate/up weights are re-pointed at packed matrices, so code that later
-    copies new weights into the module (the rollout sampler's sync) updates the engine too.
+    ``pack=True`` (decoding): the module's q/k/v and gate/up weights are re-pointed at packed
+    matrices, so code that later copies new weights into the module (the rollout sampler's sync)
+    updates the engine too; the module must hold no LoRA layers (merge them first).
+    ``pack=False`` (scoring): the module's weights are used as they are, and LoRA wrappers are
+    read through to their base layers, so the engine computes the model *without* its adapter at
+    no memory cost (the fixed teacher over the policy's own frozen base weights).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pack: bool = True) -> None:
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"DecoderEngine: {reason}")
         lm = _causal_lm(model)
-        if any(hasattr(m, "lora_A") for m in lm.modules()):
+        if pack and any(hasattr(m, "lora_A") for m in lm.modules()):
             raise ValueError("DecoderEngine: the module holds unmerged LoRA layers (merge them first)")
         decoder = lm.get_decoder()
         cfg = lm.config
-        self.embed = decoder.embed_tokens
+        self.embed = getattr(decoder.embed_tokens, "base_layer", decoder.embed_tokens)
         self.norm = decoder.norm
         self.rotary = decoder.rotary_emb
-        self.head = lm.get_output_embeddings()
+        self.head = _Proj([lm.get_output_embeddings()], pack=False)
         self.n_kv = cfg.num_key_value_heads
         self.n_q = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
         self.layers: list[_Layer] = []
         for block in decoder.layers:
             at, mlp = block.self_attn, block.mlp
-            qkv, qkv_bias = _pack([at.q_proj, at.k_proj, at.v_proj])
-            gate_up, _ = _pack([mlp.gate_proj, mlp.up_proj])
-            self.layers.append(_Layer(block.input_layernorm, block.post_attention_layernorm, qkv, qkv_bias,
-                                      at.o_proj, gate_up, mlp.down_proj, getattr(at, "q_norm", None),
-                                      getattr(at, "k_norm", None)))
+            self.layers.append(_Layer(
+                block.input_layernorm, block.post_attention_layernorm,
+                _Proj([at.q_proj, at.k_proj, at.v_proj], pack), _Proj([at.o_proj], pack=False),
+                _Proj([mlp.gate_proj, mlp.up_proj], pack), _Proj([mlp.down_proj], pack=False),
+                getattr(at, "q_norm", None), getattr(at, "k_norm", None)))
         self.scaling = self.head_dim ** -0.5
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].qkv.dtype
+        return self.embed.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.layers[0].qkv.device
+        return self.embed.weight.device
 
     # -- one pass over the layers -------------------------------------------------------------
     def _forward(self, ids: Tensor, positions: Tensor, cache: list[tuple[Tensor, Tensor]] | None,
@@ -128,18 +150,17 @@ class DecoderEngine:
         """
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, d]: broadcast over heads
         b, t = ids.shape
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim
         for i, layer in enumerate(self.layers):
-            h = layer.attn_norm(x)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(b, t, nq + 2 * nkv, d)
-            q, k, v = qkv.split([nq, nkv, nkv], dim=2)
+            h = _rms_norm(x, layer.attn_norm)
+            qkv = layer.qkv(h).view(b, t, nq + 2 * nkv, d)
+            qk, v = qkv[:, :, :nq + nkv], qkv[:, :, nq + nkv:]
             if layer.q_norm is not None:
-                q, k = layer.q_norm(q), layer.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+                qk = torch.cat([_rms_norm(qk[:, :, :nq], layer.q_norm), _rms_norm(qk[:, :, nq:], layer.k_norm)], 2)
+            qk = qk * cos + _rotate_half(qk) * sin  # q and k rotated in one pass
+            q, k, v = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2), v.transpose(1, 2)
             if cache is not None:
                 kc, vc = cache[i]
                 kc[rows, :, cols] = k
@@ -152,9 +173,9 @@ class DecoderEngine:
                 attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                                       scale=self.scaling, enable_gqa=nq != nkv)
             x = x + layer.o(attn.transpose(1, 2).reshape(b, t, nq * d))
-            gate, up = F.linear(layer.mlp_norm(x), layer.gate_up).chunk(2, dim=-1)
+            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        return self.norm(x)
+        return _rms_norm(x, self.norm)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(hidden)
@@ -226,6 +247,14 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     scores = (q.view(b, nkv, nq // nkv, d) @ k.transpose(-1, -2)) * scale  # [B, nkv, g, S]
     scores = scores.float().masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1).to(v.dtype) @ v).view(b, nq, 1, d)
+
+
+def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """transformers' Llama RMSNorm (statistics in fp32, scaled in the input dtype) as one fused kernel."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:
+        return norm(x)
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

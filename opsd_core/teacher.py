@@ -70,7 +70,15 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
     return dict(iter_effective_weights(model))
 
 
+def _engine(module: nn.Module) -> DecoderEngine | None:
+    """An unpacked engine over ``module``'s weights (LoRA adapters ignored), if the architecture allows."""
+    return DecoderEngine(module, pack=False) if supports(module) is None else None
+
+
 class _TeacherBase:
+    # set by teachers whose pass ignores the adapter: scored by the engine, one unpadded row at a time
+    _engine: DecoderEngine | None = None
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
@@ -81,6 +89,8 @@ class _TeacherBase:
     @torch.no_grad()
     def hidden(self, batch: ScoringBatch) -> Tensor:
         with self._weights() as module:
+            if self._engine is not None:
+                return engine_completion_hidden(self._engine, batch)
             was_training = module.training
             module.eval()
             try:
@@ -110,29 +120,22 @@ class LiveTeacher(_TeacherBase):
 class FixedTeacher(_TeacherBase):
     """The initial policy: adapter disabled (LoRA) or a frozen copy (full fine-tuning).
 
-    With ``dtype`` set, a frozen copy of the base in that dtype is scored instead (LoRA removed):
-    one more copy of the weights in memory, scored by :class:`DecoderEngine` without padding when
-    the architecture is supported; bf16 also trades teacher precision for speed.
+    With ``dtype`` different from the weights' dtype, a frozen copy of the base in that dtype is
+    scored instead (LoRA removed): one more copy of the weights, bf16 trades teacher precision for
+    speed. Llama-family models are scored by :class:`DecoderEngine` (no padding, adapter ignored,
+    so no copy is needed for LoRA in the training dtype).
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
         super().__init__(model)
         self._frozen: nn.Module | None = None
-        self._engine: DecoderEngine | None = None
-        if dtype is not None:
+        if dtype is not None and dtype != next(model.parameters()).dtype:
             frozen = copy.deepcopy(model)
             frozen = frozen.unload() if is_peft(frozen) else frozen
             self._frozen = frozen.to(dtype).eval().requires_grad_(False)
         elif not is_peft(model):
             self._frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        if self._frozen is not None and supports(self._frozen) is None:
-            self._engine = DecoderEngine(self._frozen)
-
-    @torch.no_grad()
-    def hidden(self, batch: ScoringBatch) -> Tensor:
-        if self._engine is not None:
-            return engine_completion_hidden(self._engine, batch)
-        return super().hidden(batch)
+        self._engine = _engine(self._frozen if self._frozen is not None else model)
 
     @contextmanager
     def _weights(self) -> Iterator[nn.Module]:
@@ -152,6 +155,8 @@ class EmaTeacher(_TeacherBase):
         self.lora = is_peft(model)
         # fp32 accumulators: a 1 % update of a bf16 weight is often below bf16's resolution
         self.ema = {name: w.detach().float().clone() for name, w in effective_weights(self.model).items()}
+        # the engine reads the module's weight tensors at call time, so it sees the EMA swapped in
+        self._engine = _engine(model)
 
     def _targets(self) -> dict[str, Tensor]:
         """name -> the parameter tensor the EMA replaces during a teacher pass."""

@@ -122,7 +122,9 @@ def test_fixed_teacher_stays_the_base_model_after_training(smoke: Params, tmp_pa
     with torch.no_grad():
         expected = completion_hidden(base, batch)
         student = completion_hidden(model, batch)
-    assert torch.equal(trainer.teacher.hidden(batch), expected)
+    # scored by the engine over the policy's own base weights (adapter ignored, no copy, no padding)
+    assert trainer.teacher._engine is not None and trainer.teacher._frozen is None
+    _assert_close_where_valid(trainer.teacher.hidden(batch), expected, rollouts.completion_mask, 1e-5)
     assert not torch.allclose(student, expected)  # the student did move
 
 
@@ -183,6 +185,12 @@ def test_ema_teacher_averages_the_merged_delta_and_survives_resume(smoke: Params
         assert torch.equal(resumed.teacher.ema[key], value)
     batch = _teacher_batch(trainer, rollouts, tok)
     assert torch.equal(resumed.teacher.hidden(batch), trainer.teacher.hidden(batch))
+    # the engine scores the averaged weights: the same as transformers with them swapped in
+    with torch.no_grad(), trainer.teacher._weights() as swapped:
+        expected = completion_hidden(swapped, batch)
+    _assert_close_where_valid(trainer.teacher.hidden(batch), expected, rollouts.completion_mask, 1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(completion_hidden(model, batch), expected)  # not the current weights
 
 
 def test_non_finite_loss_stops_training(smoke: Params, tmp_path: Path) -> None:
