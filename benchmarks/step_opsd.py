@@ -1,16 +1,17 @@
 """Training-step cases driven by opsd: ``opsd`` (OPSDTrainer) and ``naive`` (the obvious full-logits step).
 
 ``opsd_bf16s`` is ``opsd`` with ``opsd.sampling.dtype=bfloat16`` (opsd's rollouts from a merged bf16
-copy of the policy), reported separately because its sampling precision differs from TRL's.
+copy of the policy) and ``opsd_fast`` adds ``opsd.teacher_dtype=bfloat16`` (the fixed teacher scored from a
+frozen bf16 copy of the base); both are reported separately because their precision differs from TRL's.
 
-All build the policy exactly as ``opsd train`` does (``stages.build_policy``: load, seeded LoRA wrap) and
-sample with opsd's rollout (transformers ``generate``); they differ only in scoring and loss:
+All build the policy exactly as ``opsd train`` does (``stages.build_policy``: load, seeded LoRA wrap):
 
-* ``opsd``: ``OPSDTrainer.rollout`` → ``accumulate`` (decoder-only passes, completion hidden states,
-  chunked fp32 divergence) → ``optimizer_step``;
-* ``naive``: full ``model(...).logits`` [B, T, V] for the teacher (adapter disabled) and the student,
-  completion positions sliced out, fp32 log-softmax, forward KL over the whole vocabulary, masked
-  mean over the step's tokens, backward; then the same clip + AdamW.
+* ``opsd``: ``OPSDTrainer.rollout`` (opsd's decoder engine on a merged copy in the training dtype) →
+  ``accumulate`` (teacher scored by the engine over the base weights without padding; student decoder-only
+  pass, completion hidden states, chunked fp32 divergence) → ``optimizer_step``;
+* ``naive``: transformers ``generate`` on the LoRA model, then full ``model(...).logits`` [B, T, V] for the
+  teacher (adapter disabled) and the student, completion positions sliced out, fp32 log-softmax, forward
+  KL over the whole vocabulary, masked mean over the step's tokens, backward; then the same clip + AdamW.
 """
 
 from __future__ import annotations

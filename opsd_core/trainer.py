@@ -177,10 +177,16 @@ class OPSDTrainer:
         self.model.train()
         loss_sum = kl_sum = clipped_sum = 0.0
         mb = self.cfg.micro_batch_size
+        lengths = rollouts.completion_mask.sum(dim=1)
+        # micro-batches of similar total length, each cut to its longest completion: padding is
+        # compute spent on nothing, and the loss is a sum over tokens, so grouping does not change it
+        order = sorted(range(len(batch)), key=lambda i: (len(batch[i].student_ids) + int(lengths[i]), i))
         for lo in range(0, len(batch), mb):
-            part = batch[lo:lo + mb]
-            ids = rollouts.completion_ids[lo:lo + mb]
-            mask = rollouts.completion_mask[lo:lo + mb]
+            rows = order[lo:lo + mb]
+            part = [batch[i] for i in rows]
+            width = int(lengths[rows].max())
+            ids = rollouts.completion_ids[rows, :width]
+            mask = rollouts.completion_mask[rows, :width]
             s_batch = build_scoring_batch([p.student_ids for p in part], ids, mask, self.pad_id)
             t_batch = build_scoring_batch([p.teacher_ids for p in part], ids, mask, self.pad_id)
             assert_same_completion(s_batch, t_batch)

@@ -110,6 +110,44 @@ def test_training_lowers_the_divergence_on_a_fixed_batch(smoke: Params, tmp_path
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_micro_batch_grouping_and_trimming_leave_the_gradient_unchanged(smoke: Params, tmp_path: Path) -> None:
+    """accumulate sorts rows by length and cuts each micro-batch to its longest completion: the step's
+    gradient equals one full-width pass over all rows in their original order."""
+    from opsd_core.losses import chunked_divergence_loss
+
+    gen = torch.Generator().manual_seed(1)
+    tok = load_model_and_tokenizer(smoke.model, ROOT)[1]
+    ids = torch.randint(10, 200, (4, 8), generator=gen)
+    for row, end in ((0, 1), (1, 4), (3, 6)):  # row 2 never ends: the widest row
+        ids[row, end] = tok.eos_token_id
+    mask, ended = completion_mask_from_ids(ids, {tok.eos_token_id})
+    rollouts = Rollouts(ids.masked_fill(~mask, tok.pad_token_id), mask, ended, 1.0)
+
+    grads = {}
+    for mb in (1, 2, 4):
+        params = smoke.model_copy(deep=True)
+        params.train.micro_batch_size = mb
+        model, _ = _policy(params)
+        trainer = _trainer(params, model, tok, tmp_path / str(mb))
+        trainer.accumulate(trainer.problems, rollouts)
+        grads[mb] = {n: p.grad.clone() for n, p in trainer.trainable.items()}
+
+    # reference: every row, original order, the full completion block, one pass
+    model, _ = _policy(smoke)
+    trainer = _trainer(smoke, model, tok, tmp_path / "ref")
+    s_batch = build_scoring_batch([p.student_ids for p in trainer.problems], rollouts.completion_ids,
+                                  rollouts.completion_mask, tok.pad_token_id)
+    with torch.no_grad(), model.disable_adapter():
+        t_hidden = completion_hidden(model, _teacher_batch(trainer, rollouts, tok))
+    loss, _ = chunked_divergence_loss(completion_hidden(model, s_batch), t_hidden, lm_head(model).weight,
+                                      rollouts.completion_mask, trainer.spec, denom=rollouts.num_tokens)
+    loss.backward()
+    for name, p in trainer.trainable.items():
+        for mb in (1, 2, 4):
+            torch.testing.assert_close(grads[mb][name], p.grad, atol=1e-6, rtol=1e-4)
+    assert any(p.grad.abs().sum() > 0 for p in trainer.trainable.values())
+
+
 def test_fixed_teacher_stays_the_base_model_after_training(smoke: Params, tmp_path: Path) -> None:
     base, tok = load_model_and_tokenizer(smoke.model, ROOT)
     base.eval()
