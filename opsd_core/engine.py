@@ -245,8 +245,8 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     b, nq, _, d = q.shape
     nkv = k.shape[1]
     scores = (q.view(b, nkv, nq // nkv, d) @ k.transpose(-1, -2)) * scale  # [B, nkv, g, S]
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(b, nq, 1, d)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
+    return (probs.to(v.dtype) @ v).view(b, nq, 1, d)
 
 
 def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
@@ -254,7 +254,8 @@ def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None:
         return norm(x)
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    # the fused kernel accumulates in fp32 for bf16 input and rounds once, as transformers' .to(dtype)
+    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -302,3 +302,16 @@ def test_fixed_teacher_in_another_dtype_is_the_base_model(smoke: Params, tmp_pat
     assert got.dtype == torch.float64 and teacher.lm_head_weight().dtype == torch.float64
     _assert_close_where_valid(got, expected, rollouts.completion_mask, 1e-5)
     assert not any("lora" in n for n, _ in teacher._frozen.named_parameters())
+
+
+def test_effective_weights_equal_peft_merge(smoke: Params, tmp_path: Path) -> None:
+    """W0 + s·B·A from the fused path equals what peft's own merge writes into the base layer."""
+    model, tok = _policy(smoke)
+    _train(_trainer(smoke, model, tok, tmp_path), _fixed_rollouts(tok, 4), 1)  # B != 0 after a step
+    merged = copy.deepcopy(model).merge_and_unload()
+    effective = effective_weights(model)
+    assert effective
+    for name, weight in effective.items():
+        expected = merged.get_submodule(name.removeprefix("base_model.model.")).weight
+        torch.testing.assert_close(weight, expected, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(weight, model.get_submodule(name).base_layer.weight)
