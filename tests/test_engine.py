@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from opsd_core.config import load_params
-from opsd_core.engine import DecoderEngine, filter_logits, supports
+from opsd_core.engine import DecoderEngine, candidates, filter_logits, supports
 from opsd_core.models import load_model_and_tokenizer
 from opsd_core.rollout import left_pad
 
@@ -149,3 +149,23 @@ def test_sampler_falls_back_to_generate_for_unsupported_models() -> None:
     messages: list[str] = []
     sampler = PolicySampler(gpt2, torch.float32, log=messages.append)
     assert sampler.module() is gpt2 and "transformers generate" in messages[0]
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16-ties", "all-tied", "no-top-k"])
+def test_candidate_draw_has_the_full_vocabulary_distribution(case: str) -> None:
+    """Top-p and the draw over the top-k candidates give exactly the distribution of the full filter."""
+    torch.manual_seed(1)
+    logits = torch.randn(5, 3000) * 3
+    top_k = 0 if case == "no-top-k" else 20
+    if case == "bf16-ties":
+        logits = logits.bfloat16().float()  # coarse values: ties at the k-th value are common
+    if case == "all-tied":
+        logits[:, :200] = 9.0  # 200 tokens tied at the top: more than the candidate list holds
+    probs, ids = candidates(logits, 1.1, top_k, 0.95)
+    full = probs if ids is None else torch.zeros_like(logits).scatter(1, ids, probs)
+    expected = filter_logits(logits, 1.1, top_k, 0.95).softmax(dim=-1)
+    torch.testing.assert_close(full, expected)
+    assert (ids is None) == (case in ("all-tied", "no-top-k"))
+    if case == "bf16-ties":
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        assert bool(((logits >= kth).sum(dim=-1) > top_k).any())  # the case really has ties
