@@ -1,0 +1,126 @@
+"""One training step taken apart: each piece of an opsd step timed alone, next to the same piece done TRL's way.
+
+``python -m benchmarks.breakdown [--impl opsd_fast] [--model smollm2] [--new-tokens 32] [--repeats 3]``
+
+Pieces are the trainer's own calls: ``OPSDTrainer.rollout`` (and the prompts' prefill alone), the
+sampler sync, ``teacher.hidden``, the student's ``completion_hidden`` + backward, ``chunked_divergence_loss``
+forward + gradient, the whole ``accumulate`` and ``optimizer_step``. "TRL's way" is transformers on the
+LoRA model in the training dtype: ``generate`` with the adapter unmerged, and the teacher as one padded
+batch with the adapter disabled. Medians of ``--repeats`` timings after one warm-up call each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from benchmarks.common import OFFLINE_ENV, set_threads
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", default="opsd_fast", choices=["opsd", "opsd_bf16s", "opsd_fast"])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--rollouts", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    set_threads(args.threads)
+    import torch
+
+    from benchmarks.step_opsd import _batch, _setup
+    from opsd_core.losses import chunked_divergence_loss
+    from opsd_core.rollout import sample
+    from opsd_core.scoring import build_scoring_batch, completion_hidden, lm_head
+    from opsd_core.trainer import OPSDTrainer
+
+    spec = {"impl": args.impl, "model": args.model, "device": "cpu", "threads": args.threads,
+            "precision": "float32", "lora_r": 16, "lora_alpha": 32, "rollouts": args.rollouts,
+            "micro_batch": args.micro_batch, "new_tokens": args.new_tokens, "warmup": 1, "steps": 1}
+    params, model, tok, problems, dev = _setup(spec)
+    with TemporaryDirectory() as tmp:
+        trainer = OPSDTrainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)
+        batch = _batch(problems, 0, args.rollouts)
+        rollouts = trainer.rollout(batch, 0)
+        mb = args.micro_batch
+        parts = [(batch[i:i + mb], rollouts.completion_ids[i:i + mb], rollouts.completion_mask[i:i + mb])
+                 for i in range(0, len(batch), mb)]
+        s_batches = [build_scoring_batch([p.student_ids for p in b], i, m, tok.pad_token_id) for b, i, m in parts]
+        t_batches = [build_scoring_batch([p.teacher_ids for p in b], i, m, tok.pad_token_id) for b, i, m in parts]
+        engine = trainer.sampler.module()
+        rows: list[tuple[str, float, str]] = []
+
+        def add(name: str, fn: Callable[[], object], how: str = "") -> None:
+            rows.append((name, _time(fn, args.repeats), how))
+
+        add("sampling (whole rollout)", lambda: trainer.rollout(batch, 0))
+        if hasattr(engine, "hidden"):
+            add("  prompts' prefill alone", lambda: [engine.hidden(p.student_ids) for p in batch])
+        add("sampler sync", trainer.sampler.sync)
+        add("sampling, TRL's way", lambda: sample(model, [p.student_ids for p in batch], params.opsd.sampling,
+                                                  tok.pad_token_id, trainer.eos_ids, 0, dev),
+            "generate on the LoRA model, training dtype")
+        add("teacher forward", lambda: [trainer.teacher.hidden(b) for b in t_batches])
+
+        def hf_teacher() -> None:
+            with torch.no_grad(), model.disable_adapter():
+                for b in t_batches:
+                    completion_hidden(model, b)
+
+        add("teacher forward, TRL's way", hf_teacher, "adapter disabled, padded batch, training dtype")
+        model.train()
+        teacher_hidden = [trainer.teacher.hidden(b) for b in t_batches]
+
+        def student() -> None:
+            for b in s_batches:
+                completion_hidden(model, b).float().pow(2).mean().backward()
+            model.zero_grad(set_to_none=True)
+
+        add("student forward + backward", student)
+        student_hidden = [completion_hidden(model, b).detach().requires_grad_(True) for b in s_batches]
+
+        def loss() -> None:
+            for h, th, (_, ids, mask) in zip(student_hidden, teacher_hidden, parts, strict=True):
+                value, _ = chunked_divergence_loss(h, th, lm_head(model).weight, mask, trainer.spec, sampled_ids=ids,
+                                                   chunk_size=params.opsd.chunk_size, denom=rollouts.num_tokens,
+                                                   teacher_lm_head_weight=trainer.teacher.lm_head_weight())
+                value.backward()
+
+        add("loss (chunked, forward + gradient)", loss)
+        add("scoring (accumulate: all of the above but sampling)", lambda: trainer.accumulate(batch, rollouts))
+
+        def optimizer() -> None:
+            trainer.accumulate(batch, rollouts)
+            start = time.perf_counter()
+            trainer.optimizer_step()
+            rows.append(("optimizer step", time.perf_counter() - start, "one measurement"))
+
+        optimizer()
+    print(f"{args.impl} on {args.model}: {args.rollouts} rollouts x {args.new_tokens} tokens, micro-batch {mb}, "
+          f"{args.threads} threads; median of {args.repeats}")
+    for name, seconds, how in rows:
+        print(f"{name:55s} {seconds:7.3f} s  {how}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
