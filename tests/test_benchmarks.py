@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,21 @@ def _assert_tables_rectangular(text: str) -> None:
             assert set(table[1].replace("|", "").strip()) <= {"-", " "}, "second row is not a separator"
             assert len(table) > 2, f"table without rows: {table[0]!r}"
             table = []
+
+
+def test_breakdown_times_every_piece_of_a_step(tmp_path: Path) -> None:
+    env = dict(os.environ, OPSD_BENCH_MODEL_CACHE=str(tmp_path / "models"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.breakdown", "--model", "tiny", "--new-tokens", "4", "--repeats", "1",
+         "--threads", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seconds = {}
+    for line in proc.stdout.splitlines()[1:]:
+        found = re.match(r"^\s*(.*?)\s+([0-9.]+) s\b", line)
+        assert found, line
+        seconds[found.group(1)] = float(found.group(2))
+    for piece in ("sampling (whole rollout)", "sampling, TRL's way", "teacher forward", "student forward + backward",
+                  "loss (chunked, forward + gradient)", "optimizer step"):
+        assert seconds[piece] > 0, (piece, proc.stdout)
