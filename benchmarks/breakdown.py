@@ -12,14 +12,13 @@ batch with the adapter disabled. Medians of ``--repeats`` timings after one warm
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from benchmarks.common import OFFLINE_ENV, set_threads
+from benchmarks.common import add_step_arguments, start_step_case
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:
@@ -34,17 +33,10 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", default="opsd_fast", choices=["opsd", "opsd_bf16s", "opsd_fast"])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--rollouts", type=int, default=4)
-    parser.add_argument("--micro-batch", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    add_step_arguments(parser, ["opsd", "opsd_bf16s", "opsd_fast"], "opsd_fast", 4, 2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    set_threads(args.threads)
+    spec = start_step_case(args)
     import torch
 
     from benchmarks.step_opsd import _batch, _setup
@@ -53,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     from opsd_core.scoring import build_scoring_batch, completion_hidden, lm_head
     from opsd_core.trainer import OPSDTrainer
 
-    spec = {"impl": args.impl, "model": args.model, "device": "cpu", "threads": args.threads,
-            "precision": "float32", "lora_r": 16, "lora_alpha": 32, "rollouts": args.rollouts,
-            "micro_batch": args.micro_batch, "new_tokens": args.new_tokens, "warmup": 1, "steps": 1}
     params, model, tok, problems, dev = _setup(spec)
     with TemporaryDirectory() as tmp:
         trainer = OPSDTrainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)

@@ -193,3 +193,23 @@ def machine_info(device: str) -> dict[str, Any]:
         except PackageNotFoundError:
             info[package] = None
     return info
+
+
+def add_step_arguments(parser: Any, impls: list[str], impl: str, rollouts: int, micro_batch: int) -> None:
+    """The command-line options of a one-off CPU step case (``profile_step``, ``breakdown``)."""
+    parser.add_argument("--impl", default=impl, choices=impls)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--rollouts", type=int, default=rollouts)
+    parser.add_argument("--micro-batch", type=int, default=micro_batch)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def start_step_case(args: Any, warmup: int = 1, steps: int = 1) -> dict[str, Any]:
+    """Offline environment and threads for this process, then the step spec the options describe."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    set_threads(args.threads)
+    return {"impl": args.impl, "model": args.model, "device": "cpu", "threads": args.threads,
+            "precision": "float32", "lora_r": 16, "lora_alpha": 32, "rollouts": args.rollouts,
+            "micro_batch": args.micro_batch, "new_tokens": args.new_tokens, "warmup": warmup, "steps": steps}

@@ -11,35 +11,23 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import re
 
-from benchmarks.common import OFFLINE_ENV, set_threads
+from benchmarks.common import add_step_arguments, start_step_case
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", default="opsd", choices=["opsd", "opsd_bf16s", "opsd_fast", "trl", "naive"])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--rollouts", type=int, default=2)
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    add_step_arguments(parser, ["opsd", "opsd_bf16s", "opsd_fast", "trl", "naive"], "opsd", 2, 1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--match", default=None, help="only list functions whose description matches this regex")
     args = parser.parse_args(argv)
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    set_threads(args.threads)
+    spec = start_step_case(args, args.warmup, args.steps)
     from benchmarks.case import run_step
 
-    spec = {"impl": args.impl, "model": args.model, "device": "cpu", "threads": args.threads,
-            "precision": "float32", "lora_r": 16, "lora_alpha": 32, "rollouts": args.rollouts,
-            "micro_batch": args.micro_batch, "new_tokens": args.new_tokens, "warmup": args.warmup,
-            "steps": args.steps}
     profiler = cProfile.Profile()
     profiler.enable()
     result = run_step(spec)
