@@ -48,7 +48,9 @@ def model_shape(model: Any) -> ModelShape:
     """Read the shape of a (possibly LoRA-wrapped) transformers causal LM."""
     import torch
 
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    from opsd_core.scoring import unwrap
+
+    base = unwrap(model)
     cfg = base.config.get_text_config()
     head = base.get_output_embeddings()
     head_id = id(head.weight) if head is not None else None

@@ -26,14 +26,15 @@ from torch import Tensor, nn
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in place)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
 def supports(model: nn.Module) -> str | None:
     """None when the engine can run ``model``'s architecture (LoRA merged first); otherwise why not."""
-    lm = _causal_lm(model)
+    lm = unwrap(model)
     cfg = getattr(lm, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in SUPPORTED:
@@ -109,7 +110,7 @@ class DecoderEngine:
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"DecoderEngine: {reason}")
-        lm = _causal_lm(model)
+        lm = unwrap(model)
         if pack and any(hasattr(m, "lora_A") for m in lm.modules()):
             raise ValueError("DecoderEngine: the module holds unmerged LoRA layers (merge them first)")
         decoder = lm.get_decoder()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from opsd_core.engine import DecoderEngine
+from opsd_core.engine import DecoderEngine, unwrap
 from opsd_core.rollout import left_pad
 
 
@@ -47,12 +47,6 @@ def build_scoring_batch(
     # positions count real tokens only, as generate does for left-padded prompts
     pos = (torch.cumsum(attn, dim=1) - 1).clamp(min=0)
     return ScoringBatch(ids, attn, pos, prompt_ids.shape[1], completion_ids.shape[1])
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (LoRA layers stay injected in place)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def lm_head(model: nn.Module) -> nn.Module:

@@ -65,10 +65,7 @@ def iter_effective_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
                                         layer.lora_A[a].weight.to(weight.dtype), alpha=layer.scaling[a])
             continue
         with torch.no_grad():
-            delta = sum(
-                (layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A),
-                start=torch.zeros_like(weight),
-            )
+            delta = sum((layer.get_delta_weight(a) for a in active), start=torch.zeros_like(weight))
             yield name, weight.detach() + delta.to(weight.dtype)
 
 
@@ -154,6 +151,8 @@ class FixedTeacher(_TeacherBase):
     def _weights(self) -> Iterator[nn.Module]:
         if self._frozen is not None:
             yield self._frozen
+        elif self._engine is not None:  # the engine reads the base layers: no adapter to switch off
+            yield self.model
         else:
             with self.model.disable_adapter():
                 yield self.model
