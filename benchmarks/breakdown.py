@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def student() -> None:
             for b in s_batches:
-                completion_hidden(model, b).float().pow(2).mean().backward()
+                with trainer.packs.installed(model) if trainer.packs is not None else nullcontext():
+                    h = completion_hidden(model, b)
+                h.float().pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
 
         add("student forward + backward", student)

@@ -211,7 +211,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- versions: torch {m.get('torch')}, transformers {m.get('transformers')}, peft {m.get('peft')}, "
         f"trl {m.get('trl')}",
         f"- matmul limit: {_fmt(mm.get('flops_best'))} FLOP/s ({mm.get('dtype')} {mm.get('size')}³, best of "
-        f"{len(mm.get('seconds', []))})",
+        f"{len(mm.get('seconds', []))}, fastest kernel {mm.get('kernel', 'torch.mm')}; "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in (mm.get("kernels") or {}).items()) + ")",
         f"- total wall time: {_fmt(report.get('total_wall_s'))} s; 1-minute load average over the cases "
         f"{_fmt(load.get('min'))} – {_fmt(load.get('max'))} (median {_fmt(load.get('median'))}) on "
         f"{m.get('cpu_count')} CPUs: other jobs share the machine, compare ratios (the load includes the case itself, about its thread count)", "",

@@ -145,6 +145,11 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1)
     seed: int = 0
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # CPU only: frozen linears (LoRA base layers, fixed teacher, sampler copy) through oneDNN with
+    # pre-packed weights (opsd_core/packed.py); costs one more copy of the frozen weights (two for the
+    # student's backward). auto: on when the CPU build supports it, for matrices of 2^17+ elements;
+    # on: every size (errors without oneDNN); off: F.linear everywhere.
+    packed_weights: Literal["auto", "on", "off"] = "auto"
     progress: bool = True
 
     @model_validator(mode="after")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opsd_core.packed import MIN_ELEMENTS, LinearPacks, PackedLinear
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -47,22 +49,37 @@ def supports(model: nn.Module) -> str | None:
 
 
 class _Proj:
-    """One or several row-stacked linear maps applied as one: packed into a single matrix, or not."""
+    """One or several row-stacked linear maps applied as one: packed into a single matrix, or not.
 
-    def __init__(self, linears: list[nn.Module], pack: bool) -> None:
+    With ``packs`` (CPU, oneDNN), the packed matrix or each part runs through its oneDNN pack.
+    """
+
+    def __init__(self, linears: list[nn.Module], pack: bool, packs: LinearPacks | None) -> None:
         linears = [getattr(m, "base_layer", m) for m in linears]  # a LoRA wrapper's frozen base
         self.parts = linears
+        self.packs = packs
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
+        self.fast: PackedLinear | None = None
         if pack:
             self.weight, self.bias = _pack(linears)
 
+    def refresh(self) -> None:
+        """Repack the packed matrix for oneDNN (writes through the parts' views are not seen otherwise)."""
+        if self.weight is not None and self.packs is not None:
+            big = self.packs.force or self.weight.numel() >= MIN_ELEMENTS
+            self.fast = PackedLinear(self.weight, self.bias) if big else None
+
     def __call__(self, x: Tensor) -> Tensor:
         if self.weight is not None:
+            if self.fast is not None:
+                return self.fast(x)
             return F.linear(x, self.weight, self.bias)
-        if len(self.parts) == 1:
-            return F.linear(x, self.parts[0].weight, self.parts[0].bias)
-        return torch.cat([F.linear(x, m.weight, m.bias) for m in self.parts], dim=-1)
+        outs = []
+        for m in self.parts:
+            fast = self.packs.get(m) if self.packs is not None else None
+            outs.append(fast(x) if fast is not None else F.linear(x, m.weight, m.bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 @dataclass
@@ -104,9 +121,11 @@ class DecoderEngine:
     ``pack=False`` (scoring): the module's weights are used as they are, and LoRA wrappers are
     read through to their base layers, so the engine computes the model *without* its adapter at
     no memory cost (the fixed teacher over the policy's own frozen base weights).
+    ``packs`` (CPU): the frozen linears run through oneDNN packs (:mod:`opsd_core.packed`), one more
+    copy of the weights, shared with any other user of the same ``packs``.
     """
 
-    def __init__(self, model: nn.Module, pack: bool = True) -> None:
+    def __init__(self, model: nn.Module, pack: bool = True, packs: LinearPacks | None = None) -> None:
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"DecoderEngine: {reason}")
@@ -118,7 +137,7 @@ class DecoderEngine:
         self.embed = getattr(decoder.embed_tokens, "base_layer", decoder.embed_tokens)
         self.norm = decoder.norm
         self.rotary = decoder.rotary_emb
-        self.head = _Proj([lm.get_output_embeddings()], pack=False)
+        self.head = _Proj([lm.get_output_embeddings()], False, packs)
         self.n_kv = cfg.num_key_value_heads
         self.n_q = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
@@ -127,10 +146,21 @@ class DecoderEngine:
             at, mlp = block.self_attn, block.mlp
             self.layers.append(_Layer(
                 block.input_layernorm, block.post_attention_layernorm,
-                _Proj([at.q_proj, at.k_proj, at.v_proj], pack), _Proj([at.o_proj], pack=False),
-                _Proj([mlp.gate_proj, mlp.up_proj], pack), _Proj([mlp.down_proj], pack=False),
+                _Proj([at.q_proj, at.k_proj, at.v_proj], pack, packs), _Proj([at.o_proj], False, packs),
+                _Proj([mlp.gate_proj, mlp.up_proj], pack, packs), _Proj([mlp.down_proj], False, packs),
                 getattr(at, "q_norm", None), getattr(at, "k_norm", None)))
         self.scaling = self.head_dim ** -0.5
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Repack the packed q/k/v and gate/up matrices for oneDNN after their values were rewritten.
+
+        The other layers' packs notice an in-place write themselves (it bumps the weight's version);
+        writes through the views of a packed matrix do not, hence this call after every sync.
+        """
+        for layer in self.layers:
+            layer.qkv.refresh()
+            layer.gate_up.refresh()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from opsd_core.engine import DecoderEngine, supports
+from opsd_core.packed import LinearPacks
 from opsd_core.teacher import is_peft, iter_effective_weights
 
 
@@ -21,14 +22,14 @@ class PolicySampler:
     sampling dtype's rounding (as with any bf16 inference engine beside an fp32 trainer).
 
     ``backend="engine"`` always makes the copy and decodes it with :class:`DecoderEngine` when the
-    architecture is supported; otherwise (or with ``"generate"``) transformers ``generate`` runs on
+    architecture is supported (``packs``: its frozen linears through oneDNN on a CPU); otherwise (or with ``"generate"``) transformers ``generate`` runs on
     the copy when the dtype differs, else on the policy itself.
     """
 
     _PEFT_PREFIX = "base_model.model."
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, backend: str = "engine",
-                 log: Callable[[str], None] = lambda _msg: None) -> None:
+                 log: Callable[[str], None] = lambda _msg: None, packs: LinearPacks | None = None) -> None:
         self.model = model
         self.copy: nn.Module | None = None
         self.engine: DecoderEngine | None = None
@@ -46,7 +47,7 @@ class PolicySampler:
             plain = plain.merge_and_unload()
         self.copy = plain.to(dtype).eval().requires_grad_(False)
         if use_engine:
-            self.engine = DecoderEngine(self.copy)
+            self.engine = DecoderEngine(self.copy, packs=packs)
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -58,6 +59,8 @@ class PolicySampler:
             else:
                 target = self.copy.get_parameter(name)
             target.copy_(weight)  # in place: the engine's packed matrices are this storage
+        if self.engine is not None:
+            self.engine.refresh()
 
     def module(self) -> nn.Module | DecoderEngine:
         """The up-to-date engine or module to sample from."""

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from opsd_core.engine import DecoderEngine, supports
+from opsd_core.packed import LinearPacks
 from opsd_core.scoring import ScoringBatch, completion_hidden, engine_completion_hidden, lm_head
 
 TeacherMode = Literal["fixed", "ema", "live"]
@@ -80,9 +81,9 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
     return dict(iter_effective_weights(model))
 
 
-def _engine(module: nn.Module) -> DecoderEngine | None:
+def _engine(module: nn.Module, packs: LinearPacks | None = None) -> DecoderEngine | None:
     """An unpacked engine over ``module``'s weights (LoRA adapters ignored), if the architecture allows."""
-    return DecoderEngine(module, pack=False) if supports(module) is None else None
+    return DecoderEngine(module, pack=False, packs=packs) if supports(module) is None else None
 
 
 class _TeacherBase:
@@ -133,10 +134,11 @@ class FixedTeacher(_TeacherBase):
     With ``dtype`` different from the weights' dtype, a frozen copy of the base in that dtype is
     scored instead (LoRA removed): one more copy of the weights, bf16 trades teacher precision for
     speed. Llama-family models are scored by :class:`DecoderEngine` (no padding, adapter ignored,
-    so no copy is needed for LoRA in the training dtype).
+    so no copy is needed for LoRA in the training dtype); ``packs`` runs its frozen linears through
+    oneDNN on a CPU (shared with the student's pass over the same base layers).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, packs: LinearPacks | None = None) -> None:
         super().__init__(model)
         self._frozen: nn.Module | None = None
         if dtype is not None and dtype != next(model.parameters()).dtype:
@@ -145,7 +147,7 @@ class FixedTeacher(_TeacherBase):
             self._frozen = frozen.to(dtype).eval().requires_grad_(False)
         elif not is_peft(model):
             self._frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        self._engine = _engine(self._frozen if self._frozen is not None else model)
+        self._engine = _engine(self._frozen if self._frozen is not None else model, packs)
 
     @contextmanager
     def _weights(self) -> Iterator[nn.Module]:
@@ -207,10 +209,12 @@ class EmaTeacher(_TeacherBase):
 
 
 def make_teacher(
-    mode: TeacherMode, model: nn.Module, ema_decay: float = 0.99, dtype: torch.dtype | None = None
+    mode: TeacherMode, model: nn.Module, ema_decay: float = 0.99, dtype: torch.dtype | None = None,
+    packs: LinearPacks | None = None,
 ) -> Teacher:
+    """``packs`` (oneDNN on CPU) is used by the fixed teacher only: the others' weights change every step."""
     if mode == "fixed":
-        return FixedTeacher(model, dtype)
+        return FixedTeacher(model, dtype, packs)
     if mode == "live":
         return LiveTeacher(model)
     if mode == "ema":

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from opsd_core.config import Params
 from opsd_core.losses import DivergenceSpec, chunked_divergence_loss
 from opsd_core.models import sampling_dtype
 from opsd_core.optim import build_optimizer
+from opsd_core.packed import from_setting
 from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
 from opsd_core.rollout import Rollouts, eos_token_ids, sample
 from opsd_core.sampler import PolicySampler
@@ -121,8 +123,12 @@ class OPSDTrainer:
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer, self.scheduler = build_optimizer(model, self.cfg)
         teacher_dtype = getattr(torch, params.opsd.teacher_dtype) if params.opsd.teacher_dtype else None
-        self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype)
-        self.sampler = PolicySampler(model, sampling_dtype(sampling.dtype, device), sampling.backend, log)
+        # oneDNN packs of the frozen base, shared by the student's pass and the fixed teacher
+        self.packs = from_setting(self.cfg.packed_weights, device, backward=True)
+        self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype,
+                                             self.packs)
+        self.sampler = PolicySampler(model, sampling_dtype(sampling.dtype, device), sampling.backend, log,
+                                     from_setting(self.cfg.packed_weights, device, backward=False))
         self.state = TrainState()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -192,7 +198,8 @@ class OPSDTrainer:
             assert_same_completion(s_batch, t_batch)
             s_batch, t_batch = s_batch.to(self.device), t_batch.to(self.device)
             t_hidden = self.teacher.hidden(t_batch)
-            s_hidden = completion_hidden(self.model, s_batch)
+            with self.packs.installed(self.model) if self.packs is not None else nullcontext():
+                s_hidden = completion_hidden(self.model, s_batch)
             loss, metrics = chunked_divergence_loss(
                 s_hidden, t_hidden, lm_head(self.model).weight, mask.to(self.device), self.spec,
                 sampled_ids=ids.to(self.device), chunk_size=self.params.opsd.chunk_size, denom=total,

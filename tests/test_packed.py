@@ -1,0 +1,164 @@
+"""oneDNN-packed frozen linears compute what F.linear computes, forward and backward, and never go stale."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opsd_core.config import Params, load_params
+from opsd_core.engine import DecoderEngine
+from opsd_core.models import load_model_and_tokenizer, wrap_lora
+from opsd_core.packed import LinearPacks, PackedLinear, available, from_setting
+from opsd_core.rollout import Rollouts, completion_mask_from_ids
+from opsd_core.scoring import build_scoring_batch, completion_hidden
+from opsd_core.trainer import OPSDTrainer, Problem
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not available("cpu"), reason="this torch build has no oneDNN packed linear")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Params:
+    return load_params(ROOT / "params.yaml", "smoke", [f"model.cache_dir={tmp_path_factory.mktemp('m')}"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backward_pack", [False, True])
+def test_packed_linear_equals_f_linear_and_its_input_gradient(dtype: torch.dtype, bias: bool,
+                                                              backward_pack: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 80, generator=gen).to(dtype)
+    b = torch.randn(96, generator=gen).to(dtype) if bias else None
+    x = torch.randn(3, 5, 80, generator=gen).to(dtype)  # leading dims kept
+    layer = PackedLinear(w, b, backward=backward_pack)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.0, "rtol": 0.0}
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), **tol)
+    g = torch.randn(3, 5, 96, generator=gen).to(dtype)
+    got_x = x.clone().requires_grad_(True)
+    (layer(got_x) * g).sum().backward()
+    ref_x = x.clone().requires_grad_(True)
+    (F.linear(ref_x, w, b) * g).sum().backward()
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got_x.grad, ref_x.grad, **tol)
+
+
+def test_packs_are_rebuilt_when_the_weight_changes() -> None:
+    lin = torch.nn.Linear(64, 48).requires_grad_(False)
+    packs = LinearPacks(force=True)
+    x = torch.randn(4, 64)
+    first = packs.get(lin)
+    assert first is not None and packs.get(lin) is first  # kept while the weight stays
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place: the version counter moves
+    second = packs.get(lin)
+    assert second is not first
+    torch.testing.assert_close(second(x), lin(x), atol=1e-5, rtol=1e-5)
+    lin.weight.data = torch.randn(48, 64)  # swapped storage (how the EMA teacher swaps weights)
+    torch.testing.assert_close(packs.get(lin)(x), lin(x), atol=1e-5, rtol=1e-5)
+    # trainable or small layers are not packed unless forced
+    assert LinearPacks().get(lin) is None
+    assert LinearPacks(force=True).get(torch.nn.Linear(64, 48)) is None
+
+
+def test_settings() -> None:
+    assert from_setting("off", "cpu", backward=True) is None
+    packs = from_setting("on", "cpu", backward=False)
+    assert packs is not None and packs.force and not packs.backward
+    assert not from_setting("auto", "cpu", backward=True).force
+    assert from_setting("auto", "cuda", backward=True) is None
+    with pytest.raises(ValueError, match="packed_weights=on"):
+        from_setting("on", "cuda", backward=True)
+
+
+def _tok_model(smoke: Params) -> tuple[torch.nn.Module, object]:
+    model, tok = load_model_and_tokenizer(smoke.model, ROOT)
+    torch.manual_seed(0)
+    model = wrap_lora(model, smoke.lora)
+    with torch.no_grad():  # B starts at zero: make the adapter matter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model, tok
+
+
+def test_installed_packs_leave_the_student_pass_and_its_gradient_unchanged(smoke: Params) -> None:
+    model, tok = _tok_model(smoke)
+    model.train()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, 200, (2, 7), generator=gen)
+    batch = build_scoring_batch([[5, 6, 7, 8, 9, 10], [11, 12, 13]], ids, torch.ones_like(ids, dtype=torch.bool),
+                                tok.pad_token_id)
+    results = []
+    packs = LinearPacks(backward=True, force=True)
+    for use in (False, True):
+        model.zero_grad(set_to_none=True)
+        if use:
+            with packs.installed(model):
+                hidden = completion_hidden(model, batch)
+        else:
+            hidden = completion_hidden(model, batch)
+        hidden.pow(2).mean().backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (h0, g0), (h1, g1) = results
+    assert packs._packs, "no layer went through a pack"
+    assert all("forward" not in m.__dict__ for m in model.modules()), "patched forwards must be removed"
+    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys() and any(g.abs().sum() > 0 for g in g0.values())
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_engine_with_packs_matches_the_plain_engine_after_a_weight_rewrite(smoke: Params) -> None:
+    model, _ = load_model_and_tokenizer(smoke.model, ROOT)
+    model = model.eval().requires_grad_(False)
+    fast_model = copy.deepcopy(model)
+    fast = DecoderEngine(fast_model, packs=LinearPacks(backward=False, force=True))
+    ids = list(range(40, 60))
+    greedy = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "eos_ids": set(), "pad_id": 0}
+    for _ in range(2):
+        plain = DecoderEngine(copy.deepcopy(model))
+        torch.testing.assert_close(fast.logits(fast.hidden(ids)), plain.logits(plain.hidden(ids)),
+                                   atol=1e-4, rtol=1e-4)
+        assert torch.equal(fast.generate([ids, ids[:7]], **greedy), plain.generate([ids, ids[:7]], **greedy))
+        with torch.no_grad():  # the sampler's sync: in-place writes (through the packed matrices' views)
+            for p_fast, p_ref in zip(fast_model.parameters(), model.parameters(), strict=True):
+                p_ref.mul_(1.1)
+                p_fast.copy_(p_ref)
+        fast.refresh()
+
+
+def _problems(tok: object) -> list[Problem]:
+    from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
+
+    rows = [("Tom has 3 apples and buys 4 more. How many?", "3 + 4 = 7\n#### 7"), ("Sam ran 2 km.", "#### 2")]
+    return [Problem(str(i), student_prompt_ids(tok, p), teacher_prompt_ids(tok, p, s)) for i, (p, s) in enumerate(rows)]
+
+
+def test_training_with_packed_weights_follows_the_unpacked_run(smoke: Params, tmp_path: Path) -> None:
+    """The whole step with every frozen linear packed (student, fixed teacher, sampler) tracks F.linear."""
+    runs = {}
+    for setting in ("off", "on"):
+        params = smoke.model_copy(deep=True)
+        params.train.packed_weights = setting
+        model, tok = _tok_model(params)
+        trainer = OPSDTrainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp_path / setting,
+                              log=lambda _m: None)
+        assert (trainer.packs is not None) == (setting == "on")
+        ids = torch.randint(10, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+        mask, ended = completion_mask_from_ids(ids, {tok.eos_token_id})
+        rollouts = Rollouts(ids, mask, ended, 1.0)
+        kls = []
+        for _ in range(2):
+            kls.append(trainer.accumulate(trainer.problems, rollouts)["kl"])
+            trainer.optimizer_step()
+        engine = trainer.sampler.module()
+        runs[setting] = (kls, engine.logits(engine.hidden(trainer.problems[0].student_ids)))
+    assert runs["on"][0][0] > 0
+    torch.testing.assert_close(torch.tensor(runs["on"][0]), torch.tensor(runs["off"][0]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(runs["on"][1], runs["off"][1], atol=1e-4, rtol=1e-4)
