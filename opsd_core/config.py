@@ -150,6 +150,9 @@ class TrainConfig(_Section):
     # student's backward). auto: on when the CPU build supports it, for matrices of 2^17+ elements;
     # on: every size (errors without oneDNN); off: F.linear everywhere.
     packed_weights: Literal["auto", "on", "off"] = "auto"
+    # CPU only: keep activation-sized blocks in glibc's heap instead of fresh mmap pages per tensor
+    # (opsd_core/runtime.py; ~20% of the student pass on a VM); "default" leaves malloc alone
+    cpu_allocator: Literal["tuned", "default"] = "tuned"
     progress: bool = True
 
     @model_validator(mode="after")

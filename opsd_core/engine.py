@@ -172,15 +172,20 @@ class DecoderEngine:
 
     # -- one pass over the layers -------------------------------------------------------------
     def _forward(self, ids: Tensor, positions: Tensor, cache: list[tuple[Tensor, Tensor]] | None,
-                 rows: slice | None, cols: slice | None, mask: Tensor | None) -> Tensor:
+                 rows: slice | None, cols: slice | None, mask: Tensor | None,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """ids, positions: [B, T] → final-norm hidden states [B, T, H].
 
         With ``cache``, the new keys/values are written at ``cache[l][rows, :, cols]`` and attention
         reads the cache up to ``cols.stop`` under ``mask`` ([B, 1, T, S] bool, True = attend); without
-        it, attention is causal over ``ids`` alone.
+        it, attention is causal over ``ids`` alone. ``rope``: cos/sin tables [S, d] indexed by position
+        (the rotary module's own values, computed once per call instead of once per token).
         """
         x = self.embed(ids)
-        cos, sin = self.rotary(x, positions)
+        if rope is not None:
+            cos, sin = rope[0][positions], rope[1][positions]
+        else:
+            cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, d]: broadcast over heads
         b, t = ids.shape
         nq, nkv, d = self.n_q, self.n_kv, self.head_dim
@@ -220,7 +225,6 @@ class DecoderEngine:
         return self._forward(ids, positions, None, None, None, None)[0]
 
     # -- sampling -------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float, top_k: int,
                  top_p: float, eos_ids: set[int], pad_id: int, min_new_tokens: int = 0,
                  generator: torch.Generator | None = None) -> Tensor:
@@ -230,6 +234,15 @@ class DecoderEngine:
         ``min_new_tokens``, then temperature, top-k, top-p (nucleus keeps the smallest set whose
         mass reaches ``top_p``, at least one token), multinomial draw.
         """
+        # inference mode: no version counters or view tracking on the ~100 small ops a token costs
+        with torch.inference_mode():
+            out = self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id,
+                                 min_new_tokens, generator)
+        return out.clone()  # an ordinary tensor: callers feed it to autograd passes
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
+                  top_p: float, eos_ids: set[int], pad_id: int, min_new_tokens: int,
+                  generator: torch.Generator | None) -> Tensor:
         dev = self.device
         bsz = len(prompts)
         width = max(len(p) for p in prompts)
@@ -239,17 +252,20 @@ class DecoderEngine:
                  for _ in self.layers]
         lengths = torch.tensor([len(p) for p in prompts], device=dev)
         start = width - lengths  # prompts right-aligned at column `width`, as with left padding
+        columns = torch.arange(width + max_new_tokens, device=dev)
+        cos, sin = self.rotary(self.embed.weight[:1], columns[None])
+        rope = (cos[0], sin[0])
+        attend = (columns[None] >= start[:, None])[:, None, None, :]  # [B, 1, 1, S]: not a left pad
         last = []
         for r, prompt in enumerate(prompts):
             ids = torch.tensor(prompt, dtype=torch.long, device=dev)[None]
-            pos = torch.arange(len(prompt), device=dev)[None]
-            h = self._forward(ids, pos, cache, slice(r, r + 1), slice(width - len(prompt), width), None)
+            pos = columns[None, :len(prompt)]
+            h = self._forward(ids, pos, cache, slice(r, r + 1), slice(width - len(prompt), width), None, rope)
             last.append(h[:, -1])
         logits = self.logits(torch.cat(last))
         eos = torch.tensor(sorted(eos_ids), device=dev)
         out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        columns = torch.arange(width + max_new_tokens, device=dev)
         for step in range(max_new_tokens):
             if step < min_new_tokens:
                 logits[:, eos] = float("-inf")
@@ -260,9 +276,8 @@ class DecoderEngine:
             if bool(done.all()) or step + 1 == max_new_tokens:
                 break
             col = width + step
-            mask = (columns[: col + 1][None] >= start[:, None])[:, None, None, :]
             pos = (lengths + step)[:, None]
-            h = self._forward(token[:, None], pos, cache, slice(None), slice(col, col + 1), mask)
+            h = self._forward(token[:, None], pos, cache, slice(None), slice(col, col + 1), attend[..., :col + 1], rope)
             logits = self.logits(h[:, -1])
         return out
 

@@ -32,6 +32,7 @@ from opsd_core.optim import build_optimizer
 from opsd_core.packed import from_setting
 from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
 from opsd_core.rollout import Rollouts, eos_token_ids, sample
+from opsd_core.runtime import tune_allocator
 from opsd_core.sampler import PolicySampler
 from opsd_core.scoring import assert_same_completion, build_scoring_batch, completion_hidden, lm_head
 from opsd_core.teacher import Teacher, make_teacher
@@ -92,7 +93,7 @@ def step_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
 def run_key(params: Params, data_hash: str) -> str:
     """Identifies a training run: checkpoints from other params or data are never resumed."""
     dump = params.model_dump(mode="json")
-    volatile = {"threads", "progress", "keep_checkpoints", "checkpoint_every", "checkpoint_dir",
+    volatile = {"threads", "cpu_allocator", "progress", "keep_checkpoints", "checkpoint_every", "checkpoint_dir",
                 "output_dir", "reports_dir"}
     train = {k: v for k, v in dump["train"].items() if k not in volatile}
     blob = json.dumps(
@@ -116,6 +117,8 @@ class OPSDTrainer:
         self.params, self.model, self.tokenizer = params, model, tokenizer
         self.problems, self.device, self.run_dir, self.log = problems, device, run_dir, log
         self.cfg = params.train
+        if device.type == "cpu" and self.cfg.cpu_allocator == "tuned" and not tune_allocator():
+            log("train.cpu_allocator: no glibc mallopt here; malloc left as it is")
         sampling = params.opsd.sampling
         self.spec = DivergenceSpec.from_config(params.opsd, sampling.temperature)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
