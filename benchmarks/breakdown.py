@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.step_opsd import _batch, _setup
+    from opsd_core.lora_pass import installed
     from opsd_core.losses import chunked_divergence_loss
     from opsd_core.rollout import sample
     from opsd_core.scoring import build_scoring_batch, completion_hidden, lm_head
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def student() -> None:
             for b in s_batches:
-                with trainer.packs.installed(model) if trainer.packs is not None else nullcontext():
+                with installed(model, trainer.packs) if trainer.packs is not None else nullcontext():
                     h = completion_hidden(model, b)
                 h.float().pow(2).mean().backward()
             model.zero_grad(set_to_none=True)

@@ -15,8 +15,6 @@ differences around 1e-6); bf16 products matched exactly in the measurements.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -80,6 +78,16 @@ class PackedLinear:
             return _PackedLinearFn.apply(x, self)
         return _apply(x, self.forward_pack, self.bias)
 
+    def forward_no_grad(self, x: Tensor) -> Tensor:
+        """``x Wᵀ + b`` outside autograd (for callers that write their own backward)."""
+        return _apply(x, self.forward_pack, self.bias)
+
+    def input_grad(self, grad: Tensor) -> Tensor:
+        """``grad W``: the gradient of the input given the output's."""
+        if self.backward_pack is not None:
+            return _apply(grad, self.backward_pack, None)
+        return grad @ self.weight
+
 
 class _PackedLinearFn(torch.autograd.Function):
     @staticmethod
@@ -89,10 +97,7 @@ class _PackedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        layer: PackedLinear = ctx.layer
-        if layer.backward_pack is not None:
-            return _apply(grad, layer.backward_pack, None), None
-        return grad @ layer.weight, None
+        return ctx.layer.input_grad(grad), None
 
 
 def _identity(t: Tensor) -> tuple[int, int, tuple[int, ...], torch.dtype]:
@@ -131,28 +136,6 @@ class LinearPacks:
             pack = PackedLinear(linear.weight, linear.bias, self.backward)
             self._packs[id(linear)] = pack
         return pack
-
-    @contextmanager
-    def installed(self, model: nn.Module) -> Iterator[None]:
-        """Within the block, calls to ``model``'s frozen linears run through their packs.
-
-        Packs are made lazily, so layers never called (an lm head only used by the loss) cost nothing.
-        """
-        patched = [m for m in model.modules() if wanted(m, self.force)]
-        for m in patched:
-            m.forward = self._forward_of(m)  # instance attribute: shadows nn.Linear.forward
-        try:
-            yield
-        finally:
-            for m in patched:
-                del m.forward
-
-    def _forward_of(self, linear: nn.Module) -> Any:
-        def forward(x: Tensor) -> Tensor:
-            pack = self.get(linear)
-            return pack(x) if pack is not None else F.linear(x, linear.weight, linear.bias)
-
-        return forward
 
 
 def from_setting(setting: str, device: torch.device | str, backward: bool) -> LinearPacks | None:

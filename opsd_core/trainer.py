@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from opsd_core import checkpoint as ckpt
 from opsd_core.config import Params
+from opsd_core.lora_pass import installed
 from opsd_core.losses import DivergenceSpec, chunked_divergence_loss
 from opsd_core.models import sampling_dtype
 from opsd_core.optim import build_optimizer
@@ -201,7 +202,7 @@ class OPSDTrainer:
             assert_same_completion(s_batch, t_batch)
             s_batch, t_batch = s_batch.to(self.device), t_batch.to(self.device)
             t_hidden = self.teacher.hidden(t_batch)
-            with self.packs.installed(self.model) if self.packs is not None else nullcontext():
+            with installed(self.model, self.packs) if self.packs is not None else nullcontext():
                 s_hidden = completion_hidden(self.model, s_batch)
             loss, metrics = chunked_divergence_loss(
                 s_hidden, t_hidden, lm_head(self.model).weight, mask.to(self.device), self.spec,

@@ -1,0 +1,120 @@
+"""The student's pass over a LoRA model with its frozen weights packed for oneDNN (CPU).
+
+Within :func:`installed`, each plain LoRA linear computes ``y = x W₀ᵀ + s (x Aᵀ) Bᵀ`` as one
+autograd node: the frozen ``W₀`` through its oneDNN pack, the scale folded into the rank-r
+product (``addmm`` into the base output), and a hand-written backward
+
+    gx = g W₀ + s (g B) A,    gA = s (g B)ᵀ x,    gB = s gᵀ (x Aᵀ)
+
+instead of peft's six nodes (dropout, A, B, scale, add, base) with their full-size temporaries
+for the scale and the sum. Other frozen linears run through their packs; LoRA layers this path
+does not cover (dropout, DoRA and other variants, several active adapters, merged or disabled
+adapters, a bias on B, dtype casts) keep peft's forward, with the base layer still packed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from opsd_core.packed import LinearPacks, PackedLinear, wanted
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, base: PackedLinear, scaling: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        u = x2 @ a.t()  # [M, r]
+        y = base.forward_no_grad(x2)  # a fresh [M, out] buffer: the low-rank term is added in place
+        y.addmm_(u, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, u, a, b)
+        ctx.base, ctx.scaling, ctx.shape = base, scaling, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, u, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        gb_ = g @ b  # [M, r]
+        gx = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = ctx.base.input_grad(g)
+            gx.addmm_(gb_, a, alpha=s)
+            gx = gx.view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            ga = torch.mm(gb_.t(), x2).mul_(s)
+        if ctx.needs_input_grad[2]:
+            gb = torch.mm(g.t(), u).mul_(s)
+        return gx, ga, gb, None, None
+
+
+def _plain_adapter(layer: nn.Module) -> str | None:
+    """The one active vanilla adapter of a peft LoRA linear this path can run, else None."""
+    if layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], nn.Identity):
+        return None
+    if layer.lora_B[name].bias is not None:
+        return None
+    return name
+
+
+def _lora_forward(layer: nn.Module, packs: LinearPacks) -> Callable[..., Tensor]:
+    peft_forward = type(layer).forward
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        name = None if args or kwargs else _plain_adapter(layer)
+        base = packs.get(layer.base_layer) if name is not None else None
+        if base is None:
+            return peft_forward(layer, x, *args, **kwargs)
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if not (x.dtype == a.dtype == b.dtype == base.weight.dtype):
+            return peft_forward(layer, x, *args, **kwargs)
+        return _LoraLinearFn.apply(x, a, b, base, float(layer.scaling[name]))
+
+    return forward
+
+
+def _linear_forward(linear: nn.Module, packs: LinearPacks) -> Callable[[Tensor], Tensor]:
+    def forward(x: Tensor) -> Tensor:
+        pack = packs.get(linear)
+        return pack(x) if pack is not None else F.linear(x, linear.weight, linear.bias)
+
+    return forward
+
+
+def _is_lora_linear(m: nn.Module) -> bool:
+    return hasattr(m, "lora_A") and hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Linear)
+
+
+@contextmanager
+def installed(model: nn.Module, packs: LinearPacks) -> Iterator[None]:
+    """Within the block, ``model``'s LoRA linears and other frozen linears run through ``packs``.
+
+    The forwards are instance attributes, removed on exit. Packs are made on first use, so layers
+    never called (an lm head only the loss reads) cost nothing.
+    """
+    patched = []
+    for m in model.modules():
+        if _is_lora_linear(m):
+            m.forward = _lora_forward(m, packs)
+        elif wanted(m, packs.force):
+            m.forward = _linear_forward(m, packs)
+        else:
+            continue
+        patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
