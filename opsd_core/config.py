@@ -146,9 +146,9 @@ class TrainConfig(_Section):
     seed: int = 0
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     # CPU only: frozen linears (LoRA base layers, fixed teacher, sampler copy) through oneDNN with
-    # pre-packed weights (opsd_core/packed.py); costs one more copy of the frozen weights (two for the
-    # student's backward). auto: on when the CPU build supports it, for matrices of 2^17+ elements;
-    # on: every size (errors without oneDNN); off: F.linear everywhere.
+    # pre-packed weights (opsd_core/packed.py), plain LoRA layers as one fused node; costs one more copy
+    # of the frozen weights. auto: on when the CPU build supports it, for matrices of 2^17+ elements;
+    # on: every size (errors without oneDNN); off: F.linear and peft's forward everywhere.
     packed_weights: Literal["auto", "on", "off"] = "auto"
     # CPU only: keep activation-sized blocks in glibc's heap instead of fresh mmap pages per tensor
     # (opsd_core/runtime.py; ~20% of the student pass on a VM); "default" leaves malloc alone

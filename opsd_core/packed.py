@@ -6,8 +6,8 @@ runs, and much faster for decoding's few-row products: on the 2-core AMD EPYC th
 measured on, 2.1x at 2048³ fp32 (MKL takes a slow path on non-Intel CPUs), 1.6-1.9x for SmolLM2's
 fp32 layers at 250-360 rows, 1.5-2.2x for bf16 decoding at 1-4 rows (``benchmarks/``). The
 reorder costs a few milliseconds per matrix and a copy of the weight, so it pays only for weights
-that do not change between calls: a LoRA model's frozen base (student forward and backward, the
-fixed teacher) and the sampler's merged copy (repacked once per step).
+that do not change between calls: a LoRA model's frozen base (the student's forward, the fixed
+teacher) and the sampler's merged copy (repacked once per step).
 
 Results are not bit-identical to ``F.linear`` in fp32 (another summation order: relative
 differences around 1e-6); bf16 products matched exactly in the measurements.
@@ -56,17 +56,17 @@ def _apply(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
 class PackedLinear:
     """``y = x Wᵀ + b`` for a frozen ``W`` [out, in], packed for oneDNN; gradients flow to ``x`` only.
 
-    ``backward=True`` also packs ``Wᵀ`` (a second copy) so the input gradient ``g W`` runs through
-    oneDNN too; otherwise it is a plain matmul. Inputs in another dtype than ``W`` fall back to
-    ``F.linear``. The source tensor's identity is kept, so :meth:`matches` can tell a stale pack.
+    The input gradient ``g W`` is a plain matmul on ``W``: a second pack of ``Wᵀ`` (one more copy)
+    measured no faster in the student's backward (2.79 vs 2.87 s, within noise). Inputs in another
+    dtype than ``W`` fall back to ``F.linear``. The source tensor's identity is kept, so
+    :meth:`matches` can tell a stale pack.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, backward: bool = False) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.source = _identity(weight)
         self.forward_pack = _pack(self.weight)
-        self.backward_pack = _pack(self.weight.t()) if backward else None
 
     def matches(self, weight: Tensor) -> bool:
         return _identity(weight) == self.source
@@ -84,8 +84,6 @@ class PackedLinear:
 
     def input_grad(self, grad: Tensor) -> Tensor:
         """``grad W``: the gradient of the input given the output's."""
-        if self.backward_pack is not None:
-            return _apply(grad, self.backward_pack, None)
         return grad @ self.weight
 
 
@@ -122,8 +120,7 @@ class LinearPacks:
     ``force`` packs layers of any size (tests run the path on tiny models).
     """
 
-    def __init__(self, backward: bool = True, force: bool = False) -> None:
-        self.backward = backward
+    def __init__(self, force: bool = False) -> None:
         self.force = force
         self._packs: dict[int, PackedLinear] = {}
 
@@ -133,12 +130,12 @@ class LinearPacks:
             return None
         pack = self._packs.get(id(linear))
         if pack is None or not pack.matches(linear.weight):
-            pack = PackedLinear(linear.weight, linear.bias, self.backward)
+            pack = PackedLinear(linear.weight, linear.bias)
             self._packs[id(linear)] = pack
         return pack
 
 
-def from_setting(setting: str, device: torch.device | str, backward: bool) -> LinearPacks | None:
+def from_setting(setting: str, device: torch.device | str) -> LinearPacks | None:
     """``train.packed_weights`` (auto | on | off) on ``device`` → the packs to use, or None."""
     if setting == "off":
         return None
@@ -146,4 +143,4 @@ def from_setting(setting: str, device: torch.device | str, backward: bool) -> Li
         if setting == "on":
             raise ValueError(f"train.packed_weights=on needs a CPU torch build with oneDNN (device is {device})")
         return None
-    return LinearPacks(backward=backward, force=setting == "on")
+    return LinearPacks(force=setting == "on")

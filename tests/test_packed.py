@@ -29,14 +29,12 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Params:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("backward_pack", [False, True])
-def test_packed_linear_equals_f_linear_and_its_input_gradient(dtype: torch.dtype, bias: bool,
-                                                              backward_pack: bool) -> None:
+def test_packed_linear_equals_f_linear_and_its_input_gradient(dtype: torch.dtype, bias: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(96, 80, generator=gen).to(dtype)
     b = torch.randn(96, generator=gen).to(dtype) if bias else None
     x = torch.randn(3, 5, 80, generator=gen).to(dtype)  # leading dims kept
-    layer = PackedLinear(w, b, backward=backward_pack)
+    layer = PackedLinear(w, b)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.0, "rtol": 0.0}
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, w, b), **tol)
@@ -68,13 +66,13 @@ def test_packs_are_rebuilt_when_the_weight_changes() -> None:
 
 
 def test_settings() -> None:
-    assert from_setting("off", "cpu", backward=True) is None
-    packs = from_setting("on", "cpu", backward=False)
-    assert packs is not None and packs.force and not packs.backward
-    assert not from_setting("auto", "cpu", backward=True).force
-    assert from_setting("auto", "cuda", backward=True) is None
+    assert from_setting("off", "cpu") is None
+    packs = from_setting("on", "cpu")
+    assert packs is not None and packs.force
+    assert not from_setting("auto", "cpu").force
+    assert from_setting("auto", "cuda") is None
     with pytest.raises(ValueError, match="packed_weights=on"):
-        from_setting("on", "cuda", backward=True)
+        from_setting("on", "cuda")
 
 
 def _tok_model(smoke: Params, dropout: float = 0.0) -> tuple[torch.nn.Module, object]:
@@ -111,7 +109,7 @@ def test_installed_packs_leave_the_student_pass_and_its_gradient_unchanged(smoke
     batch = build_scoring_batch([[5, 6, 7, 8, 9, 10], [11, 12, 13]], ids, torch.ones_like(ids, dtype=torch.bool),
                                 tok.pad_token_id)
     results = []
-    packs = LinearPacks(backward=True, force=True)
+    packs = LinearPacks(force=True)
     for use in (False, True):
         model.zero_grad(set_to_none=True)
         if use:
@@ -137,7 +135,7 @@ def test_engine_with_packs_matches_the_plain_engine_after_a_weight_rewrite(smoke
     model, _ = load_model_and_tokenizer(smoke.model, ROOT)
     model = model.eval().requires_grad_(False)
     fast_model = copy.deepcopy(model)
-    fast = DecoderEngine(fast_model, packs=LinearPacks(backward=False, force=True))
+    fast = DecoderEngine(fast_model, packs=LinearPacks(force=True))
     ids = list(range(40, 60))
     greedy = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "eos_ids": set(), "pad_id": 0}
     for _ in range(2):
