@@ -107,6 +107,8 @@ def installed(model: nn.Module, packs: LinearPacks) -> Iterator[None]:
     patched = []
     for m in model.modules():
         if _is_lora_linear(m):
+            if not wanted(m.base_layer, packs.force):
+                continue  # too small to pack: peft's forward as it is, no wrapper overhead
             m.forward = _lora_forward(m, packs)
         elif wanted(m, packs.force):
             m.forward = _linear_forward(m, packs)
