@@ -110,7 +110,7 @@ class OPSDConfig(_Section):
     teacher: Literal["fixed", "ema", "live"] = "fixed"
     # fixed teacher only: score with a frozen copy of the base in this dtype through the decoder
     # engine, without padding (None: the policy with its adapter disabled, no copy). bfloat16 makes
-    # the teacher pass ~1.7x faster on CPUs with bf16 units (benchmarks.breakdown), at bf16 precision.
+    # the teacher pass ~1.5x faster on CPUs with bf16 units (benchmarks.breakdown, oneDNN packs on), at bf16 precision.
     teacher_dtype: Literal["float32", "bfloat16"] | None = None
     ema_decay: float = Field(0.99, gt=0, lt=1)
     chunk_size: int = Field(128, ge=1)

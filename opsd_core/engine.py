@@ -9,8 +9,10 @@ module it is built from (and reads its weights, so updates to that module are se
 * prompts prefilled one at a time with a causal kernel, so no compute is spent on padding;
 * a plain decode loop: no logits processors, stopping criteria or cache objects per token.
 
-On a 2-core CPU, sampling SmolLM2-135M in bf16 this way is ~1.2x faster than ``generate`` on the same
-merged bf16 copy and ~2.2x faster than ``generate`` on the fp32 LoRA model (see ``benchmarks/``). Supported: ``llama``, ``mistral`` (no sliding window), ``qwen2``, ``qwen3``
+On a 2-core CPU, sampling SmolLM2-135M this way from a merged copy with oneDNN packs is ~2.5x (fp32
+copy) and ~2.9x (bf16 copy) faster than ``generate`` on the fp32 LoRA model (``benchmarks/``; without
+the packs, ~1.2x faster than ``generate`` on the same bf16 copy). Supported: ``llama``, ``mistral`` (no
+sliding window), ``qwen2``, ``qwen3``
 (per-head q/k norms); :func:`supports` says whether a module qualifies, callers fall back to
 transformers otherwise.
 """
