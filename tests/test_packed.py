@@ -131,8 +131,15 @@ def test_installed_packs_leave_the_student_pass_and_its_gradient_unchanged(smoke
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_engine_with_packs_matches_the_plain_engine_after_a_weight_rewrite(smoke: Params) -> None:
-    model, _ = load_model_and_tokenizer(smoke.model, ROOT)
+@pytest.mark.parametrize("kind", ["tiny-llama", "qwen2"])
+def test_engine_with_packs_matches_the_plain_engine_after_a_weight_rewrite(smoke: Params, kind: str) -> None:
+    """Packed q/k/v (with qwen2's biases) and gate/up, per-layer packs and the head, before and after a sync."""
+    if kind == "qwen2":
+        from tests.test_engine import _random_model
+
+        model = _random_model("qwen2")
+    else:
+        model, _ = load_model_and_tokenizer(smoke.model, ROOT)
     model = model.eval().requires_grad_(False)
     fast_model = copy.deepcopy(model)
     fast = DecoderEngine(fast_model, packs=LinearPacks(force=True))
