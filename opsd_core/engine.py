@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opsd_core.packed import MIN_ELEMENTS, LinearPacks, PackedLinear
+from opsd_core.packed import LinearPacks, PackedLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -69,8 +69,7 @@ class _Proj:
     def refresh(self) -> None:
         """Repack the packed matrix for oneDNN (writes through the parts' views are not seen otherwise)."""
         if self.weight is not None and self.packs is not None:
-            big = self.packs.force or self.weight.numel() >= MIN_ELEMENTS
-            self.fast = PackedLinear(self.weight, self.bias) if big else None
+            self.fast = self.packs.pack(self.weight, self.bias)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.weight is not None:

@@ -54,17 +54,23 @@ class _LoraLinearFn(torch.autograd.Function):
         return gx, ga, gb, None, None
 
 
+def plain_lora(layer: nn.Module, adapter: str) -> bool:
+    """A standard LoRA linear for ``adapter``: delta = scale·B·A on an nn.Linear base, no DoRA or other
+    variant, no fan-in/fan-out transpose (the sampler's and the EMA teacher's fused merge rely on it too)."""
+    return (isinstance(layer.base_layer, nn.Linear) and not getattr(layer, "fan_in_fan_out", False)
+            and adapter not in getattr(layer, "lora_variant", {})
+            and not getattr(layer, "use_dora", {}).get(adapter, False))
+
+
 def _plain_adapter(layer: nn.Module) -> str | None:
     """The one active vanilla adapter of a peft LoRA linear this path can run, else None."""
-    if layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
+    if layer.disable_adapters or layer.merged:
         return None
     active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1:
+    if len(active) != 1 or not plain_lora(layer, active[0]):
         return None
     name = active[0]
-    if name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], nn.Identity):
-        return None
-    if layer.lora_B[name].bias is not None:
+    if not isinstance(layer.lora_dropout[name], nn.Identity) or layer.lora_B[name].bias is not None:
         return None
     return name
 

@@ -109,7 +109,11 @@ def wanted(linear: nn.Module, force: bool = False) -> bool:
         return False
     if linear.bias is not None and linear.bias.requires_grad:
         return False
-    return force or linear.weight.numel() >= MIN_ELEMENTS
+    return _big_enough(linear.weight, force)
+
+
+def _big_enough(weight: Tensor, force: bool) -> bool:
+    return force or weight.numel() >= MIN_ELEMENTS
 
 
 class LinearPacks:
@@ -133,6 +137,11 @@ class LinearPacks:
             pack = PackedLinear(linear.weight, linear.bias)
             self._packs[id(linear)] = pack
         return pack
+
+    def pack(self, weight: Tensor, bias: Tensor | None) -> PackedLinear | None:
+        """A new pack of a matrix this instance does not track (the engine's concatenated q/k/v, gate/up),
+        or None when it is too small to gain."""
+        return PackedLinear(weight, bias) if _big_enough(weight, self.force) else None
 
 
 def from_setting(setting: str, device: torch.device | str) -> LinearPacks | None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from opsd_core.engine import DecoderEngine, supports
+from opsd_core.lora_pass import plain_lora
 from opsd_core.packed import LinearPacks
 from opsd_core.scoring import ScoringBatch, completion_hidden, engine_completion_hidden, lm_head
 
@@ -59,7 +60,7 @@ def iter_effective_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     for name, layer in _lora_layers(model).items():
         weight = layer.base_layer.weight
         active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if len(active) == 1 and _plain_lora(layer, active[0]):
+        if len(active) == 1 and plain_lora(layer, active[0]):
             a = active[0]
             with torch.no_grad():  # one fused pass: W0 + s·(B @ A), no zero tensor, no separate delta
                 yield name, torch.addmm(weight, layer.lora_B[a].weight.to(weight.dtype),
@@ -68,12 +69,6 @@ def iter_effective_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         with torch.no_grad():
             delta = sum((layer.get_delta_weight(a) for a in active), start=torch.zeros_like(weight))
             yield name, weight.detach() + delta.to(weight.dtype)
-
-
-def _plain_lora(layer: nn.Module, adapter: str) -> bool:
-    """A standard LoRA linear (delta = scale·B·A): no DoRA, no fan-in/fan-out transpose."""
-    return (isinstance(layer.base_layer, nn.Linear) and not getattr(layer, "fan_in_fan_out", False)
-            and not getattr(layer, "use_dora", {}).get(adapter, False))
 
 
 def effective_weights(model: nn.Module) -> dict[str, Tensor]:
