@@ -75,12 +75,11 @@ def _plain_adapter(layer: nn.Module) -> str | None:
     return name
 
 
-def _lora_forward(layer: nn.Module, packs: LinearPacks) -> Callable[..., Tensor]:
+def _lora_forward(layer: nn.Module, name: str, packs: LinearPacks) -> Callable[..., Tensor]:
     peft_forward = type(layer).forward
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        name = None if args or kwargs else _plain_adapter(layer)
-        base = packs.get(layer.base_layer) if name is not None else None
+        base = None if args or kwargs else packs.get(layer.base_layer)
         if base is None:
             return peft_forward(layer, x, *args, **kwargs)
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
@@ -113,9 +112,10 @@ def installed(model: nn.Module, packs: LinearPacks) -> Iterator[None]:
     patched = []
     for m in model.modules():
         if _is_lora_linear(m):
-            if not wanted(m.base_layer, packs.force):
-                continue  # too small to pack: peft's forward as it is, no wrapper overhead
-            m.forward = _lora_forward(m, packs)
+            name = _plain_adapter(m)  # the adapter state cannot change within the block: decided once
+            if name is None or not wanted(m.base_layer, packs.force):
+                continue  # peft's forward as it is (over the packed base when that is big enough)
+            m.forward = _lora_forward(m, name, packs)
         elif wanted(m, packs.force):
             m.forward = _linear_forward(m, packs)
         else:
