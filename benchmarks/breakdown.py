@@ -3,7 +3,7 @@
 ``python -m benchmarks.breakdown [--impl opsd_fast] [--model smollm2] [--new-tokens 32] [--repeats 3]``
 
 Pieces are the trainer's own calls: ``OPSDTrainer.rollout`` (and the prompts' prefill alone), the
-sampler sync, ``teacher.hidden``, the student's ``completion_hidden`` + backward, ``chunked_divergence_loss``
+sampler sync, ``teacher.hidden``, the student's ``student_hidden`` + backward, ``chunked_divergence_loss``
 forward + gradient, the whole ``accumulate`` and ``optimizer_step``. "TRL's way" is transformers on the
 LoRA model in the training dtype: ``generate`` with the adapter unmerged, and the teacher as one padded
 batch with the adapter disabled. Medians of ``--repeats`` timings after one warm-up call each.
@@ -15,7 +15,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -41,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.step_opsd import _batch, _setup
-    from opsd_core.lora_pass import installed
     from opsd_core.losses import chunked_divergence_loss
     from opsd_core.rollout import sample
     from opsd_core.scoring import build_scoring_batch, completion_hidden, lm_head
@@ -83,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def student() -> None:
             for b in s_batches:
-                with installed(model, trainer.packs) if trainer.packs is not None else nullcontext():
-                    h = completion_hidden(model, b)
-                h.float().pow(2).mean().backward()
+                trainer.student_hidden(b).float().pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
 
         add("student forward + backward", student)

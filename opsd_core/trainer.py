@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from opsd_core import checkpoint as ckpt
@@ -35,7 +35,13 @@ from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
 from opsd_core.rollout import Rollouts, eos_token_ids, sample
 from opsd_core.runtime import tune_allocator
 from opsd_core.sampler import PolicySampler
-from opsd_core.scoring import assert_same_completion, build_scoring_batch, completion_hidden, lm_head
+from opsd_core.scoring import (
+    ScoringBatch,
+    assert_same_completion,
+    build_scoring_batch,
+    completion_hidden,
+    lm_head,
+)
 from opsd_core.teacher import Teacher, make_teacher
 
 CURVE_FIELDS = [
@@ -179,6 +185,11 @@ class OPSDTrainer:
         return [self.problems[i] for i in step_indices(step, self.cfg.rollouts_per_step,
                                                         len(self.problems), self.cfg.seed)]
 
+    def student_hidden(self, batch: ScoringBatch) -> Tensor:
+        """The student's completion hidden states [B, L, H], with grad (frozen linears through the packs)."""
+        with installed(self.model, self.packs) if self.packs is not None else nullcontext():
+            return completion_hidden(self.model, batch)
+
     def accumulate(self, batch: list[Problem], rollouts: Rollouts, bar: Any = None) -> dict[str, float]:
         """Forward/backward over micro-batches; the loss is the mean over all the step's valid tokens."""
         total = rollouts.num_tokens
@@ -202,8 +213,7 @@ class OPSDTrainer:
             assert_same_completion(s_batch, t_batch)
             s_batch, t_batch = s_batch.to(self.device), t_batch.to(self.device)
             t_hidden = self.teacher.hidden(t_batch)
-            with installed(self.model, self.packs) if self.packs is not None else nullcontext():
-                s_hidden = completion_hidden(self.model, s_batch)
+            s_hidden = self.student_hidden(s_batch)
             loss, metrics = chunked_divergence_loss(
                 s_hidden, t_hidden, lm_head(self.model).weight, mask.to(self.device), self.spec,
                 sampled_ids=ids.to(self.device), chunk_size=self.params.opsd.chunk_size, denom=total,
