@@ -35,10 +35,10 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
         from benchmarks.step_opsd import run_opsd as runner
     elif impl == "naive":
         from benchmarks.step_opsd import run_naive as runner
-    elif impl == "trl":
+    elif impl in ("trl", "trl_bf16"):
         from benchmarks.step_trl import run_trl as runner
     else:
-        raise ValueError(f"unknown step implementation {impl!r} (opsd, opsd_bf16s, opsd_fast, trl, naive)")
+        raise ValueError(f"unknown step implementation {impl!r} (opsd, opsd_bf16s, opsd_fast, trl, trl_bf16, naive)")
     rec = StepRecorder(spec["device"])
     with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
         info = runner(spec, rec, Path(tmp))
@@ -69,6 +69,8 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
                      "clip": params.opsd.clip, "chunk_size": params.opsd.chunk_size},
             "precision": params.train.precision,
             "sampling_dtype": params.opsd.sampling.dtype,
+            "frozen_dtype": params.train.frozen_dtype,
+            "autocast": info.get("autocast"),  # TRL: "phase:state" pairs its first decoder layer ran under
         },
         "per_phase_memory": rec.mem.per_phase,
         "train_wall_s": info.get("train_wall_s"),

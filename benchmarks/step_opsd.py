@@ -1,8 +1,10 @@
 """Training-step cases driven by opsd: ``opsd`` (OPSDTrainer) and ``naive`` (the obvious full-logits step).
 
 ``opsd_bf16s`` is ``opsd`` with ``opsd.sampling.dtype=bfloat16`` (opsd's rollouts from a merged bf16
-copy of the policy) and ``opsd_fast`` adds ``opsd.teacher_dtype=bfloat16`` (the fixed teacher scored from a
-frozen bf16 copy of the base); both are reported separately because their precision differs from TRL's.
+copy of the policy) and ``opsd_fast`` adds ``train.frozen_dtype=bfloat16`` (the products with the frozen
+base weights, student and fixed teacher, in bf16 as autocast would run them; LoRA, residual stream, loss
+and optimizer in fp32); both are reported separately because their precision differs from TRL's fp32
+run (``trl_bf16``, TRL at its default bf16 autocast, is the closer partner of ``opsd_fast``).
 
 All build the policy exactly as ``opsd train`` does (``stages.build_policy``: load, seeded LoRA wrap):
 
@@ -34,7 +36,7 @@ def opsd_params(spec: dict[str, Any]) -> Any:
     if spec.get("profile") != "default":
         precision = spec["precision"]
         # opsd_bf16s: opsd's own fast path (rollouts from a merged bf16 copy); not identical precision.
-        # opsd_fast: also the fixed teacher scored from a frozen bf16 copy of the base.
+        # opsd_fast: also the frozen base's products (student and fixed teacher) in bf16.
         sampling = "bfloat16" if spec["impl"] in ("opsd_bf16s", "opsd_fast") else precision
         overrides += [
             f"lora.r={spec['lora_r']}", f"lora.alpha={spec['lora_alpha']}", "lora.dropout=0.0",
@@ -51,7 +53,7 @@ def opsd_params(spec: dict[str, Any]) -> Any:
         if spec.get("fixed_length", True):
             overrides.append(f"opsd.sampling.min_new_tokens={spec['new_tokens']}")
         if spec["impl"] == "opsd_fast":
-            overrides.append("opsd.teacher_dtype=bfloat16")
+            overrides.append("train.frozen_dtype=bfloat16")
     return load_params(REPO / "params.yaml", overrides=overrides)
 
 

@@ -1,11 +1,12 @@
-"""Training-step case ``trl``: TRL's real ``SDFTTrainer`` (trl.experimental.sdft) at opsd's settings.
+"""Training-step cases ``trl`` / ``trl_bf16``: TRL's real ``SDFTTrainer`` (trl.experimental.sdft) at opsd's settings.
 
 The same base model and tokenizer (loaded by opsd's loader), the same LoRA layers (peft), prompts,
 rollouts per step, micro-batch, completion length (``min_new_tokens = max_new_tokens`` on both
 sides), sampling parameters, AdamW + clip + cosine schedule, fp32 (or the spec's precision on both
 sides). TRL's defaults that would make the comparison unequal are switched off and listed here:
 ``gradient_checkpointing`` (TRL default on; opsd does not recompute), ``bf16`` autocast (TRL default
-on; the weights are already in the spec's dtype), importance-sampling clip (opsd has none), dataset
+on; the weights are already in the spec's dtype; ``trl_bf16`` keeps it on, the partner of
+``opsd_fast``), importance-sampling clip (opsd has none), dataset
 shuffling (both sides take the problems in the same order), ``num_generations=1`` (one rollout per
 problem, as opsd). Loss: ``full_logits`` with ``distillation_alpha=0`` = forward KL(p_T || p_S) over
 the whole vocabulary, logits divided by the sampling temperature, as opsd. The teacher is ``base``
@@ -82,7 +83,7 @@ def run_trl(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any
         use_vllm=False,
         shuffle_dataset=False,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=spec["impl"] == "trl_bf16",  # TRL's default: autocast to bf16 over the spec-dtype weights
         fp16=False,
         use_cpu=dev.type == "cpu",
         learning_rate=params.train.lr,
@@ -122,7 +123,9 @@ def run_trl(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any
 
     def timed_generate(prompt_ids: list[list[int]]) -> Any:
         rec.sample_begin()
+        phase[0] = "sampling"
         out = generate(prompt_ids)
+        phase[0] = "scoring"
         length_by_row[:] = [len(c) for c in out[1]]
         rec.sample_end(sum(length_by_row))
         return out
@@ -139,9 +142,16 @@ def run_trl(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any
             rec.opt_begin()  # the trainer clips, steps the optimizer and scheduler, zeroes grads next
         return out
 
+    # which precision the layers really ran in: autocast states seen by the first decoder layer, by phase
+    autocast_seen: set[str] = set()
+    phase = ["scoring"]
+    first_layer = next(m for n, m in trainer.model.named_modules() if n.endswith("layers.0"))
+    first_layer.register_forward_pre_hook(
+        lambda *_a: autocast_seen.add(f"{phase[0]}:{'bf16' if torch.is_autocast_enabled(dev.type) else 'off'}"))
     trainer._generate_transformers = timed_generate
     trainer._tokenize_prompts = recorded_tokenize
     trainer.training_step = marked_training_step
     start = time.perf_counter()
     trainer.train()
-    return {"model": trainer.model, "params": params, "train_wall_s": time.perf_counter() - start}
+    return {"model": trainer.model, "params": params, "train_wall_s": time.perf_counter() - start,
+            "autocast": sorted(autocast_seen)}

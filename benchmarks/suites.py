@@ -14,6 +14,9 @@ from typing import Any
 # (vocabulary, hidden): SmolLM2-135M's head, and a Qwen3-size 152k vocabulary
 SMOLLM2_HEAD = (49152, 576)
 TINY_HEAD = (512, 64)
+# opsd in TRL's fp32 (``opsd``), with its CPU fast paths (``opsd_bf16s``: bf16 rollouts; ``opsd_fast``: also
+# the frozen base's products in bf16), TRL in fp32 and at its default bf16 autocast, the naive reference
+CPU_IMPLS = ("opsd", "opsd_bf16s", "opsd_fast", "trl", "trl_bf16", "naive")
 
 
 @dataclass
@@ -41,7 +44,7 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
         return Suite(
             name, "cpu", threads or 1, "float32",
             matmul={"size": 128, "dtype": "float32", "repeats": 2},
-            step_groups=[_step_group("tiny", 1, 2, 1, 4, 0, 1, impls=("opsd", "trl"))],
+            step_groups=[_step_group("tiny", 1, 2, 1, 4, 0, 1, impls=("opsd", "trl", "trl_bf16"))],
             kernel={"heads": [(512, 64)], "rows": [64], "impls": ["chunked", "naive"], "repeats": 2,
                     "chunk": 16, "naive_cap_gb": 1.0},
         )
@@ -50,10 +53,10 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
             name, "cpu", threads or 2, "float32",
             matmul={"size": 2048, "dtype": "float32", "repeats": 5},
             step_groups=[
-                _step_group("tiny", 3, 4, 2, 64, 1, 5, impls=("opsd", "opsd_bf16s", "opsd_fast", "trl", "naive")),
+                _step_group("tiny", 3, 4, 2, 64, 1, 5, impls=CPU_IMPLS),
                 # the default profile's batch shape; 7-15 s a step on 2 quiet cores: one warm-up, two timed steps
                 _step_group("smollm2", 3, 4, 2, 32, 1, 2,
-                            impls=("opsd", "opsd_bf16s", "opsd_fast", "trl", "naive")),
+                            impls=CPU_IMPLS),
             ],
             default_profile={"model": "smollm2", "warmup": 0, "steps": 1},
             loss_only=[{"model": "smollm2", "vocab": SMOLLM2_HEAD[0], "hidden": SMOLLM2_HEAD[1], "rows": 64,

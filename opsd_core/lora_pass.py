@@ -113,10 +113,10 @@ def installed(model: nn.Module, packs: LinearPacks) -> Iterator[None]:
     for m in model.modules():
         if _is_lora_linear(m):
             name = _plain_adapter(m)  # the adapter state cannot change within the block: decided once
-            if name is None or not wanted(m.base_layer, packs.force):
+            if name is None or not wanted(m.base_layer, packs.every_size):
                 continue  # peft's forward as it is (over the packed base when that is big enough)
             m.forward = _lora_forward(m, name, packs)
-        elif wanted(m, packs.force):
+        elif wanted(m, packs.every_size):
             m.forward = _linear_forward(m, packs)
         else:
             continue

@@ -11,6 +11,11 @@ teacher) and the sampler's merged copy (repacked once per step).
 
 Results are not bit-identical to ``F.linear`` in fp32 (another summation order: relative
 differences around 1e-6); bf16 products matched exactly in the measurements.
+
+A pack may also compute in a narrower dtype than its weight (``compute=torch.bfloat16`` over fp32
+weights): the weight is rounded to bf16 once, inputs are rounded on the way in and outputs returned
+in the input's dtype, as ``torch.autocast`` does for a linear layer. On CPUs with bf16 units
+(AVX512-BF16, AMX) oneDNN runs such products 2-3x faster than fp32 (``benchmarks/``).
 """
 
 from __future__ import annotations
@@ -56,17 +61,23 @@ def _apply(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
 class PackedLinear:
     """``y = x Wᵀ + b`` for a frozen ``W`` [out, in], packed for oneDNN; gradients flow to ``x`` only.
 
-    The input gradient ``g W`` is a plain matmul on ``W``: a second pack of ``Wᵀ`` (one more copy)
-    measured no faster in the student's backward (2.79 vs 2.87 s, within noise). Inputs in another
-    dtype than ``W`` fall back to ``F.linear``. The source tensor's identity is kept, so
+    ``compute``: the dtype the products run in (default ``W``'s own); inputs in ``W``'s dtype are
+    rounded to it and results come back in ``W``'s dtype. The input gradient ``g W`` is a plain
+    matmul on ``W`` (in ``compute``): a second pack of ``Wᵀ`` (one more copy) measured no faster in
+    the student's backward (2.79 vs 2.87 s, and 3.69 vs 3.72 s in a later alternating run). Inputs in
+    another dtype than ``W`` fall back to ``F.linear``. The source tensor's identity is kept, so
     :meth:`matches` can tell a stale pack.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, compute: torch.dtype | None = None) -> None:
         self.weight = weight.detach()
-        self.bias = None if bias is None else bias.detach()
         self.source = _identity(weight)
-        self.forward_pack = _pack(self.weight)
+        self.compute = compute or self.weight.dtype
+        # the operands in the compute dtype (the weight itself when that is its own dtype)
+        self.matrix = self.weight.to(self.compute)
+        self.bias = None if bias is None else bias.detach()
+        self._bias = None if bias is None else self.bias.to(self.compute)
+        self.forward_pack = _pack(self.matrix)
 
     def matches(self, weight: Tensor) -> bool:
         return _identity(weight) == self.source
@@ -76,22 +87,22 @@ class PackedLinear:
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinearFn.apply(x, self)
-        return _apply(x, self.forward_pack, self.bias)
+        return self.forward_no_grad(x)
 
     def forward_no_grad(self, x: Tensor) -> Tensor:
-        """``x Wᵀ + b`` outside autograd (for callers that write their own backward)."""
-        return _apply(x, self.forward_pack, self.bias)
+        """``x Wᵀ + b`` outside autograd (for callers that write their own backward), in ``x``'s dtype."""
+        return _apply(x.to(self.compute), self.forward_pack, self._bias).to(x.dtype)
 
     def input_grad(self, grad: Tensor) -> Tensor:
-        """``grad W``: the gradient of the input given the output's."""
-        return grad @ self.weight
+        """``grad W``: the gradient of the input given the output's (in ``grad``'s dtype)."""
+        return (grad.to(self.compute) @ self.matrix).to(grad.dtype)
 
 
 class _PackedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: PackedLinear) -> Tensor:
         ctx.layer = layer
-        return _apply(x, layer.forward_pack, layer.bias)
+        return layer.forward_no_grad(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -121,35 +132,40 @@ class LinearPacks:
 
     One instance serves every pass over the same frozen weights (the student's base layers, the
     fixed teacher reading the same base), so each weight is packed once per run, not per step.
-    ``force`` packs layers of any size (tests run the path on tiny models).
+    ``force`` packs layers of any size (tests run the path on tiny models); ``compute``: the dtype
+    the products run in (``None``: each weight's own). With ``compute``, layers of every size are
+    packed, so that every product with a frozen weight runs in that dtype, as the setting says.
     """
 
-    def __init__(self, force: bool = False) -> None:
+    def __init__(self, force: bool = False, compute: torch.dtype | None = None) -> None:
         self.force = force
+        self.compute = compute
+        self.every_size = force or compute is not None
         self._packs: dict[int, PackedLinear] = {}
 
     def get(self, linear: nn.Module) -> PackedLinear | None:
         """The pack of ``linear`` (rebuilt when its weight changed), or None when it is not packed."""
-        if not wanted(linear, self.force):
+        if not wanted(linear, self.every_size):
             return None
         pack = self._packs.get(id(linear))
         if pack is None or not pack.matches(linear.weight):
-            pack = PackedLinear(linear.weight, linear.bias)
+            pack = PackedLinear(linear.weight, linear.bias, self.compute)
             self._packs[id(linear)] = pack
         return pack
 
     def pack(self, weight: Tensor, bias: Tensor | None) -> PackedLinear | None:
         """A new pack of a matrix this instance does not track (the engine's concatenated q/k/v, gate/up),
         or None when it is too small to gain."""
-        return PackedLinear(weight, bias) if _big_enough(weight, self.force) else None
+        return PackedLinear(weight, bias, self.compute) if _big_enough(weight, self.every_size) else None
 
 
-def from_setting(setting: str, device: torch.device | str) -> LinearPacks | None:
-    """``train.packed_weights`` (auto | on | off) on ``device`` → the packs to use, or None."""
-    if setting == "off":
-        return None
-    if not available(device):
+def from_setting(setting: str, device: torch.device | str, compute: str | None = None) -> LinearPacks | None:
+    """``train.packed_weights`` (auto | on | off) and ``train.frozen_dtype`` on ``device`` → the packs, or None."""
+    if setting == "off" or not available(device):
         if setting == "on":
             raise ValueError(f"train.packed_weights=on needs a CPU torch build with oneDNN (device is {device})")
+        if compute is not None:
+            raise ValueError(f"train.frozen_dtype={compute} runs through the packed CPU path, which is off here "
+                             f"(train.packed_weights={setting}, device {device}); on a GPU set train.precision instead")
         return None
-    return LinearPacks(force=setting == "on")
+    return LinearPacks(force=setting == "on", compute=getattr(torch, compute) if compute else None)

@@ -134,7 +134,7 @@ class OPSDTrainer:
         self.optimizer, self.scheduler = build_optimizer(model, self.cfg)
         teacher_dtype = getattr(torch, params.opsd.teacher_dtype) if params.opsd.teacher_dtype else None
         # oneDNN packs of the frozen base, shared by the student's pass and the fixed teacher
-        self.packs = from_setting(self.cfg.packed_weights, device)
+        self.packs = from_setting(self.cfg.packed_weights, device, self.cfg.frozen_dtype)
         self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype,
                                              self.packs)
         self.sampler = PolicySampler(model, sampling_dtype(sampling.dtype, device), sampling.backend, log,

@@ -64,7 +64,7 @@ def test_quick_suite_writes_well_formed_results(tmp_path: Path) -> None:
 
     # training steps: both sides ran and scored exactly rollouts x max_new_tokens completion tokens
     steps = [c for c in report["cases"] if c["kind"] == "step"]
-    assert sorted(c["spec"]["impl"] for c in steps) == ["opsd", "trl"]
+    assert sorted(c["spec"]["impl"] for c in steps) == ["opsd", "trl", "trl_bf16"]
     for case in steps:
         spec, result = case["spec"], case["result"]
         assert result["steps"], "no timed step"
@@ -77,6 +77,11 @@ def test_quick_suite_writes_well_formed_results(tmp_path: Path) -> None:
     opsd = group["impls"]["opsd"]["tok_s"]["median"]
     trl = group["impls"]["trl"]["tok_s"]["median"]
     assert ratio["n"] == 1 and math.isclose(ratio["median"], opsd / trl, rel_tol=1e-9)
+    assert group["ratios"]["opsd/trl_bf16"]["tok_s"]["n"] == 1  # TRL at its default bf16 autocast ran too
+    autocast = {c["spec"]["impl"]: c["result"]["settings"]["autocast"] for c in steps}
+    assert autocast == {"opsd": None, "trl": ["sampling:off", "scoring:off"], "trl_bf16": ["sampling:off", "scoring:bf16"]}, autocast
+    targets = [t["target"] for t in report["targets"]]
+    assert any("2x TRL bf16 autocast" in t for t in targets) and any("2x TRL (" in t for t in targets), targets
 
     # the loss kernel: two independent implementations of the same forward KL agree
     losses = {r["impl"]: r["loss"] for r in report["kernel_rows"]}
