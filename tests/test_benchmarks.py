@@ -125,3 +125,18 @@ def test_breakdown_times_every_piece_of_a_step(tmp_path: Path) -> None:
     for piece in ("sampling (whole rollout)", "sampling, TRL's way", "teacher forward", "student forward + backward",
                   "loss (chunked, forward + gradient)", "optimizer step"):
         assert seconds[piece] > 0, (piece, proc.stdout)
+
+
+def test_ab_packs_times_both_settings_alternating(tmp_path: Path) -> None:
+    env = dict(os.environ, OPSD_BENCH_MODEL_CACHE=str(tmp_path / "models"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab_packs", "--model", "tiny", "--new-tokens", "4", "--repeats", "2",
+         "--threads", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^(student forward \+ backward|teacher forward)\s+(fp32|bf16)\s+([0-9.]+) s\s+\((.*)\)$",
+                      proc.stdout, re.MULTILINE)
+    assert {(r[0], r[1]) for r in rows} == {(p, s) for p in ("student forward + backward", "teacher forward")
+                                           for s in ("fp32", "bf16")}, proc.stdout
+    assert all(len(r[3].split(", ")) == 2 and float(r[2]) > 0 for r in rows)
