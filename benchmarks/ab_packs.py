@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = start_step_case(args)
     import torch
 
-    from benchmarks.step_opsd import _batch, _setup
-    from opsd_core.scoring import build_scoring_batch
+    from benchmarks.step_opsd import _setup, step_batches
     from opsd_core.trainer import OPSDTrainer
 
     params, model, tok, problems, dev = _setup(spec)
@@ -39,13 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         packs = trainer.packs
         if packs is None:
             raise SystemExit("the packed CPU path is off here (train.packed_weights, or no oneDNN)")
-        batch = _batch(problems, 0, args.rollouts)
-        rollouts = trainer.rollout(batch, 0)
-        mb = args.micro_batch
-        parts = [(batch[i:i + mb], rollouts.completion_ids[i:i + mb], rollouts.completion_mask[i:i + mb])
-                 for i in range(0, len(batch), mb)]
-        s_batches = [build_scoring_batch([p.student_ids for p in b], i, m, tok.pad_token_id) for b, i, m in parts]
-        t_batches = [build_scoring_batch([p.teacher_ids for p in b], i, m, tok.pad_token_id) for b, i, m in parts]
+        step = step_batches(trainer, problems, args.rollouts, args.micro_batch)
         model.train()
 
         def use(setting: str) -> None:  # what from_setting builds for each value of train.frozen_dtype
@@ -54,16 +47,16 @@ def main(argv: list[str] | None = None) -> int:
             packs._packs.clear()
 
         def student() -> None:
-            for b in s_batches:
+            for b in step.student:
                 trainer.student_hidden(b).float().pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
 
         def teacher() -> None:
-            for b in t_batches:
+            for b in step.teacher:
                 trainer.teacher.hidden(b)
 
         passes: dict[str, Callable[[], None]] = {"student forward + backward": student, "teacher forward": teacher}
-        print(f"{args.model}: {args.rollouts} rollouts x {args.new_tokens} tokens, micro-batch {mb}, "
+        print(f"{args.model}: {args.rollouts} rollouts x {args.new_tokens} tokens, micro-batch {args.micro_batch}, "
               f"{args.threads} threads; fp32 packs vs bf16 packs, alternating, {args.repeats} each")
         for name, fn in passes.items():
             times: dict[str, list[float]] = {"fp32": [], "bf16": []}

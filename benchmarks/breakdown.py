@@ -39,22 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     spec = start_step_case(args)
     import torch
 
-    from benchmarks.step_opsd import _batch, _setup
+    from benchmarks.step_opsd import _setup, step_batches
     from opsd_core.losses import chunked_divergence_loss
     from opsd_core.rollout import sample
-    from opsd_core.scoring import build_scoring_batch, completion_hidden, lm_head
+    from opsd_core.scoring import completion_hidden, lm_head
     from opsd_core.trainer import OPSDTrainer
 
     params, model, tok, problems, dev = _setup(spec)
     with TemporaryDirectory() as tmp:
         trainer = OPSDTrainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)
-        batch = _batch(problems, 0, args.rollouts)
-        rollouts = trainer.rollout(batch, 0)
+        step = step_batches(trainer, problems, args.rollouts, args.micro_batch)
+        batch, rollouts, parts, s_batches, t_batches = step.batch, step.rollouts, step.parts, step.student, step.teacher
         mb = args.micro_batch
-        parts = [(batch[i:i + mb], rollouts.completion_ids[i:i + mb], rollouts.completion_mask[i:i + mb])
-                 for i in range(0, len(batch), mb)]
-        s_batches = [build_scoring_batch([p.student_ids for p in b], i, m, tok.pad_token_id) for b, i, m in parts]
-        t_batches = [build_scoring_batch([p.teacher_ids for p in b], i, m, tok.pad_token_id) for b, i, m in parts]
         engine = trainer.sampler.module()
         rows: list[tuple[str, float, str]] = []
 

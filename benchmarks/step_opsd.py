@@ -18,6 +18,7 @@ All build the policy exactly as ``opsd train`` does (``stages.build_policy``: lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,31 @@ def _setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[Any], Any]:
 def _batch(problems: list[Any], step: int, per_step: int) -> list[Any]:
     # the k-th block of problems, in order: every implementation sees the same prompts at the same step
     return problems[step * per_step:(step + 1) * per_step]
+
+
+@dataclass
+class StepBatches:
+    """Step 0 of a case taken apart: its problems, rollouts, and the micro-batches both roles score."""
+
+    batch: list[Any]
+    rollouts: Any
+    parts: list[tuple[list[Any], Any, Any]]  # (problems, completion ids, completion mask) per micro-batch
+    student: list[Any]  # ScoringBatch per micro-batch
+    teacher: list[Any]
+
+
+def step_batches(trainer: Any, problems: list[Any], per_step: int, micro_batch: int) -> StepBatches:
+    """Sample step 0 with ``trainer`` and lay its rollouts out as the scoring micro-batches (tools timing pieces)."""
+    from opsd_core.scoring import build_scoring_batch
+
+    batch = _batch(problems, 0, per_step)
+    rollouts = trainer.rollout(batch, 0)
+    parts = [(batch[i:i + micro_batch], rollouts.completion_ids[i:i + micro_batch],
+              rollouts.completion_mask[i:i + micro_batch]) for i in range(0, len(batch), micro_batch)]
+    pad = trainer.pad_id
+    return StepBatches(batch, rollouts, parts,
+                       [build_scoring_batch([p.student_ids for p in b], i, m, pad) for b, i, m in parts],
+                       [build_scoring_batch([p.teacher_ids for p in b], i, m, pad) for b, i, m in parts])
 
 
 def run_opsd(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any]:

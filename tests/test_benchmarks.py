@@ -109,34 +109,34 @@ def _assert_tables_rectangular(text: str) -> None:
             table = []
 
 
-def test_breakdown_times_every_piece_of_a_step(tmp_path: Path) -> None:
+def _tool(tmp_path: Path, module: str, repeats: int) -> str:
+    """stdout of ``python -m benchmarks.MODULE`` on the tiny model (4-token rollouts, one thread)."""
     env = dict(os.environ, OPSD_BENCH_MODEL_CACHE=str(tmp_path / "models"))
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.breakdown", "--model", "tiny", "--new-tokens", "4", "--repeats", "1",
-         "--threads", "1"],
+        [sys.executable, "-m", f"benchmarks.{module}", "--model", "tiny", "--new-tokens", "4", "--repeats",
+         str(repeats), "--threads", "1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_breakdown_times_every_piece_of_a_step(tmp_path: Path) -> None:
+    stdout = _tool(tmp_path, "breakdown", 1)
     seconds = {}
-    for line in proc.stdout.splitlines()[1:]:
+    for line in stdout.splitlines()[1:]:
         found = re.match(r"^\s*(.*?)\s+([0-9.]+) s\b", line)
         assert found, line
         seconds[found.group(1)] = float(found.group(2))
     for piece in ("sampling (whole rollout)", "sampling, TRL's way", "teacher forward", "student forward + backward",
                   "loss (chunked, forward + gradient)", "optimizer step"):
-        assert seconds[piece] > 0, (piece, proc.stdout)
+        assert seconds[piece] > 0, (piece, stdout)
 
 
 def test_ab_packs_times_both_settings_alternating(tmp_path: Path) -> None:
-    env = dict(os.environ, OPSD_BENCH_MODEL_CACHE=str(tmp_path / "models"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.ab_packs", "--model", "tiny", "--new-tokens", "4", "--repeats", "2",
-         "--threads", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = _tool(tmp_path, "ab_packs", 2)
     rows = re.findall(r"^(student forward \+ backward|teacher forward)\s+(fp32|bf16)\s+([0-9.]+) s\s+\((.*)\)$",
-                      proc.stdout, re.MULTILINE)
+                      stdout, re.MULTILINE)
     assert {(r[0], r[1]) for r in rows} == {(p, s) for p in ("student forward + backward", "teacher forward")
-                                           for s in ("fp32", "bf16")}, proc.stdout
+                                           for s in ("fp32", "bf16")}, stdout
     assert all(len(r[3].split(", ")) == 2 and float(r[2]) > 0 for r in rows)
