@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def use(setting: str) -> None:  # what from_setting builds for each value of train.frozen_dtype
             packs.compute = torch.bfloat16 if setting == "bf16" else None
-            packs.every_size = packs.force or packs.compute is not None
-            packs._packs.clear()
+            packs.clear()
 
         def student() -> None:
             for b in step.student:

@@ -140,8 +140,15 @@ class LinearPacks:
     def __init__(self, force: bool = False, compute: torch.dtype | None = None) -> None:
         self.force = force
         self.compute = compute
-        self.every_size = force or compute is not None
         self._packs: dict[int, PackedLinear] = {}
+
+    @property
+    def every_size(self) -> bool:
+        return self.force or self.compute is not None
+
+    def clear(self) -> None:
+        """Drop every pack made so far (the next use rebuilds them, e.g. after ``compute`` changed)."""
+        self._packs.clear()
 
     def get(self, linear: nn.Module) -> PackedLinear | None:
         """The pack of ``linear`` (rebuilt when its weight changed), or None when it is not packed."""
