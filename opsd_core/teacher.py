@@ -76,9 +76,17 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
     return dict(iter_effective_weights(model))
 
 
-def _engine(module: nn.Module, packs: LinearPacks | None = None) -> DecoderEngine | None:
-    """An unpacked engine over ``module``'s weights (LoRA adapters ignored), if the architecture allows."""
-    return DecoderEngine(module, pack=False, packs=packs) if supports(module) is None else None
+def _engine(module: nn.Module, packs: LinearPacks | None = None, per_row: bool | None = None) -> DecoderEngine | None:
+    """An unpacked engine over ``module``'s weights (LoRA adapters ignored), if the architecture allows.
+
+    ``per_row`` None: on a CPU only. The engine scores one unpadded row at a time, which saves the
+    padding's FLOPs where FLOPs are the cost; on a GPU every row is another few hundred small kernel
+    launches, and the padded batch is the better trade (opsd's scoring measured 0.46x TRL's with the
+    per-row engine on an H200, SmolLM2-135M, 8 rows a micro-batch: benchmarks/results/2026-11-27-h200.md).
+    """
+    if per_row is None:
+        per_row = next(module.parameters()).device.type == "cpu"
+    return DecoderEngine(module, pack=False, packs=packs) if per_row and supports(module) is None else None
 
 
 class _TeacherBase:
@@ -128,12 +136,14 @@ class FixedTeacher(_TeacherBase):
 
     With ``dtype`` different from the weights' dtype, a frozen copy of the base in that dtype is
     scored instead (LoRA removed): one more copy of the weights, bf16 trades teacher precision for
-    speed. Llama-family models are scored by :class:`DecoderEngine` (no padding, adapter ignored,
-    so no copy is needed for LoRA in the training dtype); ``packs`` runs its frozen linears through
-    oneDNN on a CPU (shared with the student's pass over the same base layers).
+    speed. On a CPU, Llama-family models are scored by :class:`DecoderEngine` (no padding, adapter
+    ignored, so no copy is needed for LoRA in the training dtype; ``per_row`` overrides the choice);
+    ``packs`` runs its frozen linears through oneDNN there (shared with the student's pass over the
+    same base layers).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, packs: LinearPacks | None = None) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, packs: LinearPacks | None = None,
+                 per_row: bool | None = None) -> None:
         super().__init__(model)
         self._frozen: nn.Module | None = None
         if dtype is not None and dtype != next(model.parameters()).dtype:
@@ -142,7 +152,7 @@ class FixedTeacher(_TeacherBase):
             self._frozen = frozen.to(dtype).eval().requires_grad_(False)
         elif not is_peft(model):
             self._frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        self._engine = _engine(self._frozen if self._frozen is not None else model, packs)
+        self._engine = _engine(self._frozen if self._frozen is not None else model, packs, per_row)
 
     @contextmanager
     def _weights(self) -> Iterator[nn.Module]:
@@ -158,14 +168,14 @@ class FixedTeacher(_TeacherBase):
 class EmaTeacher(_TeacherBase):
     """Exponential moving average of the effective trained weights, swapped in for teacher passes."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, per_row: bool | None = None) -> None:
         super().__init__(model)
         self.decay = decay
         self.lora = is_peft(model)
         # fp32 accumulators: a 1 % update of a bf16 weight is often below bf16's resolution
         self.ema = {name: w.detach().float().clone() for name, w in effective_weights(self.model).items()}
         # the engine reads the module's weight tensors at call time, so it sees the EMA swapped in
-        self._engine = _engine(model)
+        self._engine = _engine(model, per_row=per_row)
 
     def _targets(self) -> dict[str, Tensor]:
         """name -> the parameter tensor the EMA replaces during a teacher pass."""

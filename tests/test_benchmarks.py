@@ -48,11 +48,10 @@ def test_linear_fit_recovers_a_line() -> None:
 
 @pytest.mark.slow
 def test_quick_suite_writes_well_formed_results(tmp_path: Path) -> None:
-    env = dict(os.environ, OPSD_BENCH_MODEL_CACHE=str(tmp_path / "models"))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--suite", "quick", "--out-dir", str(tmp_path / "out"),
          "--tag", "test"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -109,13 +108,18 @@ def _assert_tables_rectangular(text: str) -> None:
             table = []
 
 
+def _env(tmp_path: Path) -> dict[str, str]:
+    """Benchmark processes with their model and problem caches under ``tmp_path``."""
+    return dict(os.environ, OPSD_BENCH_MODEL_CACHE=str(tmp_path / "models"),
+                OPSD_BENCH_PROBLEMS=str(tmp_path / "problems"))
+
+
 def _tool(tmp_path: Path, module: str, repeats: int) -> str:
     """stdout of ``python -m benchmarks.MODULE`` on the tiny model (4-token rollouts, one thread)."""
-    env = dict(os.environ, OPSD_BENCH_MODEL_CACHE=str(tmp_path / "models"))
     proc = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{module}", "--model", "tiny", "--new-tokens", "4", "--repeats",
          str(repeats), "--threads", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -140,3 +144,70 @@ def test_ab_packs_times_both_settings_alternating(tmp_path: Path) -> None:
     assert {(r[0], r[1]) for r in rows} == {(p, s) for p in ("student forward + backward", "teacher forward")
                                            for s in ("fp32", "bf16")}, stdout
     assert all(len(r[3].split(", ")) == 2 and float(r[2]) > 0 for r in rows)
+
+
+def test_problems_are_cached_and_read_back_without_reasoning_gym(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "PROBLEM_CACHE", tmp_path)
+    fresh = common.trace_problems(3, seed=7)
+    path = tmp_path / "gsm_symbolic-7-3.json"
+    assert [p.id for p in fresh] == ["gsm-7-0", "gsm-7-1", "gsm-7-2"] and path.is_file()
+    rows = json.loads(path.read_text())
+    assert rows == [vars(p) for p in fresh]
+    rows[0]["problem"] = "edited in the cache"
+    path.write_text(json.dumps(rows))
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # a machine without it (import raises)
+    assert common.trace_problems(3, seed=7)[0].problem == "edited in the cache"
+    with pytest.raises(RuntimeError, match=r"benchmarks\.problems 4"):
+        common.trace_problems(4, seed=7)
+
+
+def test_shape_model_keeps_the_shape_and_replaces_the_weights(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import shape_model
+    from opsd_core.config import load_params
+    from opsd_core.models import load_model_and_tokenizer, resolve_base_dir
+
+    params = load_params(REPO / "params.yaml", "smoke", [f"model.cache_dir={tmp_path / 'models'}"])
+    src = Path(resolve_base_dir(params.model, REPO))
+    dst = shape_model.export(src, tmp_path / "tiny-shape")
+    assert not any(p.name.endswith(shape_model.WEIGHT_SUFFIXES) or p.name.startswith(".") for p in dst.iterdir())
+    assert (dst / "tokenizer.json").is_file() and (dst / shape_model.MARKER).is_file()
+    wide = json.loads(shape_model.export(src, tmp_path / "wide", preset="smollm2-1.7b").joinpath("config.json").read_text())
+    assert wide["hidden_size"] == 2048 and wide["num_hidden_layers"] == 24 and wide["rope_parameters"]["rope_theta"] == 130000.0
+
+    shape_model.materialize(dst, seed=1)
+    weights = sorted(dst.glob("*.safetensors"))
+    assert weights
+    stamp = weights[0].stat().st_mtime_ns
+    shape_model.materialize(dst, seed=2)  # weights present: left alone
+    assert weights[0].stat().st_mtime_ns == stamp
+    original = AutoModelForCausalLM.from_pretrained(src)
+    params.model.base = str(dst)
+    model, tok = load_model_and_tokenizer(params.model, REPO)  # opsd's own loader takes the directory
+    shapes = {n: p.shape for n, p in original.named_parameters()}
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    weights = dict(model.named_parameters())
+    assert not any(p.dim() == 2 and torch.equal(p, weights[n]) for n, p in original.named_parameters())
+    assert tok("2 + 2 =")["input_ids"]
+
+
+def test_fail_fast_skips_the_cases_after_a_failure(tmp_path: Path) -> None:
+    # the quick suite's step cases read 2 problems (2 rollouts x 1 step): a broken cache fails the first one
+    (tmp_path / "problems").mkdir()
+    (tmp_path / "problems" / "gsm_symbolic-42-2.json").write_text("not json\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--suite", "quick", "--only", "step", "--fail-fast",
+         "--out-dir", str(tmp_path / "out"), "--tag", "ff"],
+        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(next((tmp_path / "out").glob("*-ff.json")).read_text())
+    cases = report["cases"]
+    assert len(cases) == 3 and not cases[0]["ok"] and "JSONDecodeError" in cases[0]["error"]
+    assert all(c.get("skipped") and "--fail-fast" in c["error"] for c in cases[1:])
+    assert "JSONDecodeError" in proc.stderr  # the failure's traceback is printed, not only kept in the JSON

@@ -166,6 +166,34 @@ def test_fixed_teacher_stays_the_base_model_after_training(smoke: Params, tmp_pa
     assert not torch.allclose(student, expected)  # the student did move
 
 
+def test_fixed_teacher_padded_batch_is_the_base_model(smoke: Params, tmp_path: Path) -> None:
+    """The GPU choice (one padded batch, adapter disabled) scores what the per-row engine scores."""
+    base, tok = load_model_and_tokenizer(smoke.model, ROOT)
+    base.eval()
+    model, _ = _policy(smoke)
+    padded = FixedTeacher(model, per_row=False)
+    assert padded._engine is None
+    trainer = _trainer(smoke, model, tok, tmp_path)
+    rollouts = _fixed_rollouts(tok, 4)
+    _train(trainer, rollouts, 2)
+    batch = _teacher_batch(trainer, rollouts, tok)
+    with torch.no_grad():
+        expected = completion_hidden(base, batch)
+    _assert_close_where_valid(padded.hidden(batch), expected, rollouts.completion_mask, 1e-5)
+    _assert_close_where_valid(padded.hidden(batch), trainer.teacher.hidden(batch), rollouts.completion_mask, 1e-5)
+    assert model.training  # the padded pass restores the train mode it found
+
+
+def test_teacher_engine_is_chosen_on_cpu_only(smoke: Params) -> None:
+    model, _ = _policy(smoke)
+    assert FixedTeacher(model)._engine is not None
+    assert EmaTeacher(model, 0.9)._engine is not None
+    model.to("meta")  # any non-CPU device: no per-row engine unless asked for
+    assert FixedTeacher(model)._engine is None
+    assert EmaTeacher(model, 0.9, per_row=None)._engine is None
+    assert FixedTeacher(model, per_row=True)._engine is not None
+
+
 def test_fixed_teacher_for_full_finetuning_is_a_frozen_copy(smoke: Params, tmp_path: Path) -> None:
     params = smoke.model_copy(deep=True)
     params.lora.enabled = False
