@@ -156,21 +156,28 @@ class TraceProblem:
 def trace_problems(n: int, seed: int = 42) -> list[TraceProblem]:
     """``n`` deterministic problems from reasoning-gym (the project's bundled data source).
 
-    Kept as JSON under ``PROBLEM_CACHE`` after the first call, so that a machine without reasoning-gym (the
-    GPU script's device, say) runs from a copied cache; the cache is keyed by ``n``, ``seed`` and the
-    generator, and written only where reasoning-gym produced it.
+    Kept as JSON under ``PROBLEM_CACHE`` after the first call (keyed by ``n`` and ``seed``, with the
+    reasoning-gym version that made it), so that a machine without reasoning-gym, the GPU script's box
+    say, runs from a copied cache. Where reasoning-gym is installed, a cache from another version is
+    made again: the problems a benchmark trains on follow the installed generator.
     """
     import json
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        installed: str | None = version("reasoning-gym")
+    except PackageNotFoundError:
+        installed = None
     path = PROBLEM_CACHE / f"gsm_symbolic-{seed}-{n}.json"
     if path.is_file():
-        rows = json.loads(path.read_text())
-        return [TraceProblem(**row) for row in rows]
-    try:
-        import reasoning_gym
-    except ImportError as err:
+        cached = json.loads(path.read_text())
+        if installed is None or cached["reasoning_gym"] == installed:
+            return [TraceProblem(**row) for row in cached["problems"]]
+    if installed is None:
         raise RuntimeError(f"{n} benchmark problems (seed {seed}) need reasoning-gym, or {path} made by "
-                           f"`python -m benchmarks.problems {n}` where it is installed") from err
+                           f"`python -m benchmarks.problems {n}` where it is installed")
+    import reasoning_gym
+
     data = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
     problems = [
         TraceProblem(f"gsm-{seed}-{i}", row["question"], row["metadata"]["answer_cot"])
@@ -178,7 +185,7 @@ def trace_problems(n: int, seed: int = 42) -> list[TraceProblem]:
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps([vars(t) for t in problems], indent=0) + "\n")
+    tmp.write_text(json.dumps({"reasoning_gym": installed, "problems": [vars(t) for t in problems]}, indent=0) + "\n")
     tmp.replace(path)  # atomic: concurrent cases never read half a file
     return problems
 

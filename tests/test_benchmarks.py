@@ -148,18 +148,30 @@ def test_ab_packs_times_both_settings_alternating(tmp_path: Path) -> None:
 
 def test_problems_are_cached_and_read_back_without_reasoning_gym(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import PackageNotFoundError
+
     import benchmarks.common as common
 
     monkeypatch.setattr(common, "PROBLEM_CACHE", tmp_path)
     fresh = common.trace_problems(3, seed=7)
     path = tmp_path / "gsm_symbolic-7-3.json"
     assert [p.id for p in fresh] == ["gsm-7-0", "gsm-7-1", "gsm-7-2"] and path.is_file()
-    rows = json.loads(path.read_text())
-    assert rows == [vars(p) for p in fresh]
-    rows[0]["problem"] = "edited in the cache"
-    path.write_text(json.dumps(rows))
-    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # a machine without it (import raises)
-    assert common.trace_problems(3, seed=7)[0].problem == "edited in the cache"
+    cached = json.loads(path.read_text())
+    assert cached["problems"] == [vars(p) for p in fresh]
+    cached["problems"][0]["problem"] = "edited in the cache"
+    path.write_text(json.dumps(cached))
+    assert common.trace_problems(3, seed=7)[0].problem == "edited in the cache"  # read, not made again
+
+    path.write_text(json.dumps({**cached, "reasoning_gym": "0.0.1"}))  # another generator's problems
+    assert common.trace_problems(3, seed=7) == fresh
+    assert json.loads(path.read_text())["reasoning_gym"] != "0.0.1"
+
+    def missing(name: str) -> str:
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr("importlib.metadata.version", missing)  # a machine without reasoning-gym
+    path.write_text(json.dumps({**cached, "reasoning_gym": "0.0.1"}))
+    assert common.trace_problems(3, seed=7)[0].problem == "edited in the cache"  # any cache will do there
     with pytest.raises(RuntimeError, match=r"benchmarks\.problems 4"):
         common.trace_problems(4, seed=7)
 
