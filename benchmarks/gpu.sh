@@ -22,16 +22,19 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 export TRL_EXPERIMENTAL_SILENCE=1 WANDB_DISABLED=true DO_NOT_TRACK=1
 
 SHAPES="${OPSD_BENCH_SHAPES:-.opsd/bench/shapes}"
-if [[ "${1:-}" == "--prepare" ]]; then  # on a machine with the bundled data and model: what a bare GPU box needs
-  base=$("$PY" -c "
+bundled_smollm2() {  # the bundled GGUF converted once (cached where the cases look: .opsd/models): its directory
+  "$PY" -c "
 from pathlib import Path
+from benchmarks.common import MODEL_CACHE, SMOLLM2
 from opsd_core.config import ModelConfig
 from opsd_core.models import resolve_base_dir
-print(resolve_base_dir(ModelConfig(base='bundled:smollm2-135m-instruct', cache_dir='.opsd/models'), Path('.')))")
+print(resolve_base_dir(ModelConfig(base=SMOLLM2, cache_dir=str(MODEL_CACHE)), Path('.')))"
+}
+if [[ "${1:-}" == "--prepare" ]]; then  # on a machine with the bundled data and model: what a bare GPU box needs
+  base=$(bundled_smollm2)
   "$PY" -m benchmarks.shape_model export "$base" "$SHAPES/smollm2-135m-shape"
   "$PY" -m benchmarks.shape_model export "$base" "$SHAPES/smollm2-1.7b-shape" --preset smollm2-1.7b
-  # rollouts per step x (warm-up + timed steps) of the gpu suite's step groups
-  exec "$PY" -m benchmarks.problems 48 24
+  exec "$PY" -m benchmarks.problems --suite gpu
 fi
 
 "$PY" - <<'EOF' || exit 2
@@ -67,12 +70,7 @@ echo "gpu.sh: larger model: ${LARGE:-none found}" >&2
 
 # SmolLM2: the bundled GGUF converted once, outside every timed case; else its shape with random weights
 if "$PY" -c "from opsd_core.models import bundled_gguf_path; bundled_gguf_path()" 2>/dev/null; then
-  "$PY" -c "
-from pathlib import Path
-from opsd_core.config import ModelConfig
-from opsd_core.models import resolve_base_dir
-print(resolve_base_dir(ModelConfig(base='bundled:smollm2-135m-instruct', cache_dir='.opsd/models'), Path('.')))
-" >&2
+  bundled_smollm2 >&2
 elif [[ -f "$SHAPES/smollm2-135m-shape/config.json" ]]; then
   OPSD_BENCH_SMOLLM2="$(realpath "$("$PY" -m benchmarks.shape_model materialize "$SHAPES/smollm2-135m-shape")")"
   export OPSD_BENCH_SMOLLM2

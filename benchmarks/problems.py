@@ -1,7 +1,8 @@
-"""Write the benchmark problems to their cache: ``python -m benchmarks.problems N [N ...] [--seed S]``.
+"""Write the benchmark problems to their cache: ``python -m benchmarks.problems [N ...] [--suite S] [--seed S]``.
 
 Run where reasoning-gym is installed, then copy ``.opsd/bench/problems`` to a machine without it (the GPU
-script's device); every case reads the same problems from there.
+script's box); every case reads the same problems from there. ``--suite`` writes what that suite's step
+cases read (rollouts per step × steps, per step group, a larger model's included).
 """
 
 from __future__ import annotations
@@ -10,14 +11,25 @@ import argparse
 import sys
 
 from benchmarks.common import PROBLEM_CACHE, trace_problems
+from benchmarks.suites import build_suite
+
+
+def suite_counts(name: str) -> list[int]:
+    """The problem counts the step cases of suite ``name`` read."""
+    groups = build_suite(name, large_model="any-large-model").step_groups
+    return sorted({g["rollouts"] * (g["warmup"] + g["steps"]) for g in groups})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("counts", type=int, nargs="+", help="problem counts (rollouts per step x steps of a case)")
+    parser.add_argument("counts", type=int, nargs="*", help="problem counts (rollouts per step x steps of a case)")
+    parser.add_argument("--suite", choices=["quick", "cpu", "gpu"], default=None)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
-    for n in args.counts:
+    counts = sorted(set(args.counts) | set(suite_counts(args.suite) if args.suite else []))
+    if not counts:
+        parser.error("give problem counts or --suite")
+    for n in counts:
         problems = trace_problems(n, args.seed)
         print(f"{len(problems)} problems, seed {args.seed}: {PROBLEM_CACHE}", file=sys.stderr)
     return 0

@@ -223,3 +223,24 @@ def test_fail_fast_skips_the_cases_after_a_failure(tmp_path: Path) -> None:
     assert len(cases) == 3 and not cases[0]["ok"] and "JSONDecodeError" in cases[0]["error"]
     assert all(c.get("skipped") and "--fail-fast" in c["error"] for c in cases[1:])
     assert "JSONDecodeError" in proc.stderr  # the failure's traceback is printed, not only kept in the JSON
+
+
+@pytest.mark.slow
+def test_gpu_script_prepares_a_bare_box_and_refuses_to_run_without_cuda(tmp_path: Path) -> None:
+    env = dict(_env(tmp_path), OPSD_BENCH_SHAPES=str(tmp_path / "shapes"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--prepare"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, layers in (("smollm2-135m-shape", 30), ("smollm2-1.7b-shape", 24)):
+        folder = tmp_path / "shapes" / name
+        assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == layers
+        assert (folder / "tokenizer.json").is_file() and not list(folder.glob("*.safetensors"))
+    # the gpu suite's step groups: 16 rollouts x 3 steps, 8 x 3 (the larger model)
+    assert sorted(p.name for p in (tmp_path / "problems").iterdir()) == ["gsm_symbolic-42-24.json",
+                                                                         "gsm_symbolic-42-48.json"]
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr[-2000:]
