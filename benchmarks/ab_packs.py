@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = start_step_case(args)
     import torch
 
+    from opsd_core.capabilities import probe
+
+    if not probe().onednn_bf16:
+        raise SystemExit(f"ab_packs compares fp32 and bf16 oneDNN packs; this CPU cannot pack bf16 "
+                         f"({probe().describe()})")
+
     from benchmarks.step_opsd import _setup, step_batches
     from opsd_core.trainer import OPSDTrainer
 

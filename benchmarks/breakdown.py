@@ -1,6 +1,6 @@
 """One training step taken apart: each piece of an opsd step timed alone, next to the same piece done TRL's way.
 
-``python -m benchmarks.breakdown [--impl opsd_fast] [--model smollm2] [--new-tokens 32] [--repeats 3]``
+``python -m benchmarks.breakdown [--impl opsd|opsd_bf16s|opsd_fast (default: the fastest this CPU has)] [--model smollm2] [--new-tokens 32] [--repeats 3]``
 
 Pieces are the trainer's own calls: ``OPSDTrainer.rollout`` (and the prompts' prefill alone), the
 sampler sync, ``teacher.hidden``, the student's ``student_hidden`` + backward, ``chunked_divergence_loss``
@@ -33,7 +33,7 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_step_arguments(parser, ["opsd", "opsd_bf16s", "opsd_fast"], "opsd_fast", 4, 2)
+    add_step_arguments(parser, ["opsd", "opsd_bf16s", "opsd_fast"], None, 4, 2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     spec = start_step_case(args)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("optimizer step", time.perf_counter() - start, "one measurement"))
 
         optimizer()
-    print(f"{args.impl} on {args.model}: {args.rollouts} rollouts x {args.new_tokens} tokens, micro-batch {mb}, "
+    print(f"{spec['impl']} on {args.model}: {args.rollouts} rollouts x {args.new_tokens} tokens, micro-batch {mb}, "
           f"{args.threads} threads; median of {args.repeats}")
     for name, seconds, how in rows:
         print(f"{name:55s} {seconds:7.3f} s  {how}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import OFFLINE_ENV, machine_info, process_peak_rss_mb, set_threads
+from opsd_core.capabilities import CapabilityError
 
 
 def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.kernel import run_kernel
 
             result["result"] = run_kernel(spec)
+    except CapabilityError as err:  # a path this machine does not have: not a failure of the code
+        result.update(ok=False, skipped=True, error=f"not on this machine: {err}")
     except Exception as err:  # the parent records the failure and goes on with the other cases
         result.update(ok=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
     import torch
@@ -111,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if not result["ok"]:
-        print(result["traceback"], file=sys.stderr)
-    return 0 if result["ok"] else 1
+        print(result.get("traceback") or result["error"], file=sys.stderr)
+    return 0 if result["ok"] or result.get("skipped") else 1
 
 
 if __name__ == "__main__":

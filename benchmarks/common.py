@@ -227,8 +227,17 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def add_step_arguments(parser: Any, impls: list[str], impl: str, rollouts: int, micro_batch: int) -> None:
-    """The command-line options of a one-off CPU step case (``profile_step``, ``breakdown``)."""
+def fastest_cpu_impl() -> str:
+    """``opsd_fast`` (bf16 products over bf16 packs) on CPUs with bf16 units and oneDNN bf16, else ``opsd``."""
+    from opsd_core.capabilities import probe
+
+    caps = probe()
+    return "opsd_fast" if caps.onednn_bf16 and caps.bf16_units else "opsd"
+
+
+def add_step_arguments(parser: Any, impls: list[str], impl: str | None, rollouts: int, micro_batch: int) -> None:
+    """The command-line options of a one-off CPU step case (``profile_step``, ``breakdown``).
+    ``impl`` None: the fastest this CPU has (:func:`fastest_cpu_impl`)."""
     parser.add_argument("--impl", default=impl, choices=impls)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--rollouts", type=int, default=rollouts)
@@ -242,6 +251,6 @@ def start_step_case(args: Any, warmup: int = 1, steps: int = 1) -> dict[str, Any
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     set_threads(args.threads)
-    return {"impl": args.impl, "model": args.model, "device": "cpu", "threads": args.threads,
+    return {"impl": args.impl or fastest_cpu_impl(), "model": args.model, "device": "cpu", "threads": args.threads,
             "precision": "float32", "lora_r": 16, "lora_alpha": 32, "rollouts": args.rollouts,
             "micro_batch": args.micro_batch, "new_tokens": args.new_tokens, "warmup": warmup, "steps": steps}

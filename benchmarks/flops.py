@@ -105,13 +105,16 @@ def measure_matmul(size: int, dtype_name: str, device: str, repeats: int = 5) ->
     """
     import torch
 
-    from opsd_core.packed import PackedLinear, available
+    from opsd_core.capabilities import probe
+    from opsd_core.packed import PackedLinear
 
     dtype = getattr(torch, dtype_name)
+    caps = probe()
+    packable = caps.onednn_fp32 if dtype == torch.float32 else caps.onednn_bf16 if dtype == torch.bfloat16 else False
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     kernels: dict[str, Any] = {"torch.mm": lambda: a @ b}
-    if available(device) and dtype in (torch.float32, torch.bfloat16):
+    if device == "cpu" and packable:
         packed = PackedLinear(b.t())  # x @ b as a linear layer with weight bᵀ
         kernels["onednn"] = lambda: packed(a)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

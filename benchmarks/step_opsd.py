@@ -33,7 +33,7 @@ def opsd_params(spec: dict[str, Any]) -> Any:
     from opsd_core.config import load_params
 
     overrides = [f"model.base={model_source(spec['model'])}", f"model.cache_dir={MODEL_CACHE}",
-                 f"train.threads={spec['threads']}"]
+                 f"train.threads={spec['threads']}", f"train.device={spec['device'].split(':')[0]}"]
     if spec.get("profile") != "default":
         precision = spec["precision"]
         # opsd_bf16s: opsd's own fast path (rollouts from a merged bf16 copy); not identical precision.
@@ -63,12 +63,12 @@ def _setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[Any], Any]:
 
     from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
     from opsd_core.scoring import unwrap
-    from opsd_core.stages import build_policy
+    from opsd_core.stages import build_policy, execution_plan
     from opsd_core.trainer import Problem
 
     params = opsd_params(spec)
     dev = torch.device(spec["device"])
-    model, tokenizer, _ = build_policy(params, REPO, dev)
+    model, tokenizer, _ = build_policy(params, REPO, execution_plan(params))
     if spec.get("fixed_length", True) and spec.get("profile") != "default":
         # same token count on every side: no end-of-sequence before the budget (TRL gets the same setting)
         unwrap(model).generation_config.min_new_tokens = params.opsd.sampling.max_new_tokens

@@ -50,11 +50,12 @@ def run_trl(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any
     from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from opsd_core.models import load_model_and_tokenizer, pick_dtype
+    from opsd_core.models import load_model_and_tokenizer
+    from opsd_core.stages import execution_plan
 
     params = opsd_params(spec)
     dev = torch.device(spec["device"])
-    dtype = pick_dtype(params.train.precision) if dev.type == "cuda" else getattr(torch, spec["precision"])
+    dtype = getattr(torch, execution_plan(params).precision if dev.type == "cuda" else spec["precision"])
     model, tokenizer = load_model_and_tokenizer(params.model, REPO, dtype=dtype)
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     targets = [t for t in params.lora.target_modules if t in linear]

@@ -156,6 +156,9 @@ def main_job(params_path: str = "params.yaml", profile: str | None = None,
             "single stage (`opsd train --profile ...`).", file=sys.stderr,
         )
         return 2
+    from opsd_core.stages import execution_plan
+
+    execution_plan(params)  # a setting this machine cannot honour fails now, not in the train stage
     bootstrap(params, params_file.parent)
     summary = retrain(str(params_file))
     print_next_steps(params, params_file.parent, summary)

@@ -1,3 +1,8 @@
 """opsd: On-Policy Self-Distillation of language models."""
 
+from opsd_core.capabilities import apply_isa_cap
+
+# OPSD_CPU_ISA must reach torch, oneDNN and MKL before their first kernel runs
+apply_isa_cap()
+
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from opsd_core.capabilities import CapabilityError
 from opsd_core.config import ConfigError, Params, load_params
 
 OFFLINE_DEFAULTS = {
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(promote)
     promote.add_argument("--rollback", action="store_true", help="restore the previous champion")
     _common(sub.add_parser("status", help="champion, challenger, scores and lineage"))
+    env = sub.add_parser("env", help="this machine's capabilities, the paths a run would take, library versions")
+    _common(env)
+    env.add_argument("--json", action="store_true", help="print the record as JSON")
     run = sub.add_parser("run", help="the main job: generate data if needed, run the retrain flow")
     _common(run)
     deploy = sub.add_parser("deploy", help="serve the retrain flow on a cron schedule")
@@ -78,6 +82,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     root = Path(args.params).resolve().parent if Path(args.params).exists() else Path.cwd()
     from opsd_core import stages
 
+    if args.command == "env":
+        from opsd_core.environment import render, report
+
+        record = report(params)
+        print(json.dumps(record, indent=2, sort_keys=True) if args.json else render(record, params))
+        return 2 if "plan_error" in record else 0
     if args.command == "data":
         from opsd_core.data import generate_raw
 
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as err:
+    except (ConfigError, CapabilityError) as err:
         print(f"opsd: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a clear one-line error; tracebacks on request

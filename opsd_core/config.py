@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -144,22 +144,32 @@ class TrainConfig(_Section):
     reports_dir: str = "reports"
     threads: int | None = Field(None, ge=1)
     seed: int = 0
+    # auto: CUDA when there is one, else the CPU (MPS is opt-in: not yet validated)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     # CPU only: frozen linears (LoRA base layers, fixed teacher, sampler copy) through oneDNN with
     # pre-packed weights (opsd_core/packed.py), plain LoRA layers as one fused node; costs one more copy
-    # of the frozen weights. auto: on when the CPU build supports it, for matrices of 2^17+ elements;
-    # on: every size (errors without oneDNN); off: F.linear and peft's forward everywhere.
+    # of the frozen weights. auto: on where oneDNN packs run and pay (opsd_core/plan.py), for matrices
+    # of 2^17+ elements; on: every size (an error where oneDNN cannot); off: F.linear and peft's forward.
+    # YAML reads a bare on/off as true/false: both spellings are accepted.
     packed_weights: Literal["auto", "on", "off"] = "auto"
     # packed CPU path only: the products with frozen weights (the student's base layers, the fixed
     # teacher) run in this dtype, like autocast for those layers: weights rounded once, inputs on the
     # way in, results back in `precision`; LoRA weights, their gradients, the residual stream, the loss
-    # and the optimizer stay in `precision`. bfloat16: 2-3x faster products on CPUs with bf16 units.
-    # null: the training precision.
+    # and the optimizer stay in `precision`. bfloat16: 2-3x faster products on CPUs with bf16 units;
+    # an error where oneDNN cannot pack bf16 (AVX2-only and most arm64 CPUs). null: the training precision.
     frozen_dtype: Literal["bfloat16"] | None = None
     # CPU only: keep activation-sized blocks in glibc's heap instead of fresh mmap pages per tensor
-    # (opsd_core/runtime.py; ~20% of the student pass on a VM); "default" leaves malloc alone
-    cpu_allocator: Literal["tuned", "default"] = "tuned"
+    # (opsd_core/runtime.py; ~20% of the student pass on a VM). auto: tuned where glibc has mallopt;
+    # tuned: an error where it has not; default: leave malloc alone
+    cpu_allocator: Literal["auto", "tuned", "default"] = "auto"
     progress: bool = True
+
+    @field_validator("packed_weights", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 turns a bare on/off (and yes/no, true/false) into booleans
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opsd_core.packed import LinearPacks, PackedLinear, wanted
+from opsd_core.packed import LinearPacks, PackedLinear
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -113,10 +113,10 @@ def installed(model: nn.Module, packs: LinearPacks) -> Iterator[None]:
     for m in model.modules():
         if _is_lora_linear(m):
             name = _plain_adapter(m)  # the adapter state cannot change within the block: decided once
-            if name is None or not wanted(m.base_layer, packs.every_size):
+            if name is None or not packs.wants(m.base_layer):
                 continue  # peft's forward as it is (over the packed base when that is big enough)
             m.forward = _lora_forward(m, name, packs)
-        elif wanted(m, packs.every_size):
+        elif packs.wants(m):
             m.forward = _linear_forward(m, packs)
         else:
             continue

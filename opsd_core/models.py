@@ -333,33 +333,3 @@ def weights_hash(path: Path) -> str:
                     maps[index] = stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
                 digest.update(maps[index][offset + start : offset + end])
     return digest.hexdigest()
-
-
-_EXPLICIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _explicit_dtype(name: str) -> torch.dtype:
-    if name not in _EXPLICIT_DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (use auto, {', '.join(_EXPLICIT_DTYPES)})")
-    return _EXPLICIT_DTYPES[name]
-
-
-def _cuda_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def pick_dtype(name: str) -> torch.dtype:
-    """Training weights dtype: ``auto`` is bf16 on a bf16-capable GPU, else fp32 (CPU training)."""
-    if name == "auto":
-        return torch.bfloat16 if _cuda_bf16() else torch.float32
-    return _explicit_dtype(name)
-
-
-def sampling_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """Rollout dtype: ``auto`` is bf16 on CPU too, since decoding is memory-bound (STACK-NOTES)."""
-    if name != "auto":
-        return _explicit_dtype(name)
-    kind = torch.device(device).type
-    if kind == "cpu" or (kind == "cuda" and _cuda_bf16()):
-        return torch.bfloat16
-    return torch.float32

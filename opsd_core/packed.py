@@ -26,28 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opsd_core.plan import ExecutionPlan
+
 # below this many weight elements the per-call overhead of the oneDNN primitive (~10 us) costs more
 # than the faster product saves (measured: 64x128 slower packed, 576x576 and up faster)
 MIN_ELEMENTS = 1 << 17
-DTYPES = (torch.float32, torch.bfloat16)
-_probe: bool | None = None
-
-
-def available(device: torch.device | str) -> bool:
-    """True on a CPU whose torch build runs oneDNN's packed inner product (probed once)."""
-    global _probe
-    if torch.device(device).type != "cpu":
-        return False
-    if _probe is None:
-        try:
-            w = torch.randn(8, 4)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w)
-            x = torch.randn(3, 4)
-            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            _probe = bool(torch.allclose(out, x @ w.t(), atol=1e-5))
-        except (AttributeError, RuntimeError):
-            _probe = False
-    return _probe
 
 
 def _pack(weight: Tensor) -> Tensor:
@@ -114,9 +97,9 @@ def _identity(t: Tensor) -> tuple[int, int, tuple[int, ...], torch.dtype]:
     return (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
 
 
-def wanted(linear: nn.Module, force: bool = False) -> bool:
-    """Whether ``linear`` is a frozen nn.Linear worth packing (any size with ``force``)."""
-    if type(linear) is not nn.Linear or linear.weight.requires_grad or linear.weight.dtype not in DTYPES:
+def wanted(linear: nn.Module, force: bool = False, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether ``linear`` is a frozen nn.Linear worth packing (any size with ``force``) in one of ``dtypes``."""
+    if type(linear) is not nn.Linear or linear.weight.requires_grad or linear.weight.dtype not in dtypes:
         return False
     if linear.bias is not None and linear.bias.requires_grad:
         return False
@@ -135,12 +118,22 @@ class LinearPacks:
     ``force`` packs layers of any size (tests run the path on tiny models); ``compute``: the dtype
     the products run in (``None``: each weight's own). With ``compute``, layers of every size are
     packed, so that every product with a frozen weight runs in that dtype, as the setting says.
+    ``dtypes``: the weight dtypes this machine's oneDNN can pack (bf16 needs AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT: :mod:`opsd_core.capabilities`); weights in other dtypes keep ``F.linear``.
     """
 
-    def __init__(self, force: bool = False, compute: torch.dtype | None = None) -> None:
+    def __init__(self, force: bool = False, compute: torch.dtype | None = None,
+                 dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
+        if compute is not None and compute not in dtypes:
+            raise ValueError(f"LinearPacks: compute dtype {compute} is not packable here (packable: {dtypes})")
         self.force = force
         self.compute = compute
+        self.dtypes = dtypes
         self._packs: dict[int, PackedLinear] = {}
+
+    def wants(self, linear: nn.Module) -> bool:
+        """Whether ``linear`` runs through a pack of this instance."""
+        return wanted(linear, self.every_size, self.dtypes)
 
     @property
     def every_size(self) -> bool:
@@ -152,7 +145,7 @@ class LinearPacks:
 
     def get(self, linear: nn.Module) -> PackedLinear | None:
         """The pack of ``linear`` (rebuilt when its weight changed), or None when it is not packed."""
-        if not wanted(linear, self.every_size):
+        if not self.wants(linear):
             return None
         pack = self._packs.get(id(linear))
         if pack is None or not pack.matches(linear.weight):
@@ -162,17 +155,18 @@ class LinearPacks:
 
     def pack(self, weight: Tensor, bias: Tensor | None) -> PackedLinear | None:
         """A new pack of a matrix this instance does not track (the engine's concatenated q/k/v, gate/up),
-        or None when it is too small to gain."""
-        return PackedLinear(weight, bias, self.compute) if _big_enough(weight, self.every_size) else None
+        or None when it is too small to gain or its dtype cannot be packed here."""
+        if weight.dtype not in self.dtypes or not _big_enough(weight, self.every_size):
+            return None
+        return PackedLinear(weight, bias, self.compute)
 
 
-def from_setting(setting: str, device: torch.device | str, compute: str | None = None) -> LinearPacks | None:
-    """``train.packed_weights`` (auto | on | off) and ``train.frozen_dtype`` on ``device`` → the packs, or None."""
-    if setting == "off" or not available(device):
-        if setting == "on":
-            raise ValueError(f"train.packed_weights=on needs a CPU torch build with oneDNN (device is {device})")
-        if compute is not None:
-            raise ValueError(f"train.frozen_dtype={compute} runs through the packed CPU path, which is off here "
-                             f"(train.packed_weights={setting}, device {device}); on a GPU set train.precision instead")
+def for_plan(plan: ExecutionPlan, frozen_dtype: bool = True) -> LinearPacks | None:
+    """The packs a run uses (None when the plan has them off). ``frozen_dtype``: with the plan's
+    ``train.frozen_dtype`` as the compute dtype (the student's pass and the fixed teacher); without it
+    for a copy whose dtype is its own choice (the sampler's)."""
+    if plan.packs == "off":
         return None
-    return LinearPacks(force=setting == "on", compute=getattr(torch, compute) if compute else None)
+    compute = getattr(torch, plan.frozen_dtype) if frozen_dtype and plan.frozen_dtype else None
+    return LinearPacks(force=plan.packs == "all", compute=compute,
+                       dtypes=tuple(getattr(torch, d) for d in plan.pack_dtypes))

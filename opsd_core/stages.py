@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
+from opsd_core.capabilities import probe
 from opsd_core.config import Params
+from opsd_core.environment import versions
+from opsd_core.plan import ExecutionPlan, make_plan
 from opsd_core.reports import file_hash, write_json
 from opsd_core.trainer import CURVE_FIELDS, OPSDTrainer, TrainingError, load_problems, run_key
 
@@ -28,10 +31,6 @@ def configure_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_rss_mb() -> float:
@@ -54,11 +53,9 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
 
 
 # -- train -------------------------------------------------------------------------------------
-def _training_dtype(params: Params) -> torch.dtype:
-    from opsd_core.models import pick_dtype
-
-    # "auto": bf16 weights on a bf16-capable GPU, fp32 on CPU (LoRA weights and the loss stay fp32)
-    return pick_dtype(params.train.precision)
+def execution_plan(params: Params) -> ExecutionPlan:
+    """This machine's paths for ``params``; an impossible explicit setting fails here, before any work."""
+    return make_plan(params, probe())
 
 
 def _data_hash(params: Params, root: Path) -> str:
@@ -70,18 +67,18 @@ def _data_hash(params: Params, root: Path) -> str:
     return file_hash(root / params.data.prepared_dir / "train.jsonl")
 
 
-def build_policy(params: Params, root: Path, dev: torch.device) -> tuple[torch.nn.Module, Any, str]:
+def build_policy(params: Params, root: Path, plan: ExecutionPlan) -> tuple[torch.nn.Module, Any, str]:
     """Base model (+ LoRA) ready to train; returns (model, tokenizer, resolved base path)."""
     from opsd_core.models import load_model_and_tokenizer, resolve_base_dir, wrap_lora
 
     base_path = resolve_base_dir(params.model, root)
-    model, tokenizer = load_model_and_tokenizer(params.model, root, dtype=_training_dtype(params))
+    model, tokenizer = load_model_and_tokenizer(params.model, root, dtype=getattr(torch, plan.precision))
     torch.manual_seed(params.train.seed)  # LoRA A init
     if params.lora.enabled:
         model = wrap_lora(model, params.lora)
     else:
         model.requires_grad_(True)
-    return model.to(dev), tokenizer, base_path
+    return model.to(plan.device), tokenizer, base_path
 
 
 def _probe_logits(model: torch.nn.Module, tokenizer: Any, dev: torch.device) -> torch.Tensor:
@@ -141,13 +138,16 @@ def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
 
 def train(params: Params, root: Path) -> dict[str, Any]:
     configure_threads(params.train.threads)
-    dev = device()
+    plan = execution_plan(params)
+    for warning in plan.warnings:
+        print(f"opsd train: warning: {warning}", file=sys.stderr)
+    dev = torch.device(plan.device)
     started = time.perf_counter()
-    model, tokenizer, base_path = build_policy(params, root, dev)
+    model, tokenizer, base_path = build_policy(params, root, plan)
     problems = load_problems(root / params.data.prepared_dir / "train.jsonl", tokenizer)
     data_hash = _data_hash(params, root)
     run_dir = root / params.train.checkpoint_dir / run_key(params, data_hash)
-    trainer = OPSDTrainer(params, model, tokenizer, problems, dev, run_dir)
+    trainer = OPSDTrainer(params, model, tokenizer, problems, dev, run_dir, plan=plan)
     state = trainer.run()
     reports = root / params.train.reports_dir
     _write_curve(reports / "train_curve.csv", state.curve)
@@ -174,6 +174,9 @@ def train(params: Params, root: Path) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "execution": trainer.execution(),
+        "machine": probe().as_dict(),
+        "versions": versions(),
     }
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -31,6 +31,7 @@ class Teacher(Protocol):
     def update(self) -> None: ...
     def state_dict(self) -> dict[str, Tensor]: ...
     def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+    def describe(self) -> str: ...
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -111,6 +112,12 @@ class _TeacherBase:
                 return completion_hidden(module, batch).detach()
             finally:
                 module.train(was_training)
+
+    def describe(self) -> str:
+        """How the teacher's pass runs (for the run's execution record)."""
+        if self._engine is not None:
+            return f"opsd engine, one unpadded row at a time, {self._engine.dtype}".replace("torch.", "")
+        return "padded batch through the model"
 
     def lm_head_weight(self) -> Tensor:
         with self._weights() as module:

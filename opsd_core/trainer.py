@@ -28,9 +28,9 @@ from opsd_core import checkpoint as ckpt
 from opsd_core.config import Params
 from opsd_core.lora_pass import installed
 from opsd_core.losses import DivergenceSpec, chunked_divergence_loss
-from opsd_core.models import sampling_dtype
 from opsd_core.optim import build_optimizer
-from opsd_core.packed import from_setting
+from opsd_core.packed import for_plan
+from opsd_core.plan import ExecutionPlan
 from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
 from opsd_core.rollout import Rollouts, eos_token_ids, sample
 from opsd_core.runtime import tune_allocator
@@ -120,26 +120,42 @@ class OPSDTrainer:
         device: torch.device,
         run_dir: Path,
         log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+        plan: ExecutionPlan | None = None,
     ) -> None:
+        """``plan``: the execution paths (:func:`opsd_core.plan.make_plan`; default: made for this machine)."""
         self.params, self.model, self.tokenizer = params, model, tokenizer
         self.problems, self.device, self.run_dir, self.log = problems, device, run_dir, log
         self.cfg = params.train
-        if device.type == "cpu" and self.cfg.cpu_allocator == "tuned" and not tune_allocator():
-            log("train.cpu_allocator: no glibc mallopt here; malloc left as it is")
+        if plan is None:
+            from opsd_core.capabilities import probe
+            from opsd_core.plan import make_plan
+
+            plan = make_plan(params, probe())
+        self.plan = plan
+        if plan.allocator == "tuned" and not tune_allocator():
+            log("train.cpu_allocator: glibc's mallopt refused the settings; malloc left as it is")
         sampling = params.opsd.sampling
         self.spec = DivergenceSpec.from_config(params.opsd, sampling.temperature)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer, self.scheduler = build_optimizer(model, self.cfg)
-        teacher_dtype = getattr(torch, params.opsd.teacher_dtype) if params.opsd.teacher_dtype else None
+        teacher_dtype = getattr(torch, plan.teacher_dtype) if plan.teacher_dtype else None
         # oneDNN packs of the frozen base, shared by the student's pass and the fixed teacher
-        self.packs = from_setting(self.cfg.packed_weights, device, self.cfg.frozen_dtype)
+        self.packs = for_plan(plan) if device.type == "cpu" else None
         self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype,
                                              self.packs)
-        self.sampler = PolicySampler(model, sampling_dtype(sampling.dtype, device), sampling.backend, log,
-                                     from_setting(self.cfg.packed_weights, device))
+        self.sampler = PolicySampler(model, getattr(torch, plan.sampling_dtype), sampling.backend, log,
+                                     for_plan(plan, frozen_dtype=False) if device.type == "cpu" else None)
         self.state = TrainState()
+
+    def execution(self) -> dict[str, Any]:
+        """The plan plus what the model decided at build time (the sampler's and the teacher's engines)."""
+        record = self.plan.as_dict()
+        record["sampler"] = ("opsd engine" if self.sampler.engine is not None else "transformers generate") + (
+            f" on a merged {self.plan.sampling_dtype} copy" if self.sampler.copy is not None else " on the policy")
+        record["teacher_pass"] = f"{self.params.opsd.teacher}: {self.teacher.describe()}"
+        return record
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:

@@ -19,9 +19,7 @@ from opsd_core.models import (
     build_tiny_model_dir,
     load_candidate,
     load_model_and_tokenizer,
-    pick_dtype,
     resolve_base_dir,
-    sampling_dtype,
     weights_hash,
     wrap_lora,
 )
@@ -240,16 +238,6 @@ def test_weights_hash_tracks_weights_only(tiny_dir: Path, tmp_path: Path) -> Non
     assert weights_hash(changed) != reference
     with pytest.raises(FileNotFoundError):
         weights_hash(tmp_path / "nothing-here")
-
-
-def test_dtype_choices() -> None:
-    assert pick_dtype("float32") is torch.float32 and pick_dtype("bfloat16") is torch.bfloat16
-    assert sampling_dtype("float32", "cpu") is torch.float32
-    assert sampling_dtype("auto", "cpu") is torch.bfloat16
-    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    assert pick_dtype("auto") is (torch.bfloat16 if cuda_bf16 else torch.float32)
-    with pytest.raises(ValueError, match="fp8"):
-        pick_dtype("fp8")
 
 
 @pytest.mark.slow
