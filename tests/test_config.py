@@ -73,3 +73,20 @@ def test_teacher_dtype_needs_the_fixed_teacher() -> None:
     assert ok.opsd.teacher_dtype == "bfloat16"
     with pytest.raises(ConfigError, match="fixed teacher only"):
         load_params(ROOT / "params.yaml", "smoke", ["opsd.teacher=ema", "opsd.teacher_dtype=bfloat16"])
+
+
+def test_bare_yaml_on_and_off_are_read_as_the_settings(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare on/off as booleans; params.yaml's own comment writes them bare."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  packed_weights: off\n")
+    assert load_params(path).train.packed_weights == "off"
+    assert load_params(path, overrides=["train.packed_weights=on"]).train.packed_weights == "on"
+    assert load_params(path, overrides=["train.packed_weights='auto'"]).train.packed_weights == "auto"
+
+
+def test_an_invalid_choice_lists_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml", overrides=["train.packed_weights=sometimes"])
+    assert "train.packed_weights: Input should be 'auto', 'on' or 'off' (got 'sometimes')" in str(err.value)
+    with pytest.raises(ConfigError, match="train.cpu_allocator: Input should be 'auto', 'tuned' or 'default'"):
+        load_params(tmp_path / "params.yaml", overrides=["train.cpu_allocator=fast"])

@@ -101,6 +101,10 @@ def test_run_registers_a_challenger_with_lineage(project: Path, prefect_harness:
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("lineage.dvc_raw_md5") or run.data.tags.get("dvc_raw_md5")
     assert run.data.tags.get("lineage.flow_run_id")
+    trained = json.loads((project / "reports/train.json").read_text())
+    for key in ("device", "sampling_dtype", "packs", "allocator"):  # the execution record reaches MLflow
+        assert run.data.params[f"execution.{key}"] == str(trained["execution"][key])
+    assert run.data.params["machine.torch_cpu"] == trained["machine"]["torch_cpu"]
     artifacts = {a.path for a in state["client"].list_artifacts(version.run_id)}
     assert any(p.endswith(".md") for p in artifacts), artifacts
     assert (project / "reports/registry.json").is_file()

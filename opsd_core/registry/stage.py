@@ -124,7 +124,9 @@ def _log_run(client: MlflowClient, run_id: str, inp: dict[str, Any], params: Par
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    flat = flatten({"params": params.model_dump(mode="json"), "candidate": inp["meta"]})
+    # the paths the candidate was trained on (opsd env's record, from train.json): device, dtypes, packs
+    runtime = {k: inp["train"][k] for k in ("execution", "machine", "versions") if isinstance(inp["train"].get(k), dict)}
+    flat = flatten({"params": params.model_dump(mode="json"), "candidate": inp["meta"], **runtime})
     metrics = [Metric(f"train/{k}", v, now, int(row["step"])) for row in inp["curve"]
                for k, v in row.items() if k != "step"]
     for task, res in inp["report"]["tasks"].items():
