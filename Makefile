@@ -29,6 +29,10 @@ run: install
 test: install
 	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	# the compute paths again as an AVX2-only CPU runs them: torch, oneDNN and MKL capped to AVX2
+	# (oneDNN itself refuses bf16 weights there), whatever CPU this is (opsd_core/capabilities.py)
+	OPSD_CPU_ISA=avx2 $(PY) -m pytest -q -p no:cacheprovider tests/test_plan.py tests/test_packed.py \
+		tests/test_engine.py tests/test_training.py tests/test_losses.py
 
 bench: install
 	$(PY) -m benchmarks.run --suite cpu

@@ -111,6 +111,8 @@ def isa_cap() -> str | None:
         return None
     if value not in ISA_CAPS:
         raise CapabilityError(f"{ISA_ENV}={value!r}: use one of {', '.join(ISA_CAPS)} (or leave it unset)")
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i686"):
+        return None  # x86 instruction sets: nothing to cap on arm64 (OPSD_HIDE still applies)
     return value
 
 

@@ -20,8 +20,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+from benchmarks.common import fastest_cpu_impl  # noqa: E402
 from benchmarks.flops import ModelShape, attention_flops, step_flops  # noqa: E402
 from benchmarks.report import _linear_fit  # noqa: E402
+from opsd_core.capabilities import probe  # noqa: E402
 
 
 def test_attention_flops_closed_form_matches_the_sum() -> None:
@@ -127,6 +129,7 @@ def _tool(tmp_path: Path, module: str, repeats: int) -> str:
 
 def test_breakdown_times_every_piece_of_a_step(tmp_path: Path) -> None:
     stdout = _tool(tmp_path, "breakdown", 1)
+    assert stdout.startswith(f"{fastest_cpu_impl()} on tiny")  # opsd_fast only where bf16 packs pay
     seconds = {}
     for line in stdout.splitlines()[1:]:
         found = re.match(r"^\s*(.*?)\s+([0-9.]+) s\b", line)
@@ -137,6 +140,13 @@ def test_breakdown_times_every_piece_of_a_step(tmp_path: Path) -> None:
         assert seconds[piece] > 0, (piece, stdout)
 
 
+def test_ab_packs_refuses_clearly_where_onednn_cannot_pack_bf16(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ab_packs", "--model", "tiny"], cwd=REPO,
+                          env={**_env(tmp_path), "OPSD_HIDE": "onednn"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "this CPU cannot pack bf16" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not probe().onednn_bf16, reason="oneDNN cannot pack bf16 here (the refusal is tested above)")
 def test_ab_packs_times_both_settings_alternating(tmp_path: Path) -> None:
     stdout = _tool(tmp_path, "ab_packs", 2)
     rows = re.findall(r"^(student forward \+ backward|teacher forward)\s+(fp32|bf16)\s+([0-9.]+) s\s+\((.*)\)$",

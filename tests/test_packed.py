@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from opsd_core.capabilities import probe
 from opsd_core.config import Params, load_params
 from opsd_core.engine import DecoderEngine
 from opsd_core.lora_pass import installed
 from opsd_core.models import load_model_and_tokenizer, wrap_lora
-from opsd_core.capabilities import probe
 from opsd_core.packed import LinearPacks, PackedLinear, for_plan
 from opsd_core.plan import make_plan
 from opsd_core.rollout import Rollouts, completion_mask_from_ids
