@@ -16,6 +16,10 @@ A pack may also compute in a narrower dtype than its weight (``compute=torch.bfl
 weights): the weight is rounded to bf16 once, inputs are rounded on the way in and outputs returned
 in the input's dtype, as ``torch.autocast`` does for a linear layer. On CPUs with bf16 units
 (AVX512-BF16, AMX) oneDNN runs such products 2-3x faster than fp32 (``benchmarks/``).
+
+Whether packs are used at all, and which dtypes oneDNN may pack, is the run's plan
+(:mod:`opsd_core.plan`, from :mod:`opsd_core.capabilities`): oneDNN refuses bf16 weights on CPUs
+without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, so there :class:`LinearPacks` leaves them to ``F.linear``.
 """
 
 from __future__ import annotations
