@@ -1,11 +1,14 @@
 """The default profile's train stage under each CPU path, on this CPU and on the CPUs it can pretend to be.
 
-``python -m benchmarks.cpu_paths [--steps 2] [--isa native,avx2] [--out FILE]``
+``python -m benchmarks.cpu_paths [--steps 2] [--repeats 3] [--isa native,avx2] [--profile default] [--out FILE]``
 
-Each row is one ``opsd train`` process (SmolLM2-135M, the default profile, ``--steps`` steps) with one
-setting of ``train.packed_weights`` and ``opsd.sampling.dtype``, and ``auto`` for both: the check
-that ``auto`` picks the fastest path the machine has, and that the fallback is never slower than plain
-PyTorch (packs off, fp32). ``--isa avx2`` runs the same rows with ``OPSD_CPU_ISA=avx2``: torch, oneDNN
+Each row is one setting of ``train.packed_weights`` and ``opsd.sampling.dtype``, timed as ``opsd train``
+processes (SmolLM2-135M, the default profile, ``--steps`` steps), ``--repeats`` times with the rows in
+a rotated order (a process started first pays for the page cache), medians shown; the row ``auto``
+resolves to on this CPU (``opsd env --json``) is marked: the check that ``auto`` picks the fastest path
+the machine has, and that the fallback is never slower than plain PyTorch (packs off, fp32). Compare
+tokens/s: fp32 and bf16 sampling draw different rollouts, so their lengths, and the stage's wall time,
+differ. ``--isa avx2`` runs the same rows with ``OPSD_CPU_ISA=avx2``: torch, oneDNN
 and MKL run their AVX2 kernels, as on an AVX2-only CPU (the memory system stays this machine's, so
 the absolute times are this machine's, not an AVX2 machine's). Data is generated and prepared once,
 untimed; the model cache is the project's own ``.opsd/models``.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +29,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS: list[tuple[str, list[str]]] = [
-    ("auto (what the project runs)", []),
     ("packs on, fp32 sampling", ["train.packed_weights=auto", "opsd.sampling.dtype=float32"]),
     ("packs on, bf16 sampling", ["train.packed_weights=auto", "opsd.sampling.dtype=bfloat16"]),
     ("plain PyTorch, fp32 sampling", ["train.packed_weights=off", "opsd.sampling.dtype=float32"]),
@@ -38,8 +41,9 @@ def _opsd(project: Path, args: list[str], env: dict[str, str]) -> subprocess.Com
                           capture_output=True, text=True, timeout=3600)
 
 
-def _project(tmp: Path, env: dict[str, str]) -> Path:
-    text = (REPO / "params.yaml").read_text().replace("cache_dir: .opsd/models", f"cache_dir: {REPO / '.opsd/models'}", 1)
+def _project(tmp: Path, env: dict[str, str], profile: str, cache: Path) -> Path:
+    text = (REPO / "params.yaml").read_text().replace("cache_dir: .opsd/models", f"cache_dir: {cache}", 1)
+    text = text.replace("profile: default", f"profile: {profile}", 1)
     (tmp / "params.yaml").write_text(text)
     for args in (["data", "generate"], ["prepare"]):
         done = _opsd(tmp, args, env)
@@ -64,9 +68,20 @@ def run_row(project: Path, tag: str, name: str, sets: list[str], steps: int, env
             "packs": run["packs"], "sampling_dtype": run["sampling_dtype"], "torch_cpu": summary["machine"]["torch_cpu"]}
 
 
+def auto_choice(project: Path, env: dict[str, str]) -> str:
+    """The row ``auto`` resolves to under ``env``."""
+    done = _opsd(project, ["env", "--json"], env)
+    run = json.loads(done.stdout)["execution"]
+    packs = "plain PyTorch" if run["packs"] == "off" else "packs on"
+    return f"{packs}, {'bf16' if run['sampling_dtype'] == 'bfloat16' else 'fp32'} sampling"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", default="default", help="params.yaml profile (smoke: the tiny model, for tests)")
+    parser.add_argument("--model-cache", type=Path, default=REPO / ".opsd/models", help="model.cache_dir")
     parser.add_argument("--isa", default="native,avx2", help="comma-separated: native and/or OPSD_CPU_ISA values")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -74,23 +89,36 @@ def main(argv: list[str] | None = None) -> int:
     base.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     results = []
     with tempfile.TemporaryDirectory(prefix="opsd-cpu-paths-") as tmp:
-        project = _project(Path(tmp), base)
+        project = _project(Path(tmp), base, args.profile, args.model_cache)
         for isa in args.isa.split(","):
             env = dict(base) if isa == "native" else {**base, "OPSD_CPU_ISA": isa}
-            for name, sets in ROWS:
-                row = run_row(project, isa, name, sets, args.steps, env)
-                row["isa"] = isa
-                results.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"default profile, SmolLM2-135M, {args.steps} steps per row; one process per row\n")
-    print("| CPU | setting | chosen packs / sampling | train stage (s) | sampling tok/s | training tok/s |")
-    print("|---|---|---|---|---|---|")
+            auto = auto_choice(project, env)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in ROWS}
+            for rep in range(args.repeats):
+                for name, sets in ROWS[rep % len(ROWS):] + ROWS[:rep % len(ROWS)]:
+                    row = run_row(project, f"{isa}-{rep}", name, sets, args.steps, env)
+                    print(json.dumps({"isa": isa, "repeat": rep, **row}), file=sys.stderr, flush=True)
+                    runs[name].append(row)
+            for name, _ in ROWS:
+                ok = [r for r in runs[name] if "error" not in r]
+                entry: dict[str, Any] = {"isa": isa, "row": name, "auto": name == auto, "runs": runs[name]}
+                if ok:
+                    entry.update({k: statistics.median([r[k] for r in ok]) for k in ("stage_s", "sampling_tok_s", "training_tok_s")})
+                    entry["torch_cpu"] = ok[0]["torch_cpu"]
+                else:
+                    entry["error"] = runs[name][0]["error"]
+                results.append(entry)
+    print(f"{args.profile} profile, {args.steps} steps per process; medians of {args.repeats} processes "
+          "(rows rotated); ** = what auto picks here\n")
+    print("| CPU | setting | train stage (s) | sampling tok/s | training tok/s |")
+    print("|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['isa']} | {r['row']} | error: {r['error']} | | | |")
+            print(f"| {r['isa']} | {r['row']} | error: {r['error']} | | |")
             continue
-        print(f"| {r['isa']} ({r['torch_cpu']}) | {r['row']} | {r['packs']} / {r['sampling_dtype']} | "
-              f"{r['stage_s']:.1f} | {r['sampling_tok_s']:.1f} | {r['training_tok_s']:.1f} |")
+        mark = "**" if r["auto"] else ""
+        print(f"| {r['isa']} ({r['torch_cpu']}) | {mark}{r['row']}{mark} | {r['stage_s']:.1f} | "
+              f"{r['sampling_tok_s']:.1f} | {r['training_tok_s']:.1f} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -24,6 +24,8 @@ from benchmarks.common import fastest_cpu_impl  # noqa: E402
 from benchmarks.flops import ModelShape, attention_flops, step_flops  # noqa: E402
 from benchmarks.report import _linear_fit  # noqa: E402
 from opsd_core.capabilities import probe  # noqa: E402
+from opsd_core.config import load_params  # noqa: E402
+from opsd_core.plan import make_plan  # noqa: E402
 
 
 def test_attention_flops_closed_form_matches_the_sum() -> None:
@@ -254,3 +256,22 @@ def test_gpu_script_prepares_a_bare_box_and_refuses_to_run_without_cuda(tmp_path
         proc = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cpu_paths_times_each_setting_and_marks_what_auto_picks(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cpu_paths", "--profile", "smoke", "--steps", "1", "--repeats", "1",
+         "--isa", "native", "--model-cache", str(tmp_path / "models"), "--out", str(out)],
+        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["row"] for r in rows] == ["packs on, fp32 sampling", "packs on, bf16 sampling",
+                                        "plain PyTorch, fp32 sampling", "plain PyTorch, bf16 sampling"]
+    assert sum(r["auto"] for r in rows) == 1 and all(r["sampling_tok_s"] > 0 for r in rows)
+    plan = make_plan(load_params(REPO / "params.yaml", "smoke"), probe())
+    auto = next(r for r in rows if r["auto"])["row"]
+    assert auto.startswith("plain" if plan.packs == "off" else "packs on")
+    assert ("bf16" in auto) == (plan.sampling_dtype == "bfloat16")
+    assert sum(line.startswith("| native") for line in proc.stdout.splitlines()) == 4

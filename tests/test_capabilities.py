@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from opsd_core.capabilities import X86_FLAGS, CapabilityError, hidden, isa_cap, measure_pack_speedup, probe
+from opsd_core.capabilities import (
+    ISA_CAPS,
+    X86_FLAGS,
+    CapabilityError,
+    hidden,
+    isa_cap,
+    measure_pack_speedup,
+    probe,
+)
 from tests.test_train_cli import make_project, opsd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +47,8 @@ print(json.dumps(caps))
 
 
 def _probe_in(env: dict[str, str]) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("OPSD_CPU_ISA", "OPSD_HIDE")}
+    # a fresh machine: no simulation inherited from this process (nor the library caps it set)
+    clean = {k: v for k, v in os.environ.items() if k not in ("OPSD_CPU_ISA", "OPSD_HIDE", *ISA_CAPS["avx2"])}
     proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env={**clean, **env}, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -154,3 +163,14 @@ def test_opsd_env_prints_the_machine_the_paths_and_the_versions(project: Path) -
     assert record["versions"]["transformers"]
     proc = opsd(project, "env", "--set=train.packed_weights=on", env={"OPSD_HIDE": "onednn"}, check=False)
     assert proc.returncode == 2 and "error: train.packed_weights=on needs oneDNN" in proc.stdout
+
+
+def test_opsd_run_refuses_an_impossible_setting_before_the_flow_starts(tmp_path: Path) -> None:
+    """Written bare, as YAML users write it (``on`` is a boolean to YAML), on a machine without oneDNN."""
+    project = make_project(tmp_path / "clone", tmp_path / "models")
+    text = (project / "params.yaml").read_text().replace("packed_weights: auto", "packed_weights: on", 1)
+    (project / "params.yaml").write_text(text)
+    proc = opsd(project, "run", env={"OPSD_HIDE": "onednn"}, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "train.packed_weights=on needs oneDNN" in proc.stderr
+    assert not (project / "data").exists() and not (project / ".opsd").exists()  # nothing bootstrapped
