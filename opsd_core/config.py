@@ -64,6 +64,9 @@ class ModelConfig(_Section):
     cache_dir: str = ".opsd/models"
     trust_remote_code: bool = False
     revision: str | None = None
+    # chat templates with a thinking switch (Qwen3): passed as enable_thinking to the template, for the
+    # student, the teacher and lm-eval alike; null: the template's own default (Qwen3: thinking on)
+    thinking: bool | None = None
     tiny: TinyModelConfig = TinyModelConfig()
 
 

@@ -34,25 +34,32 @@ def teacher_messages(problem: str, solution: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """Render messages with the chat template, ending in the assistant generation prompt."""
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], thinking: bool | None = None) -> str:
+    """Render messages with the chat template, ending in the assistant generation prompt.
+
+    ``thinking``: the template's ``enable_thinking`` switch (Qwen3), None for its default; templates
+    without the switch ignore it.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template; OPSD needs one for both contexts"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     assert isinstance(text, str)
     return text
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], thinking: bool | None = None
+           ) -> list[int]:
     """Token ids of a rendered context (the template already holds any special tokens)."""
-    return list(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(render(tokenizer, messages, thinking), add_special_tokens=False)["input_ids"])
 
 
-def student_prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str) -> list[int]:
-    return encode(tokenizer, student_messages(problem))
+def student_prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str, thinking: bool | None = None) -> list[int]:
+    return encode(tokenizer, student_messages(problem), thinking)
 
 
-def teacher_prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str, solution: str) -> list[int]:
-    return encode(tokenizer, teacher_messages(problem, solution))
+def teacher_prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str, solution: str,
+                       thinking: bool | None = None) -> list[int]:
+    return encode(tokenizer, teacher_messages(problem, solution), thinking)

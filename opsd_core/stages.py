@@ -84,6 +84,7 @@ def build_policy(params: Params, root: Path, plan: ExecutionPlan) -> tuple[torch
 def _probe_logits(model: torch.nn.Module, tokenizer: Any, dev: torch.device) -> torch.Tensor:
     from opsd_core.prompts import student_prompt_ids
 
+    # the probe only compares the in-memory and the reloaded model: any fixed prompt does
     ids = torch.tensor([student_prompt_ids(tokenizer, "What is 12 + 30?")], device=dev)
     model.eval()
     with torch.no_grad():
@@ -144,7 +145,8 @@ def train(params: Params, root: Path) -> dict[str, Any]:
     dev = torch.device(plan.device)
     started = time.perf_counter()
     model, tokenizer, base_path = build_policy(params, root, plan)
-    problems = load_problems(root / params.data.prepared_dir / "train.jsonl", tokenizer)
+    problems = load_problems(root / params.data.prepared_dir / "train.jsonl", tokenizer,
+                             thinking=params.model.thinking)
     data_hash = _data_hash(params, root)
     run_dir = root / params.train.checkpoint_dir / run_key(params, data_hash)
     trainer = OPSDTrainer(params, model, tokenizer, problems, dev, run_dir, plan=plan)

@@ -67,8 +67,9 @@ class TrainState:
     curve: list[dict[str, float]] = field(default_factory=list)
 
 
-def load_problems(path: Path, tokenizer: Any, limit: int | None = None) -> list[Problem]:
-    """Tokenize both contexts of every prepared training row once."""
+def load_problems(path: Path, tokenizer: Any, limit: int | None = None, thinking: bool | None = None
+                  ) -> list[Problem]:
+    """Tokenize both contexts of every prepared training row once (``thinking``: ``model.thinking``)."""
     problems = []
     with path.open(encoding="utf-8") as fh:
         for line in fh:
@@ -77,8 +78,8 @@ def load_problems(path: Path, tokenizer: Any, limit: int | None = None) -> list[
             row = json.loads(line)
             problems.append(Problem(
                 str(row["id"]),
-                student_prompt_ids(tokenizer, row["problem"]),
-                teacher_prompt_ids(tokenizer, row["problem"], row["solution"]),
+                student_prompt_ids(tokenizer, row["problem"], thinking),
+                teacher_prompt_ids(tokenizer, row["problem"], row["solution"], thinking),
             ))
             if limit and len(problems) >= limit:
                 break

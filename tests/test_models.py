@@ -264,3 +264,26 @@ def test_bundled_gguf_converts_once(tmp_path: Path) -> None:
     assert torch.isfinite(out.logits).all()
     # A uniform guess costs ln(49152) ~ 10.8 nats per token; dequantised real weights do far better.
     assert out.loss.item() < 5.0
+
+
+def test_thinking_switch_reaches_the_template_for_both_contexts_and_lm_eval(tiny_dir: Path) -> None:
+    """model.thinking is passed as enable_thinking (Qwen3's switch) to the student's and the teacher's
+    template alike, so a completion still scores behind either prefix; templates without it ignore it."""
+    from opsd_core.config import EvalConfig, load_params
+    from opsd_core.evaluation.harness import model_args
+    from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
+
+    _, tok = load_model_and_tokenizer(ModelConfig(base=str(tiny_dir)))
+    plain = student_prompt_ids(tok, "What is 2 + 2?")
+    assert student_prompt_ids(tok, "What is 2 + 2?", thinking=False) == plain  # no switch in this template
+    # Qwen3's rule, written by hand: thinking off leaves an empty think block after the generation prompt
+    tok.chat_template += "{% if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}" \
+                         "<think>\n\n</think>\n\n{% endif %}"
+    think_block = tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    off = student_prompt_ids(tok, "What is 2 + 2?", thinking=False)
+    assert student_prompt_ids(tok, "What is 2 + 2?") == plain and off == plain + think_block
+    teacher = teacher_prompt_ids(tok, "What is 2 + 2?", "2 + 2 = 4\n#### 4", thinking=False)
+    assert teacher[-len(think_block):] == think_block
+    assert model_args("m", None, EvalConfig(), "cpu", thinking=False)["enable_thinking"] is False
+    assert "enable_thinking" not in model_args("m", None, EvalConfig(), "cpu")
+    assert load_params(Path(__file__).resolve().parents[1] / "params.yaml", "gpu").model.thinking is False

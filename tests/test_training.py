@@ -343,3 +343,35 @@ def test_effective_weights_equal_peft_merge(smoke: Params, tmp_path: Path) -> No
         expected = merged.get_submodule(name.removeprefix("base_model.model.")).weight
         torch.testing.assert_close(weight, expected, atol=1e-6, rtol=1e-5)
         assert not torch.equal(weight, model.get_submodule(name).base_layer.weight)
+
+
+def test_bf16_bases_merge_the_lora_delta_in_fp32(smoke: Params) -> None:
+    """The gpu profile's bf16 weights with an early, small LoRA delta (rms ~1e-5 on weights of rms 2e-2,
+    below bf16's resolution there): the merge is computed in fp32, so the EMA teacher averages the true
+    effective weights (a bf16 merge kept ~7 % of the delta), and the sampler's bf16 copy rounds once."""
+    from opsd_core.sampler import PolicySampler
+
+    model, _ = load_model_and_tokenizer(smoke.model, ROOT, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    model = wrap_lora(model, smoke.lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 2e-5)
+    name, layer = next((n, m) for n, m in model.named_modules() if hasattr(m, "lora_A"))
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    w0 = layer.base_layer.weight
+    delta = s * (b.float() @ a.float())
+
+    def err(w: torch.Tensor) -> float:  # relative error of the delta that ``w`` carries
+        return float(((w.float() - w0.float()) - delta).norm() / delta.norm())
+
+    merged = effective_weights(model)[name]
+    assert merged.dtype == torch.float32 and err(merged) < 1e-3
+    assert err(torch.addmm(w0, b.to(torch.bfloat16), a.to(torch.bfloat16), alpha=s)) > 0.5  # the bf16 merge
+    ema = EmaTeacher(model, decay=0.5)
+    assert err(ema.ema[name]) < 1e-3
+    sampler = PolicySampler(model, torch.bfloat16)  # the engine backend always decodes a merged copy
+    sampler.sync()
+    copied = sampler.copy.get_submodule(name.removeprefix("base_model.model.")).weight
+    assert torch.equal(copied, (w0.float() + delta).to(torch.bfloat16))  # rounded once, from the fp32 merge

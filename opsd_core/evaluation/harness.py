@@ -187,8 +187,10 @@ def _task_eval(samples: dict[str, list[float]], k: int, metric: str, agg: dict[s
                     example=example)
 
 
-def model_args(model_path: str, adapter: str | None, cfg: EvalConfig, device: str) -> dict[str, Any]:
-    """lm-eval ``hf`` model arguments: the same for base and candidate except ``peft``."""
+def model_args(model_path: str, adapter: str | None, cfg: EvalConfig, device: str,
+               thinking: bool | None = None) -> dict[str, Any]:
+    """lm-eval ``hf`` model arguments: the same for base and candidate except ``peft``.
+    ``thinking``: ``model.thinking``, the chat template's switch, as in training."""
     args: dict[str, Any] = {
         "pretrained": str(model_path),
         "dtype": cfg.dtype,
@@ -197,12 +199,14 @@ def model_args(model_path: str, adapter: str | None, cfg: EvalConfig, device: st
     }
     if adapter:
         args["peft"] = str(adapter)
+    if thinking is not None:
+        args["enable_thinking"] = thinking
     return args
 
 
 def evaluate_model(
     model_path: str, adapter: str | None, tasks: list[str], cfg: EvalConfig, tasks_dir: Path,
-    device: str = "cpu",
+    device: str = "cpu", thinking: bool | None = None,
 ) -> ModelEval:
     """Evaluate one model on ``tasks`` with lm-eval (chat template on, per-sample results kept).
 
@@ -224,7 +228,7 @@ def evaluate_model(
     with torch.inference_mode():
         results = lm_eval.simple_evaluate(
             model="hf",
-            model_args=model_args(model_path, adapter, cfg, device),
+            model_args=model_args(model_path, adapter, cfg, device, thinking),
             tasks=list(loaded.values()),
             task_manager=tm,
             limit=cfg.limit,

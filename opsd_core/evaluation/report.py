@@ -97,7 +97,8 @@ def run_evaluate_base(params: Params, root: Path) -> dict[str, Any]:
     """Evaluate the base model and write ``reports/eval_base.json``; returns the report."""
     root = Path(root)
     values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
-    result = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"])
+    result = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"],
+                            thinking=params.model.thinking)
     report = {
         "settings": _settings_block(values, digest),
         "model": {"base": _rel(base_dir, root)},
@@ -168,9 +169,11 @@ def run_evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
     base = _cached_base(reports / BASE_REPORT, digest, tasks)
     base_source = "cache"
     if base is None:
-        base = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"]).tasks
+        base = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"],
+                            thinking=params.model.thinking).tasks
         base_source = "evaluated"
-    cand = evaluate_model(pretrained, adapter, tasks, params.eval, tasks_dir, device=values["device"])
+    cand = evaluate_model(pretrained, adapter, tasks, params.eval, tasks_dir, device=values["device"],
+                            thinking=params.model.thinking)
     report = {
         "settings": _settings_block(values, digest),
         "models": {
