@@ -77,7 +77,16 @@ def _print(payload: Any) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    """``opsd train`` with ``train.nproc`` > 1: the same command as ``nproc`` processes under torchrun."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "opsd_core.cli", *argv]
+    return subprocess.call(cmd)
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     params = _load(args)
     root = Path(args.params).resolve().parent if Path(args.params).exists() else Path.cwd()
     from opsd_core import stages
@@ -94,9 +103,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         path = generate_raw(params.data.generate, root)
         print(f"wrote {path}")
         return 0
+    if args.command == "train" and params.train.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch(params.train.nproc, argv)
+    if args.command == "train":
+        summary = stages.train(params, root)
+        if summary is not None:  # rank 0 (or the only process) reports
+            _print(summary)
+        return 0
     handlers: dict[str, Callable[[], Any]] = {
         "prepare": lambda: stages.prepare(params, root),
-        "train": lambda: stages.train(params, root),
     }
     if args.command in handlers:
         _print(handlers[args.command]())
@@ -131,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return _dispatch(args, argv)
     except (ConfigError, CapabilityError) as err:
         print(f"opsd: {err}", file=sys.stderr)
         return 2

@@ -149,6 +149,9 @@ class TrainConfig(_Section):
     seed: int = 0
     # auto: CUDA when there is one, else the CPU (MPS is opt-in: not yet validated)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # data-parallel processes (opsd_core/distributed.py): above 1, `opsd train` relaunches itself under
+    # torchrun (gloo on CPUs, one GPU per process with CUDA); a run resumes with any number
+    nproc: int = Field(1, ge=1)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     # CPU only: frozen linears (LoRA base layers, fixed teacher, sampler copy) through oneDNN with
     # pre-packed weights (opsd_core/packed.py), plain LoRA layers as one fused node; costs one more copy

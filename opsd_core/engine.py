@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from opsd_core.packed import LinearPacks, PackedLinear
+from opsd_core.row_noise import gumbel_pick
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -228,22 +229,25 @@ class DecoderEngine:
     # -- sampling -------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float, top_k: int,
                  top_p: float, eos_ids: set[int], pad_id: int, min_new_tokens: int = 0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, row_seeds: list[int] | None = None) -> Tensor:
         """Sample up to ``max_new_tokens`` per prompt → [B, N] ids (``pad_id`` after a row's end).
 
         Same distribution as transformers' sampling with these settings: EOS suppressed before
         ``min_new_tokens``, then temperature, top-k, top-p (nucleus keeps the smallest set whose
-        mass reaches ``top_p``, at least one token), multinomial draw.
+        mass reaches ``top_p``, at least one token), then a draw: from ``generator`` (multinomial), or,
+        with ``row_seeds`` (one per prompt), from each row's own counter-based noise
+        (:mod:`opsd_core.row_noise`), so a row's sample does not depend on the batch it is in.
         """
         # inference mode: no version counters or view tracking on the ~100 small ops a token costs
         with torch.inference_mode():
+            seeds = None if row_seeds is None else torch.tensor(row_seeds, dtype=torch.int64, device=self.device)
             out = self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id,
-                                 min_new_tokens, generator)
+                                 min_new_tokens, generator, seeds)
         return out.clone()  # an ordinary tensor: callers feed it to autograd passes
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
                   top_p: float, eos_ids: set[int], pad_id: int, min_new_tokens: int,
-                  generator: torch.Generator | None) -> Tensor:
+                  generator: torch.Generator | None, seeds: Tensor | None) -> Tensor:
         dev = self.device
         bsz = len(prompts)
         width = max(len(p) for p in prompts)
@@ -270,7 +274,7 @@ class DecoderEngine:
         for step in range(max_new_tokens):
             if step < min_new_tokens:
                 logits[:, eos] = float("-inf")
-            token = _draw(logits.float(), temperature, top_k, top_p, generator)
+            token = _draw(logits.float(), temperature, top_k, top_p, generator, seeds, step)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             out[:, step] = token
             done |= torch.isin(token, eos)
@@ -350,8 +354,11 @@ def candidates(logits: Tensor, temperature: float, top_k: int, top_p: float) -> 
     return filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1), None
 
 
-def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """logits [B, V] fp32 → one sampled id per row [B]."""
+def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+          seeds: Tensor | None = None, step: int = 0) -> Tensor:
+    """logits [B, V] fp32 → one sampled id per row [B] (``seeds`` [B]: each row's own noise at ``step``)."""
     probs, ids = candidates(logits, temperature, top_k, top_p)
+    if seeds is not None:
+        return gumbel_pick(probs, ids, seeds, step)
     pick = torch.multinomial(probs, 1, generator=generator)
     return (pick if ids is None else ids.gather(1, pick)).squeeze(1)

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers import LogitsProcessor
 
 from opsd_core.config import SamplingConfig
-from opsd_core.engine import DecoderEngine
+from opsd_core.engine import DecoderEngine, candidates
+from opsd_core.row_noise import gumbel_pick
 
 
 @dataclass
@@ -74,6 +76,20 @@ def _finish(completion: Tensor, n_prompts: int, pad_id: int, eos_ids: set[int], 
     return Rollouts(completion, mask, ended, seconds)
 
 
+class _RowNoiseDraw(LogitsProcessor):
+    """A transformers logits processor that makes greedy ``generate`` sample as the engine does: the
+    same temperature / top-k / top-p rule, then each row's own counter-based noise (Gumbel-max), the
+    chosen token left as the only finite score."""
+
+    def __init__(self, cfg: SamplingConfig, seeds: list[int], width: int) -> None:
+        self.cfg, self.seeds, self.width = cfg, torch.tensor(seeds, dtype=torch.int64), width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        probs, ids = candidates(scores.float(), self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+        pick = gumbel_pick(probs, ids, self.seeds.to(scores.device), input_ids.shape[1] - self.width)
+        return torch.full_like(scores, float("-inf")).scatter_(1, pick[:, None], 0.0)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module | DecoderEngine,
@@ -81,19 +97,26 @@ def sample(
     cfg: SamplingConfig,
     pad_id: int,
     eos_ids: set[int],
-    seed: int,
+    seed: int | list[int],
     device: torch.device,
 ) -> Rollouts:
     """Sample one completion per prompt from ``model`` (its current weights, adapter included).
 
     ``model`` is a :class:`DecoderEngine` (opsd's decode loop) or a transformers module (``generate``).
+    ``seed``: one for the batch (a shared generator), or one per prompt: each row then draws from its own
+    counter-based noise (:mod:`opsd_core.row_noise`), so a rollout does not depend on the batch it is
+    sampled in (what makes N ranks sample what one process samples); the engine and ``generate`` then
+    draw the same token from the same logits.
     """
+    row_seeds = seed if isinstance(seed, list) else None
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
     if isinstance(model, DecoderEngine):
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+        generator = None if row_seeds else torch.Generator(device=model.device).manual_seed(int(seed))
         start = time.perf_counter()
         out = model.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                              top_p=cfg.top_p, eos_ids=eos_ids, pad_id=pad_id,
-                             min_new_tokens=cfg.min_new_tokens, generator=generator)
+                             min_new_tokens=cfg.min_new_tokens, generator=generator, row_seeds=row_seeds)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return _finish(out, len(prompts), pad_id, eos_ids, time.perf_counter() - start)
@@ -101,22 +124,29 @@ def sample(
     ids, attn = ids.to(device), attn.to(device)
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
+    if row_seeds is None:
+        torch.manual_seed(int(seed))
+        if device.type == "cuda":
+            torch.cuda.manual_seed_all(int(seed))
+        draw: dict = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                      "top_k": cfg.top_k if cfg.top_k > 0 else None}
+    else:
+        from transformers import LogitsProcessorList
+
+        # greedy over scores where only the row's own draw is finite; the model's own sampling
+        # defaults (temperature, top-k/p in its generation_config) must not apply a second time
+        draw = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                "logits_processor": LogitsProcessorList([_RowNoiseDraw(cfg, row_seeds, ids.shape[1])])}
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids,
         attention_mask=attn,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k if cfg.top_k > 0 else None,
         max_new_tokens=cfg.max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=sorted(eos_ids),
         min_new_tokens=cfg.min_new_tokens or None,
         use_cache=True,
+        **draw,
     )
     seconds = time.perf_counter() - start
     model.train(was_training)

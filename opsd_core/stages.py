@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from opsd_core import distributed
 from opsd_core.capabilities import probe
 from opsd_core.config import Params
 from opsd_core.environment import versions
@@ -137,20 +138,37 @@ def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
             writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in CURVE_FIELDS})
 
 
-def train(params: Params, root: Path) -> dict[str, Any]:
-    configure_threads(params.train.threads)
+def _device(plan: ExecutionPlan) -> torch.device:
+    if plan.device == "cuda" and distributed.launched_size() > 1:  # one GPU per rank
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(plan.device)
+
+
+def train(params: Params, root: Path) -> dict[str, Any] | None:
+    """Train and write the candidate; under torchrun every rank trains its share and rank 0 writes
+    (the other ranks return None)."""
+    size = distributed.launched_size()
+    # ranks share the machine's cores: train.threads is the whole budget
+    configure_threads(max(1, params.train.threads // size) if params.train.threads else None)
     plan = execution_plan(params)
-    for warning in plan.warnings:
+    dev = _device(plan)
+    world = distributed.init(dev)
+    for warning in plan.warnings if world.main else ():
         print(f"opsd train: warning: {warning}", file=sys.stderr)
-    dev = torch.device(plan.device)
     started = time.perf_counter()
     model, tokenizer, base_path = build_policy(params, root, plan)
     problems = load_problems(root / params.data.prepared_dir / "train.jsonl", tokenizer,
                              thinking=params.model.thinking)
     data_hash = _data_hash(params, root)
     run_dir = root / params.train.checkpoint_dir / run_key(params, data_hash)
-    trainer = OPSDTrainer(params, model, tokenizer, problems, dev, run_dir, plan=plan)
-    state = trainer.run()
+    trainer = OPSDTrainer(params, model, tokenizer, problems, dev, run_dir, plan=plan, world=world,
+                          log=(lambda msg: print(msg, file=sys.stderr)) if world.main else (lambda _msg: None))
+    try:
+        state = trainer.run()
+    finally:
+        distributed.close(world)
+    if not world.main:
+        return None
     reports = root / params.train.reports_dir
     _write_curve(reports / "train_curve.csv", state.curve)
     meta = save_candidate(params, root, model, tokenizer, base_path, data_hash, dev)
@@ -176,6 +194,9 @@ def train(params: Params, root: Path) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "world_size": world.size,
+        "rollouts_per_rank": [len(distributed.World(r, world.size).rows(params.train.rollouts_per_step))
+                              for r in range(world.size)],
         "execution": trainer.execution(),
         "machine": probe().as_dict(),
         "versions": versions(),

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from opsd_core import checkpoint as ckpt
+from opsd_core import distributed as dist
 from opsd_core.config import Params
 from opsd_core.lora_pass import installed
 from opsd_core.losses import DivergenceSpec, chunked_divergence_loss
@@ -101,7 +102,7 @@ def step_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
 def run_key(params: Params, data_hash: str) -> str:
     """Identifies a training run: checkpoints from other params or data are never resumed."""
     dump = params.model_dump(mode="json")
-    volatile = {"threads", "cpu_allocator", "progress", "keep_checkpoints", "checkpoint_every", "checkpoint_dir",
+    volatile = {"threads", "nproc", "cpu_allocator", "progress", "keep_checkpoints", "checkpoint_every", "checkpoint_dir",
                 "output_dir", "reports_dir"}
     train = {k: v for k, v in dump["train"].items() if k not in volatile}
     blob = json.dumps(
@@ -122,9 +123,12 @@ class OPSDTrainer:
         run_dir: Path,
         log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
         plan: ExecutionPlan | None = None,
+        world: dist.World | None = None,
     ) -> None:
-        """``plan``: the execution paths (:func:`opsd_core.plan.make_plan`; default: made for this machine)."""
+        """``plan``: the execution paths (:func:`opsd_core.plan.make_plan`; default: made for this machine);
+        ``world``: this process's rank among several (:mod:`opsd_core.distributed`; default: alone)."""
         self.params, self.model, self.tokenizer = params, model, tokenizer
+        self.world = world or dist.World()
         self.problems, self.device, self.run_dir, self.log = problems, device, run_dir, log
         self.cfg = params.train
         if plan is None:
@@ -170,8 +174,12 @@ class OPSDTrainer:
             "rng": ckpt.rng_state(),
         }
 
-    def save_checkpoint(self) -> Path:
-        return ckpt.save(self.run_dir, self.state.step, self._state(), self.cfg.keep_checkpoints)
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes (every rank holds the same weights and optimizer state); the others wait for it."""
+        path = ckpt.save(self.run_dir, self.state.step, self._state(), self.cfg.keep_checkpoints) \
+            if self.world.main else None
+        dist.barrier(self.world)
+        return path
 
     def resume(self) -> bool:
         found = ckpt.latest(self.run_dir)
@@ -193,10 +201,15 @@ class OPSDTrainer:
         return True
 
     # -- one optimizer step ------------------------------------------------------------------
-    def rollout(self, batch: list[Problem], step: int) -> Rollouts:
-        seed = self.cfg.seed * 1_000_003 + step
-        return sample(self.sampler.module(), [p.student_ids for p in batch], self.params.opsd.sampling,
-                      self.pad_id, self.eos_ids, seed, self.device)
+    def row_seed(self, step: int, row: int) -> int:
+        """The noise seed of rollout ``row`` of optimizer step ``step``: the same on any rank, in any batch."""
+        return (self.cfg.seed * 1_000_003 + step) * 1_000_003 + row
+
+    def rollout(self, batch: list[Problem], step: int, rows: list[int] | None = None) -> Rollouts:
+        """Sample the step's rollouts ``rows`` (indices into ``batch``; default all), each from its own noise."""
+        rows = list(range(len(batch))) if rows is None else rows
+        return sample(self.sampler.module(), [batch[i].student_ids for i in rows], self.params.opsd.sampling,
+                      self.pad_id, self.eos_ids, [self.row_seed(step, i) for i in rows], self.device)
 
     def batch_for(self, step: int) -> list[Problem]:
         return [self.problems[i] for i in step_indices(step, self.cfg.rollouts_per_step,
@@ -208,8 +221,9 @@ class OPSDTrainer:
             return completion_hidden(self.model, batch)
 
     def accumulate(self, batch: list[Problem], rollouts: Rollouts, bar: Any = None) -> dict[str, float]:
-        """Forward/backward over micro-batches; the loss is the mean over all the step's valid tokens."""
-        total = rollouts.num_tokens
+        """Forward/backward over micro-batches; the loss is the mean over all the step's valid tokens (on
+        every rank: ``batch`` and ``rollouts`` are this rank's share, the denominator the step's total)."""
+        total = int(dist.all_sum([float(rollouts.num_tokens)], self.world, self.device)[0])
         if total == 0:
             raise TrainingError("the rollouts hold no completion tokens")
         self.model.train()
@@ -244,9 +258,11 @@ class OPSDTrainer:
             clipped_sum += float(metrics["clipped_sum"])
             if bar is not None:
                 bar.update(len(part))
+        loss_sum, kl_sum, clipped_sum = dist.all_sum([loss_sum, kl_sum, clipped_sum], self.world, self.device)
         return {"loss": loss_sum, "kl": kl_sum / total, "clipped_frac": clipped_sum / total}
 
     def optimizer_step(self) -> dict[str, float]:
+        dist.sum_gradients(self.trainable.values(), self.world)  # each rank's share of the global token mean
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), clip))
         if not math.isfinite(grad_norm):
@@ -260,23 +276,26 @@ class OPSDTrainer:
 
     def step(self, step: int, bar: Any = None) -> dict[str, float]:
         batch = self.batch_for(step)
-        rollouts = self.rollout(batch, step)
+        rows = self.world.rows(len(batch))
+        rollouts = self.rollout(batch, step, rows)
         start = time.perf_counter()
         try:
-            row = self.accumulate(batch, rollouts, bar)
+            row = self.accumulate([batch[i] for i in rows], rollouts, bar)
             row.update(self.optimizer_step())
         except TrainingError as err:
             raise TrainingError(f"step {step + 1}: {err}") from None
         train_s = time.perf_counter() - start
-        total = rollouts.num_tokens
-        lengths = rollouts.completion_mask.sum(dim=1).float()
+        # the whole step's figures: sums over ranks, the slowest rank's time
+        total, ended = dist.all_sum([float(rollouts.num_tokens), float(rollouts.ended.sum())], self.world, self.device)
+        sample_s = dist.all_max(rollouts.seconds, self.world, self.device)
+        train_s = dist.all_max(train_s, self.world, self.device)
         row.update({
             "step": step + 1,
-            "completion_len": float(lengths.mean()),
-            "ended_frac": float(rollouts.ended.float().mean()),
-            "sample_tok_s": total / max(rollouts.seconds, 1e-9),
+            "completion_len": total / len(batch),
+            "ended_frac": ended / len(batch),
+            "sample_tok_s": total / max(sample_s, 1e-9),
             "train_tok_s": total / max(train_s, 1e-9),
-            "sample_s": rollouts.seconds,
+            "sample_s": sample_s,
             "train_s": train_s,
         })
         return row
@@ -284,7 +303,7 @@ class OPSDTrainer:
     def run(self) -> TrainState:
         """Train until ``train.steps``, resuming from the latest checkpoint of this run."""
         self.resume()
-        show = self.cfg.progress and sys.stderr.isatty()
+        show = self.cfg.progress and sys.stderr.isatty() and self.world.main
         steps_bar = tqdm(total=self.cfg.steps, initial=self.state.step, desc="steps", disable=not show)
         rollouts_bar = tqdm(total=0, desc="rollouts", unit="rollout", disable=not show, leave=False)
         try:
@@ -295,7 +314,7 @@ class OPSDTrainer:
                 self.state.curve.append(row)
                 steps_bar.update(1)
                 steps_bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}")
-                if not show:
+                if not show and self.world.main:
                     self.log(
                         f"step {row['step']}/{self.cfg.steps} loss={row['loss']:.5f} kl={row['kl']:.5f} "
                         f"len={row['completion_len']:.0f} sample={row['sample_tok_s']:.0f} tok/s "
