@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isa", default="native,avx2", help="comma-separated: native and/or OPSD_CPU_ISA values")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    base = {k: v for k, v in os.environ.items() if k not in ("OPSD_CPU_ISA", "OPSD_HIDE")}
+    # native means native: no simulation, nor the library caps a simulating parent process set
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("OPSD_CPU_ISA", "OPSD_HIDE", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                         "MKL_ENABLE_INSTRUCTIONS")}
     base.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     results = []
     with tempfile.TemporaryDirectory(prefix="opsd-cpu-paths-") as tmp:

@@ -234,9 +234,14 @@ def probe() -> Capabilities:
 
     cap, hide = isa_cap(), hidden()
     machine, system = platform.machine() or "unknown", platform.system()
-    flags = cpu_flags(machine, system, cap)
     x86 = machine.lower() in ("x86_64", "amd64", "x86", "i686")
+    torch_cpu = torch.backends.cpu.get_cpu_capability()
     notes = []
+    if x86 and cap is None and torch_cpu == "AVX2" and "avx512f" in cpu_flags(machine, system, None):
+        # torch was capped below the CPU (ATEN_CPU_CAPABILITY set by hand, or inherited): report what runs
+        cap = "avx2"
+        notes.append("torch runs its AVX2 kernels on this AVX-512 CPU (ATEN_CPU_CAPABILITY): flags cut to AVX2")
+    flags = cpu_flags(machine, system, cap)
     onednn_fp32 = "onednn" not in hide and _onednn_works(torch.float32)
     onednn_bf16 = onednn_fp32 and _onednn_works(torch.bfloat16)
     if cap is not None and not any(all(f in flags for f in need) for need in X86_ONEDNN_BF16):
@@ -255,7 +260,7 @@ def probe() -> Capabilities:
     mps_backend = getattr(torch.backends, "mps", None)
     mps = "mps" not in hide and bool(mps_backend and mps_backend.is_available())
     return Capabilities(
-        machine=machine, system=system, torch_cpu=torch.backends.cpu.get_cpu_capability(), flags=flags,
+        machine=machine, system=system, torch_cpu=torch_cpu, flags=flags,
         onednn_fp32=onednn_fp32, onednn_bf16=onednn_bf16, bf16_units=bf16_units,
         mallopt="mallopt" not in hide and _has_mallopt(),
         cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), mps=mps,
