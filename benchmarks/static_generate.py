@@ -1,0 +1,100 @@
+"""Rollout sampling side by side: opsd's decoder engine vs transformers ``generate`` (dynamic cache, static
+cache, static cache compiled), same model, batch, settings and token count, in one process.
+
+``python -m benchmarks.static_generate [--model smollm2] [--batch 4] [--new-tokens 64] [--dtype float32]
+[--repeats 3] [--threads 2] [--device cpu] [--no-compile]``
+
+Every row is forced to ``--new-tokens`` tokens (end-of-sequence suppressed), so the paths decode the
+same number of tokens. Each path is called once untimed first (the compiled path compiles there; that
+time is printed apart), then ``--repeats`` timed calls; the median is shown. The question it answers
+(issue 12): is transformers' own static-cache path, compiled, as fast as the engine, on this device?
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+from benchmarks.common import MODEL_CACHE, OFFLINE_ENV, model_source, set_threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache row")
+    args = parser.parse_args(argv)
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    set_threads(args.threads)
+    import torch
+    from transformers import CompileConfig
+
+    from opsd_core.config import ModelConfig
+    from opsd_core.engine import DecoderEngine
+    from opsd_core.models import load_model_and_tokenizer
+    from opsd_core.prompts import student_prompt_ids
+
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model, tok = load_model_and_tokenizer(ModelConfig(base=model_source(args.model), cache_dir=str(MODEL_CACHE)),
+                                          dtype=dtype)
+    model = model.to(dev).eval().requires_grad_(False)
+    questions = [f"Tom has {3 + i} apples and buys {4 * i + 1} more. How many does he have?" for i in range(args.batch)]
+    prompts = [student_prompt_ids(tok, q) for q in questions]
+    n = args.new_tokens
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    engine = DecoderEngine(copy.deepcopy(model))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(prompts), max(map(len, prompts))), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):  # left padding, as opsd's generate fallback does
+        ids[r, ids.shape[1] - len(p):] = torch.tensor(p)
+        attn[r, ids.shape[1] - len(p):] = 1
+    ids, attn = ids.to(dev), attn.to(dev)
+    sampling = {"do_sample": True, "temperature": 1.1, "top_k": 20, "top_p": 0.95, "max_new_tokens": n,
+                "min_new_tokens": n, "pad_token_id": pad}
+
+    def hf(**extra: object) -> Callable[[], object]:
+        return lambda: model.generate(input_ids=ids, attention_mask=attn, **sampling, **extra)
+
+    paths: dict[str, Callable[[], object]] = {
+        "opsd engine": lambda: engine.generate(prompts, n, temperature=1.1, top_k=20, top_p=0.95, eos_ids=set(),
+                                               pad_id=pad, row_seeds=list(range(len(prompts)))),
+        "generate, dynamic cache": hf(),
+        "generate, static cache (eager)": hf(cache_implementation="static", disable_compile=True),
+    }
+    if not args.no_compile:
+        mode = "reduce-overhead" if dev.type == "cuda" else "default"
+        compile_config = CompileConfig(mode=mode)
+        compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+        paths["generate, static cache, compiled"] = hf(cache_implementation="static", compile_config=compile_config)
+    print(f"{args.model} {args.dtype} on {dev}: batch {args.batch} x {n} new tokens, {args.threads} threads, "
+          f"median of {args.repeats}")
+    for name, fn in paths.items():
+        start = time.perf_counter()
+        fn()
+        sync()
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        sec = statistics.median(times)
+        print(f"{name:36s} {args.batch * n / sec:9.1f} tok/s  ({sec:.3f} s; first call {first:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
