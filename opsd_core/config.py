@@ -120,6 +120,15 @@ class OPSDConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
 
 
+    def advice(self) -> list[str]:
+        """Valid but doubtful combinations, printed when training starts."""
+        out = []
+        if self.support == "sampled" and self.clip == "pointwise":
+            out.append(f"opsd.support=sampled with opsd.clip=pointwise ({self.clip_value}) clips the sampled token's "
+                       "log-ratio itself: measured ~90 % of tokens clipped at 0.05, an expected gradient at cosine "
+                       "0.84 to the unclipped one; consider opsd.clip: none or token")
+        return out
+
     @model_validator(mode="after")
     def _teacher_dtype_needs_fixed(self) -> OPSDConfig:
         if self.teacher_dtype is not None and self.teacher != "fixed":

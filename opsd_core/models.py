@@ -275,6 +275,15 @@ def wrap_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     linear_names = {
         name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
     }
+    head = model.get_output_embeddings()
+    head_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if mod is head}
+    if head_names & set(cfg.target_modules):
+        from opsd_core.config import ConfigError
+
+        # the chunked loss projects with the head's base weight, so a head adapter would never get a gradient
+        raise ConfigError(f"lora.target_modules: {sorted(head_names & set(cfg.target_modules))[0]} is the output head, "
+                          "which OPSD's loss reads without an adapter; remove it (or set lora.enabled: false to "
+                          "train every weight)")
     present = [m for m in cfg.target_modules if m in linear_names]
     missing = [m for m in cfg.target_modules if m not in linear_names]
     if not present:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor
 
 from opsd_core.config import SamplingConfig
-from opsd_core.engine import DecoderEngine, candidates
+from opsd_core.engine import DecoderEngine, candidates, unwrap
 from opsd_core.row_noise import gumbel_pick
 
 
@@ -137,17 +137,27 @@ def sample(
         # defaults (temperature, top-k/p in its generation_config) must not apply a second time
         draw = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
                 "logits_processor": LogitsProcessorList([_RowNoiseDraw(cfg, row_seeds, ids.shape[1])])}
+    # transformers fills every setting left unset from the checkpoint's generation_config (a
+    # repetition_penalty, suppressed tokens, min_p, ...): rollouts would silently leave the policy's
+    # distribution. With a blank one, only opsd.sampling applies.
+    from transformers import GenerationConfig
+
+    inner = unwrap(model)
+    saved, inner.generation_config = inner.generation_config, GenerationConfig()
     start = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=attn,
-        max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids),
-        min_new_tokens=cfg.min_new_tokens or None,
-        use_cache=True,
-        **draw,
-    )
+    try:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=sorted(eos_ids),
+            min_new_tokens=cfg.min_new_tokens or None,
+            use_cache=True,
+            **draw,
+        )
+    finally:
+        inner.generation_config = saved
     seconds = time.perf_counter() - start
     model.train(was_training)
     return _finish(out[:, ids.shape[1]:], len(prompts), pad_id, eos_ids, seconds)

@@ -153,7 +153,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     plan = execution_plan(params)
     dev = _device(plan)
     world = distributed.init(dev)
-    for warning in plan.warnings if world.main else ():
+    for warning in [*plan.warnings, *params.opsd.advice()] if world.main else ():
         print(f"opsd train: warning: {warning}", file=sys.stderr)
     started = time.perf_counter()
     model, tokenizer, base_path = build_policy(params, root, plan)

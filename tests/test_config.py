@@ -90,3 +90,10 @@ def test_an_invalid_choice_lists_the_valid_ones(tmp_path: Path) -> None:
     assert "train.packed_weights: Input should be 'auto', 'on' or 'off' (got 'sometimes')" in str(err.value)
     with pytest.raises(ConfigError, match="train.cpu_allocator: Input should be 'auto', 'tuned' or 'default'"):
         load_params(tmp_path / "params.yaml", overrides=["train.cpu_allocator=fast"])
+
+
+def test_doubtful_combinations_are_advised_not_refused() -> None:
+    p = load_params(ROOT / "params.yaml", "smoke", ["opsd.support=sampled"])
+    assert len(p.opsd.advice()) == 1 and "opsd.clip=pointwise" in p.opsd.advice()[0]
+    assert load_params(ROOT / "params.yaml", "smoke", ["opsd.support=sampled", "opsd.clip=none"]).opsd.advice() == []
+    assert load_params(ROOT / "params.yaml", "smoke").opsd.advice() == []

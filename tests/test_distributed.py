@@ -77,7 +77,11 @@ def test_a_rollout_is_the_same_sample_in_any_batch_and_either_sampler(smoke: Par
         alone = sample(engine, [prompts[i]], cfg, tok.pad_token_id, eos, [seeds[i]], torch.device("cpu"))
         width = int(alone.completion_mask.sum())
         assert width > 0 and torch.equal(alone.completion_ids[0, :width], together.completion_ids[i, :width])
+    # a checkpoint's own generation defaults must not leak into rollouts (they would leave the policy)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
     via_generate = sample(model, prompts, cfg, tok.pad_token_id, eos, seeds, torch.device("cpu"))
+    assert model.generation_config.repetition_penalty == 5.0  # put back afterwards
     assert torch.equal(via_generate.completion_mask, together.completion_mask)
     assert torch.equal(via_generate.completion_ids[together.completion_mask],
                        together.completion_ids[together.completion_mask])

@@ -287,3 +287,12 @@ def test_thinking_switch_reaches_the_template_for_both_contexts_and_lm_eval(tiny
     assert model_args("m", None, EvalConfig(), "cpu", thinking=False)["enable_thinking"] is False
     assert "enable_thinking" not in model_args("m", None, EvalConfig(), "cpu")
     assert load_params(Path(__file__).resolve().parents[1] / "params.yaml", "gpu").model.thinking is False
+
+
+def test_a_lora_adapter_on_the_output_head_is_refused(tiny_dir: Path) -> None:
+    """The chunked loss projects with the head's base weight: an adapter there would never train."""
+    from opsd_core.config import ConfigError, LoraConfig
+
+    model, _ = load_model_and_tokenizer(ModelConfig(base=str(tiny_dir)))
+    with pytest.raises(ConfigError, match="lora.target_modules: lm_head is the output head"):
+        wrap_lora(model, LoraConfig(target_modules=["q_proj", "lm_head"]))
