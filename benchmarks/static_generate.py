@@ -39,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import CompileConfig
 
-    from opsd_core.config import ModelConfig
+    from opsd_core.capabilities import probe
+    from opsd_core.config import ModelConfig, Params
     from opsd_core.engine import DecoderEngine
     from opsd_core.models import load_model_and_tokenizer
+    from opsd_core.packed import for_plan
+    from opsd_core.plan import make_plan
     from opsd_core.prompts import student_prompt_ids
 
     dev = torch.device(args.device)
@@ -53,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [student_prompt_ids(tok, q) for q in questions]
     n = args.new_tokens
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    engine = DecoderEngine(copy.deepcopy(model))
+    # the engine as training builds it: with the oneDNN packs this machine's plan chooses (CPU)
+    plan = make_plan(Params.model_validate({"train": {"device": dev.type}}), probe())
+    packs = for_plan(plan, frozen_dtype=False) if dev.type == "cpu" else None
+    engine = DecoderEngine(copy.deepcopy(model), packs=packs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = torch.full((len(prompts), max(map(len, prompts))), pad, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
         paths["generate, static cache, compiled"] = hf(cache_implementation="static", compile_config=compile_config)
     print(f"{args.model} {args.dtype} on {dev}: batch {args.batch} x {n} new tokens, {args.threads} threads, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}; engine packs: {plan.packs if packs is not None else 'off'}")
     for name, fn in paths.items():
         start = time.perf_counter()
         fn()

@@ -361,7 +361,7 @@ def test_bf16_bases_merge_the_lora_delta_in_fp32(smoke: Params) -> None:
     name, layer = next((n, m) for n, m in model.named_modules() if hasattr(m, "lora_A"))
     a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     w0 = layer.base_layer.weight
-    delta = s * (b.float() @ a.float())
+    delta = (s * (b.float() @ a.float())).detach()
 
     def err(w: torch.Tensor) -> float:  # relative error of the delta that ``w`` carries
         return float(((w.float() - w0.float()) - delta).norm() / delta.norm())
