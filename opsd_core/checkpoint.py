@@ -1,4 +1,9 @@
-"""Training checkpoints: atomic save, latest lookup, retention, and full RNG state."""
+"""Training checkpoints: atomic save, latest lookup, retention, and full RNG state.
+
+A checkpoint holds tensors, numbers, strings, lists, tuples and dicts only (the numpy RNG state is
+stored as a list), so it loads with ``torch.load(weights_only=True)``: a file someone else wrote cannot
+run code when it is resumed, and a file that is not an opsd checkpoint is a clear error.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,11 @@ import numpy as np
 import torch
 
 PREFIX = "step-"
+FORMAT = "opsd-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded safely (corrupt, truncated, foreign or unsafe)."""
 
 
 @dataclass
@@ -21,9 +31,10 @@ class Checkpoint:
 
 
 def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),  # plain types: loadable with weights_only
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -33,22 +44,29 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint in ``run_dir`` (incomplete ones are never renamed into place)."""
+def complete(run_dir: Path) -> list[Checkpoint]:
+    """The complete checkpoints in ``run_dir``, newest first (incomplete ones are never renamed into place)."""
     if not run_dir.is_dir():
-        return None
+        return []
     found = [
         Checkpoint(int(p.name[len(PREFIX):]), p)
         for p in run_dir.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.pt").is_file()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / "state.pt").is_file()
     ]
-    return max(found, key=lambda c: c.step, default=None)
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def latest(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint in ``run_dir``."""
+    found = complete(run_dir)
+    return found[0] if found else None
 
 
 def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -58,7 +76,7 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     tmp = run_dir / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
+    torch.save({"format": FORMAT, **state}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     complete = sorted(
@@ -70,5 +88,13 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
 
 
 def load(ckpt: Checkpoint) -> dict[str, Any]:
-    # our own files: full pickles (RNG states, optimizer state) are required
-    return torch.load(ckpt.path / "state.pt", map_location="cpu", weights_only=False)
+    """The state saved at ``ckpt``; :class:`CheckpointError` for a file that is corrupt, not ours or unsafe."""
+    path = ckpt.path / "state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every way a foreign or damaged file fails to load reads the same
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a loadable opsd checkpoint ({type(err).__name__}: {first[:200]})") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an opsd checkpoint (no format {FORMAT!r})")
+    return state

@@ -182,10 +182,18 @@ class OPSDTrainer:
         return path
 
     def resume(self) -> bool:
-        found = ckpt.latest(self.run_dir)
-        if found is None:
+        """Load the newest checkpoint that loads; a damaged newer one is skipped, and the log says so."""
+        found, state = None, None
+        for candidate in ckpt.complete(self.run_dir):
+            try:
+                state = ckpt.load(candidate)
+            except ckpt.CheckpointError as err:
+                self.log(f"skipping checkpoint: {err}")
+                continue
+            found = candidate
+            break
+        if found is None or state is None:
             return False
-        state = ckpt.load(found)
         missing = set(self.trainable) ^ set(state["trainable"])
         if missing:
             raise TrainingError(f"checkpoint {found.path} does not match the model: {sorted(missing)[:3]}")
