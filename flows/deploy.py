@@ -10,11 +10,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from opsd_core.config import load_params
+from opsd_core.config import ConfigError, load_params
+
+
+def check_cron(cron: str) -> None:
+    """A cron expression Prefect accepts, or a one-line :class:`ConfigError` (before any server starts)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise ConfigError(f"--cron {cron!r} is not a cron expression (five fields: minute hour day month weekday, "
+                          'e.g. "0 3 * * 1" for Mondays at 03:00)') from None
 
 
 def deploy(params_path: str, profile: str | None, overrides: list[str] | None, cron: str, name: str,
            register_only: bool = False) -> int:
+    check_cron(cron)
     from flows.retrain import retrain
 
     params_file = Path(params_path).resolve()

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +88,6 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     params = _load(args)
     root = Path(args.params).resolve().parent if Path(args.params).exists() else Path.cwd()
-    from opsd_core import stages
-
     if args.command == "env":
         from opsd_core.environment import render, report
 
@@ -105,19 +102,17 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if args.command == "train" and params.train.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _relaunch(params.train.nproc, argv)
-    if args.command == "train":
-        summary = stages.train(params, root)
-        if summary is not None:  # rank 0 (or the only process) reports
-            _print(summary)
-        return 0
-    handlers: dict[str, Callable[[], Any]] = {
-        "prepare": lambda: stages.prepare(params, root),
-    }
-    if args.command in handlers:
-        _print(handlers[args.command]())
-        return 0
-    if args.command == "evaluate":
-        stages.evaluate(params, root, args.model)
+    if args.command in ("prepare", "train", "evaluate"):
+        from opsd_core import stages  # torch and transformers: only the commands that compute pay for them
+
+        if args.command == "evaluate":
+            stages.evaluate(params, root, args.model)
+        elif args.command == "prepare":
+            _print(stages.prepare(params, root))
+        else:
+            summary = stages.train(params, root)
+            if summary is not None:  # rank 0 (or the only process) reports
+                _print(summary)
         return 0
     if args.command in ("register", "promote", "status"):
         from opsd_core import registry
@@ -126,7 +121,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             _print(registry.register(params, root))
         elif args.command == "promote":
             if not args.rollback:
-                raise ConfigError("opsd promote: only --rollback is supported; promotion goes through the gate")
+                raise ConfigError("promote: only --rollback is supported; promotion goes through the gate")
             _print(registry.rollback(params, root))
         else:
             print(registry.render_status(registry.status(params, root)))

@@ -281,14 +281,16 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = value
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _format_validation(err: ValidationError, source: str, overridden: set[str] = frozenset()) -> str:
+    """One line per problem; a key that came from ``--set`` says so instead of blaming the file."""
+    lines = [f"invalid configuration in {source}" + (" and --set" if overridden else "") + ":"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        origin = " (from --set)" if any(key == o or key.startswith(o + ".") for o in overridden) else ""
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key{origin}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){origin}")
     return "\n".join(lines)
 
 
@@ -336,4 +338,5 @@ def load_params(
     try:
         return Params.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation(err, source)) from None
+        overridden = {a.split("=", 1)[0].strip() for a in overrides or [] if "=" in a}
+        raise ConfigError(_format_validation(err, source, overridden)) from None

@@ -147,6 +147,9 @@ def _device(plan: ExecutionPlan) -> torch.device:
 def train(params: Params, root: Path) -> dict[str, Any] | None:
     """Train and write the candidate; under torchrun every rank trains its share and rank 0 writes
     (the other ranks return None)."""
+    train_file = root / params.data.prepared_dir / "train.jsonl"
+    if not train_file.is_file():  # before loading (or converting) any model
+        raise TrainingError(f"{train_file} does not exist: run `opsd prepare` first")
     size = distributed.launched_size()
     # ranks share the machine's cores: train.threads is the whole budget
     configure_threads(max(1, params.train.threads // size) if params.train.threads else None)
@@ -157,7 +160,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         print(f"opsd train: warning: {warning}", file=sys.stderr)
     started = time.perf_counter()
     model, tokenizer, base_path = build_policy(params, root, plan)
-    problems = load_problems(root / params.data.prepared_dir / "train.jsonl", tokenizer,
+    problems = load_problems(train_file, tokenizer,
                              thinking=params.model.thinking)
     data_hash = _data_hash(params, root)
     run_dir = root / params.train.checkpoint_dir / run_key(params, data_hash)

@@ -97,3 +97,14 @@ def test_doubtful_combinations_are_advised_not_refused() -> None:
     assert len(p.opsd.advice()) == 1 and "opsd.clip=pointwise" in p.opsd.advice()[0]
     assert load_params(ROOT / "params.yaml", "smoke", ["opsd.support=sampled", "opsd.clip=none"]).opsd.advice() == []
     assert load_params(ROOT / "params.yaml", "smoke").opsd.advice() == []
+
+
+def test_errors_from_set_say_so_instead_of_blaming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_params(ROOT / "params.yaml", "smoke", ["train.stepz=1"])
+    assert "train.stepz: unknown key (from --set)" in str(err.value)
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  stepz: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert f"invalid configuration in {path}:" in str(err.value) and "(from --set)" not in str(err.value)

@@ -58,3 +58,13 @@ def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
     assert rollback.returncode == 1 and "RegistryError" in rollback.stderr, rollback.stderr[-2000:]
     no_gate_bypass = opsd(project, "promote")
     assert no_gate_bypass.returncode == 2 and "--rollback" in no_gate_bypass.stderr
+
+
+def test_small_commands_do_not_import_torch(tmp_path: Path) -> None:
+    """`opsd status`, `promote` and friends read the registry only: loading torch cost them ~1.5 s each."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    code = ("import sys; from opsd_core.cli import main; rc = main(['status']); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH 0", proc.stdout + proc.stderr[-2000:]

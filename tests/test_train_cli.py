@@ -108,3 +108,12 @@ def test_full_finetuning_writes_and_verifies_full_weights(prepared: Path, tmp_pa
     assert meta["adapter"] is False
     assert (project / "models/candidate/model.safetensors").is_file()
     assert not (project / "models/candidate/adapter_config.json").exists()
+
+
+def test_train_before_prepare_says_what_to_run_without_loading_a_model(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "fresh", tmp_path / "models")
+    proc = opsd(project, "train", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith("train.jsonl does not exist: run `opsd prepare` first")
+    models = tmp_path / "models"
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (models.exists() and any(models.iterdir()))
