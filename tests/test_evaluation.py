@@ -270,3 +270,34 @@ def test_standard_task_without_data_is_a_clear_error(project: tuple[Path, Params
         evaluate_model("unused-model-dir", None, ["opsd_val", "gsm8k"], params.eval, tasks_dir)
     with pytest.raises(EvalTaskError, match=r"unknown lm-eval task 'gsm8k_typo_task'"):
         evaluate_model("unused-model-dir", None, ["gsm8k_typo_task"], params.eval, tasks_dir)
+
+
+def test_loglikelihood_task_scores_the_reference_behind_exactly_the_student_prompt(
+        project: tuple[Path, Params], tmp_path: Path) -> None:
+    """opsd_val_ll through a real lm-eval run equals the student's log-probability of the verified solution
+    computed directly (transformers, the training prompt ids), per solution token, problem by problem. lm-eval
+    also scores the template's last token (the newline it moves out of the context; see ll_task_config)."""
+    from opsd_core.evaluation.harness import LL_PER_TOKEN, evaluate_model
+    from opsd_core.models import load_model_and_tokenizer, resolve_base_dir
+    from opsd_core.prompts import student_prompt_ids
+
+    root, params = project
+    cfg = params.eval.model_copy(update={"tasks": ["opsd_val_ll"]})
+    write_task_yamls(tmp_path, root / "data/prepared/val.jsonl", root / "data/eval/gsm8k100.jsonl", cfg)
+    config = yaml.safe_load((tmp_path / "opsd_val_ll.yaml").read_text().replace("!function", ""))
+    assert config["output_type"] == "loglikelihood" and config["target_delimiter"] == ""
+    base = resolve_base_dir(params.model, root)
+    result = evaluate_model(str(base), None, ["opsd_val_ll"], cfg, tmp_path).tasks["opsd_val_ll"]
+    assert result.metric == LL_PER_TOKEN and result.n == LIMIT and result.k == 1
+    model, tok = load_model_and_tokenizer(params.model, root)
+    rows = {r["id"]: r for r in map(json.loads, (root / "data/prepared/val.jsonl").read_text().splitlines())}
+    for key, (value,) in result.samples.items():
+        prompt = student_prompt_ids(tok, rows[key]["problem"])
+        target = tok(rows[key]["solution"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + target])).logits[0].float()
+        scored = prompt[-1:] + target  # the prompt's final newline, then the solution
+        logp = logits[len(prompt) - 2:-1].log_softmax(-1).gather(1, torch.tensor(scored)[:, None]).sum()
+        assert value == pytest.approx(float(logp) / len(target), rel=1e-3, abs=1e-3), key
+    assert result.score == pytest.approx(np.mean([v[0] for v in result.samples.values()]))
+    assert result.score < 0

@@ -14,8 +14,8 @@ import torch
 
 from opsd_core.config import EvalConfig
 from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
-from opsd_core.evaluation.metrics import EXACT_MATCH, sample_correctness
-from opsd_core.evaluation.tasks import OWN_TASKS, SAMPLES_FILTER
+from opsd_core.evaluation.metrics import EXACT_MATCH, LOGLIKELIHOOD, sample_correctness
+from opsd_core.evaluation.tasks import LL_TASKS, OWN_TASKS, SAMPLES_FILTER
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,25 @@ def _own_task_eval(logged: list[dict[str, Any]], k: int, agg: dict[str, float]) 
     return _task_eval(samples, k, f"{EXACT_MATCH},{SAMPLES_FILTER}", agg, example)
 
 
+LL_PER_TOKEN = "loglikelihood_per_token"
+
+
+def _ll_task_eval(logged: list[dict[str, Any]], agg: dict[str, float], tokenizer: Any) -> TaskEval:
+    """Per problem: the reference solution's log-probability divided by its token count (the model's own
+    tokenizer, the same for base and candidate), so long and short solutions weigh alike."""
+    samples: dict[str, list[float]] = {}
+    example: dict[str, Any] = {}
+    for ex in logged:
+        doc = ex["doc"]
+        key = str(doc.get("id", ex["doc_id"]))
+        tokens = max(1, len(tokenizer(doc["solution"], add_special_tokens=False)["input_ids"]))
+        samples[key] = [float(ex[LOGLIKELIHOOD]) / tokens]
+        if not example:
+            example = {"id": key, "problem": doc["problem"], "prompt": ex["arguments"][0][0],
+                       "target": doc["solution"], "tokens": tokens}
+    return _task_eval(samples, 1, LL_PER_TOKEN, agg, example)
+
+
 def _standard_task_eval(task: Any, logged: list[dict[str, Any]], agg: dict[str, float]) -> TaskEval:
     # Standard tasks keep their own filters and metrics: score the first filter's first metric.
     filters = [getattr(f, "name", None) for f in getattr(task, "_filters", [])]
@@ -245,10 +264,17 @@ def evaluate_model(
     if results is None:  # only non-zero ranks get None; evaluation runs in one process
         raise RuntimeError("lm-eval returned no results")
     out: dict[str, TaskEval] = {}
+    tokenizer = None
+    if any(name in LL_TASKS for name in loaded):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     for name, task in loaded.items():
         logged = results.get("samples", {}).get(name, [])
         agg = _numeric(results["results"].get(name, {}))
-        if name in OWN_TASKS:
+        if name in LL_TASKS:
+            out[name] = _ll_task_eval(logged, agg, tokenizer)
+        elif name in OWN_TASKS:
             out[name] = _own_task_eval(logged, cfg.samples_per_problem, agg)
         else:
             out[name] = _standard_task_eval(task, logged, agg)

@@ -13,6 +13,9 @@ from opsd_core.prompts import student_messages
 
 EXACT_MATCH = "exact_match"
 HAS_ANSWER = "has_answer"
+# lm-eval's per-problem value of a log-likelihood task: the summed log-probability of the reference
+# solution; opsd divides by its token count afterwards (harness), which needs the model's tokenizer
+LOGLIKELIHOOD = "loglikelihood"
 
 
 def doc_to_text(doc: dict[str, Any]) -> str:
@@ -59,3 +62,9 @@ def process_results(doc: dict[str, Any], results: list[Any]) -> dict[str, float]
         EXACT_MATCH: sum(correct) / len(correct),
         HAS_ANSWER: sum(answered) / len(answered),
     }
+
+
+def process_loglikelihood(doc: dict[str, Any], results: list[Any]) -> dict[str, float]:
+    """lm-eval hook of the log-likelihood tasks: the continuation's summed log-probability."""
+    ll, _greedy = results[0]
+    return {LOGLIKELIHOOD: float(ll)}

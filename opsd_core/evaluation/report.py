@@ -19,7 +19,7 @@ from opsd_core.config import Params
 from opsd_core.evaluation.bootstrap import paired_bootstrap
 from opsd_core.evaluation.errors import EvalError
 from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model
-from opsd_core.evaluation.tasks import GSM8K_TASK, VAL_TASK, write_task_yamls
+from opsd_core.evaluation.tasks import GSM8K_LL_TASK, GSM8K_TASK, VAL_LL_TASK, VAL_TASK, write_task_yamls
 from opsd_core.prompts import ANSWER_INSTRUCTION, student_messages
 from opsd_core.reports import file_hash, write_json
 
@@ -49,6 +49,8 @@ def data_paths(params: Params, root: Path) -> dict[str, Path]:
     return {
         VAL_TASK: root / params.data.prepared_dir / "val.jsonl",
         GSM8K_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
+        VAL_LL_TASK: root / params.data.prepared_dir / "val.jsonl",
+        GSM8K_LL_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
     }
 
 

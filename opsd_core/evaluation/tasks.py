@@ -18,11 +18,16 @@ import yaml
 from opsd_core.config import EvalConfig
 from opsd_core.data.verify import extract_answer
 from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
-from opsd_core.evaluation.metrics import EXACT_MATCH, HAS_ANSWER
+from opsd_core.evaluation.metrics import EXACT_MATCH, HAS_ANSWER, LOGLIKELIHOOD
 
 VAL_TASK = "opsd_val"
 GSM8K_TASK = "opsd_gsm8k100"
-OWN_TASKS: tuple[str, ...] = (VAL_TASK, GSM8K_TASK)
+# the same problems scored by log-likelihood: the student's mean log-probability per token of the
+# verified reference solution, given exactly its prompt (what OPSD moves; no generation, cheap on CPU)
+VAL_LL_TASK = "opsd_val_ll"
+GSM8K_LL_TASK = "opsd_gsm8k100_ll"
+LL_TASKS: tuple[str, ...] = (VAL_LL_TASK, GSM8K_LL_TASK)
+OWN_TASKS: tuple[str, ...] = (VAL_TASK, GSM8K_TASK, *LL_TASKS)
 # lm-eval filter that keeps all k samples of a problem (its default keeps only the first).
 SAMPLES_FILTER = "all_samples"
 # ChatML end of turn; lm-eval also stops at the tokenizer's own eos.
@@ -79,6 +84,32 @@ def task_config(name: str, data_file: Path, cfg: EvalConfig) -> dict[str, Any]:
     }
 
 
+def ll_task_config(name: str, data_file: Path) -> dict[str, Any]:
+    """The lm-eval config of a log-likelihood task: one ``loglikelihood`` request per problem, the reference
+    solution as the continuation of the student's chat prompt (no delimiter: the template ends the prompt).
+
+    lm-eval moves a context's trailing whitespace into the continuation, so the summed log-probability
+    also holds the template's last token (the newline after ``assistant``), predicted from the prompt
+    before it: a term a chat model puts at ~0 nats, the same kind for base and candidate. Every solution
+    token is scored behind exactly the student's prompt. (Two continuations per problem, to subtract that
+    term, would need an empty one, which lm-eval's checks refuse.)
+    """
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
+        "test_split": "test",
+        "output_type": "loglikelihood",
+        "num_fewshot": 0,
+        "doc_to_text": _FunctionRef(f"{_METRICS_MODULE}.doc_to_text"),
+        "doc_to_target": "solution",
+        "target_delimiter": "",
+        "process_results": _FunctionRef(f"{_METRICS_MODULE}.process_loglikelihood"),
+        "metric_list": [{"metric": LOGLIKELIHOOD, "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
 def _row_answer(row: Mapping[str, Any]) -> str | None:
     answer = row.get("answer")
     if isinstance(answer, (str, int, float)) and str(answer).strip():
@@ -87,8 +118,9 @@ def _row_answer(row: Mapping[str, Any]) -> str | None:
     return extract_answer(solution) if isinstance(solution, str) else None
 
 
-def sanitized_rows(task: str, path: Path) -> list[dict[str, str]]:
-    """Rows of ``path`` reduced to ``id``, ``problem``, ``answer`` (strings); a clear error otherwise."""
+def sanitized_rows(task: str, path: Path, solution: bool = False) -> list[dict[str, str]]:
+    """Rows of ``path`` reduced to ``id``, ``problem``, ``answer`` (and ``solution``: the log-likelihood
+    tasks' target), all strings; a clear error otherwise."""
     if not path.is_file():
         raise EvalDataError(f"task {task!r}: its data file {path} does not exist (run `opsd prepare`?)")
     rows: list[dict[str, str]] = []
@@ -107,11 +139,14 @@ def sanitized_rows(task: str, path: Path) -> list[dict[str, str]]:
             if answer is None:
                 raise EvalDataError(f"task {task!r}: {path}:{lineno} has no 'answer' (nor one in 'solution')")
             row_id = row.get("id")
-            rows.append({
-                "id": str(row_id) if row_id not in (None, "") else f"line{lineno}",
-                "problem": problem,
-                "answer": answer,
-            })
+            clean = {"id": str(row_id) if row_id not in (None, "") else f"line{lineno}", "problem": problem,
+                     "answer": answer}
+            if solution:
+                text = row.get("solution")
+                if not isinstance(text, str) or not text.strip():
+                    raise EvalDataError(f"task {task!r}: {path}:{lineno} has no 'solution' text to score")
+                clean["solution"] = text.strip()
+            rows.append(clean)
     if not rows:
         raise EvalDataError(f"task {task!r}: its data file {path} has no rows")
     ids = [r["id"] for r in rows]
@@ -139,19 +174,20 @@ def write_task_yamls(tasks_dir: Path, val_path: Path, gsm8k_path: Path, cfg: Eva
     Returns the task names written. Raises :class:`EvalDataError` naming the task when its data
     file is missing, empty or malformed, and :class:`EvalTaskError` for names that are not own tasks.
     """
-    sources = {VAL_TASK: Path(val_path), GSM8K_TASK: Path(gsm8k_path)}
+    sources = {VAL_TASK: Path(val_path), GSM8K_TASK: Path(gsm8k_path), VAL_LL_TASK: Path(val_path),
+               GSM8K_LL_TASK: Path(gsm8k_path)}
     names = own_task_names(cfg.tasks)
     tasks_dir = Path(tasks_dir)
     tasks_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     for name in names:
-        rows = sanitized_rows(name, sources[name])
+        rows = sanitized_rows(name, sources[name], solution=name in LL_TASKS)
         data_file = tasks_dir / f"{name}.jsonl"
         data_file.write_text(
             "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
         )
-        text = yaml.dump(task_config(name, data_file, cfg), Dumper=_TaskDumper, sort_keys=False,
-                         allow_unicode=True)
+        config = ll_task_config(name, data_file) if name in LL_TASKS else task_config(name, data_file, cfg)
+        text = yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True)
         (tasks_dir / f"{name}.yaml").write_text(text, encoding="utf-8")
         written.append(name)
     return written
