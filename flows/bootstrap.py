@@ -9,6 +9,7 @@ from typing import Any
 
 from opsd_core.config import Params
 from opsd_core.data import generate_raw, list_raw_files
+from opsd_core.registry import decision
 
 
 def _dvc(args: list[str], root: Path) -> None:
@@ -47,6 +48,8 @@ def print_next_steps(params: Params, root: Path, summary: dict[str, Any]) -> Non
     if reg:
         lines.append(f"  registry:  model {reg.get('model_name', params.registry.model_name)!r} version "
                      f"{reg.get('version')} promoted={reg.get('promoted')}")
+        if reg.get("verdict"):
+            lines += ["", *(f"  {row}" for row in decision.render(reg["verdict"]).splitlines())]
     ui = f"mlflow ui --backend-store-uri {store.tracking_uri}"
     if store.artifact_location:
         ui += f" --default-artifact-root {store.artifact_location}"

@@ -134,6 +134,9 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((root / ".opsd" / "mlartifacts").as_uri())
     assert run.data.params["params.registry.primary_task"] == PRIMARY
+    note = run.data.tags["mlflow.note.content"]  # the run's description: the gate's table
+    assert note.startswith("| check | base | candidate | difference | 95% CI | result |")
+    assert f"| vs base: {PRIMARY} |" in note and note.endswith("**Gate: promote to champion.**")
     assert run.data.tags["lineage.flow_run_id"] == "flow-123"
     assert run.data.tags["lineage.dvc_raw_md5"] == "abc123.dir"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
@@ -183,6 +186,9 @@ def test_gate_champion_rollback_audit_and_status(
 
     text = render_status(status(params, root))
     assert "champion  : v2" in text and "challenger: v3" in text
+    # the challenger's gate decision, as a table: the champion comparison failed
+    assert any(line.split()[:2] == ["vs", "champion"] and line.split()[-1] == "FAIL" for line in text.splitlines())
+    assert "gate: not promoted" in text
 
     back = rollback(params, root)
     assert back["champion"] == "1" and str(client.get_model_version_by_alias(name, "champion").version) == "1"

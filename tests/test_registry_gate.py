@@ -150,3 +150,22 @@ def test_store_resolution_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert env.tracking_uri == "http://127.0.0.1:5999" and env.artifact_location is None
     explicit = resolve_store(Params(registry={"tracking_uri": f"sqlite:///{tmp_path / 'x' / 'r.db'}"}), tmp_path)
     assert explicit.artifact_location == (tmp_path / "x" / "mlartifacts").as_uri()
+
+
+def test_the_decision_reads_as_a_table() -> None:
+    from opsd_core.registry import decision
+
+    v = decide(eval_report(cand=30, guard=(20, 10)), CFG, champ(5), "new")
+    rows = decision.rows(v)
+    assert [r[0] for r in rows] == [f"vs base: {PRIMARY}", "vs champion", f"guard: {GUARD}"]
+    base_row = rows[0]
+    assert base_row[1:3] == ("0.2500", "0.7500") and base_row[3] == "+0.5000" and base_row[5] == "pass"
+    assert base_row[4].startswith("[+") and rows[1][5] == "pass"
+    assert rows[2][3] == "-0.2500" and rows[2][5] == "FAIL"  # the guard dropped by 0.25 > 0.05
+    text = decision.render(v)
+    assert text.splitlines()[0].split() == ["check", "base", "candidate", "difference", "95%", "CI", "result"]
+    assert text.endswith("gate: not promoted")
+    md = decision.render(v, markdown=True)
+    assert md.splitlines()[1] == "|---|---|---|---|---|---|" and "**Gate: not promoted.**" in md
+    assert decision.render(decide(eval_report(cand=30), CFG, None, "new")).endswith("gate: promote to champion")
+    assert decision.from_tag(json.dumps(v)) == json.loads(json.dumps(v)) and decision.from_tag("{nope") is None

@@ -41,6 +41,9 @@ def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
     assert "generated the bundled dataset" in first.stderr
     assert "stages run: prepare, train, evaluate_base, evaluate, register" in first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+    # the gate's decision as a table, on the continuous metric, with exact match as guards
+    assert "vs base: opsd_val_ll" in first.stdout and "guard: opsd_val" in first.stdout
+    assert "gate: promote to champion" in first.stdout or "gate: not promoted" in first.stdout
     assert (project / "data/raw.dvc").is_file() and (project / "reports/registry.json").is_file()
 
     second = opsd(project, "run")

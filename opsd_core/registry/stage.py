@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opsd_core.config import Params
-from opsd_core.registry import card, lineage
+from opsd_core.registry import card, decision, lineage
 from opsd_core.registry.audit import champion_stack, move_alias, read_audit, registry_lock
 from opsd_core.registry.gate import ChampionEvidence, decide
 from opsd_core.registry.store import (
@@ -215,6 +215,8 @@ def _register_locked(
     client.log_artifact(run_id, str(tmp / "model_card.md"), MODEL_DIR)
     client.log_artifact(run_id, str(tmp / "verdict.json"), "gate")
     client.set_tag(run_id, "gate.promote", str(verdict["promote"]).lower())
+    # the run's description in the MLflow UI: the decision as a table
+    client.set_tag(run_id, "mlflow.note.content", decision.render(verdict, markdown=True))
     ensure_registered_model(client, cfg.model_name)
     before = {a: _version_of(version_by_alias(client, cfg.model_name, a)) for a in ("challenger", "champion")}
     mv = client.create_model_version(
@@ -307,6 +309,7 @@ def _describe(mv: ModelVersion | None, primary: str) -> dict[str, Any] | None:
             "scores": {k: t.get(f"score.{primary}.{k}") for k in ("base", "candidate", "mean_diff", "ci_low",
                                                                    "ci_high")},
             "gate_promote": t.get("gate.promote"),
+            "verdict": decision.from_tag(t.get("gate.verdict")),
             "lineage": {k.removeprefix("lineage."): v for k, v in sorted(t.items()) if k.startswith("lineage.")}}
 
 
@@ -334,6 +337,8 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"{'':<12}{d['primary_task']}: candidate {s['candidate']} vs base {s['base']} "
                      f"(diff {s['mean_diff']}, 95% CI [{s['ci_low']}, {s['ci_high']}])")
         lines.append(f"{'':<12}lineage: " + ", ".join(f"{k}={str(v)[:12]}" for k, v in d["lineage"].items()))
+        if alias == "challenger" and d.get("verdict"):
+            lines += [f"{'':<12}{row}" for row in decision.render(d["verdict"]).splitlines()]
     def v(x: str | None) -> str:
         return f"v{x}" if x else "none"
 
