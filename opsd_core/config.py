@@ -203,6 +203,8 @@ class EvalConfig(_Section):
     temperature: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(128, ge=1)
     limit: int | None = Field(None, ge=1)
+    # problems per log-likelihood task (*_ll: one forward each, no generation); null: every problem
+    ll_limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     bootstrap_samples: int = Field(1000, ge=10)
     seed: int = 0

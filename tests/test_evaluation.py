@@ -282,13 +282,15 @@ def test_loglikelihood_task_scores_the_reference_behind_exactly_the_student_prom
     from opsd_core.prompts import student_prompt_ids
 
     root, params = project
-    cfg = params.eval.model_copy(update={"tasks": ["opsd_val_ll"]})
+    cfg = params.eval.model_copy(update={"tasks": ["opsd_val_ll", "opsd_val"]})
     write_task_yamls(tmp_path, root / "data/prepared/val.jsonl", root / "data/eval/gsm8k100.jsonl", cfg)
     config = yaml.safe_load((tmp_path / "opsd_val_ll.yaml").read_text().replace("!function", ""))
     assert config["output_type"] == "loglikelihood" and config["target_delimiter"] == ""
     base = resolve_base_dir(params.model, root)
-    result = evaluate_model(str(base), None, ["opsd_val_ll"], cfg, tmp_path).tasks["opsd_val_ll"]
-    assert result.metric == LL_PER_TOKEN and result.n == LIMIT and result.k == 1
+    tasks = evaluate_model(str(base), None, ["opsd_val_ll", "opsd_val"], cfg, tmp_path).tasks
+    result = tasks["opsd_val_ll"]
+    # eval.limit (3) bounds the generation tasks only; eval.ll_limit (null) lets every val problem (5) count
+    assert tasks["opsd_val"].n == LIMIT and result.metric == LL_PER_TOKEN and result.n == 5 and result.k == 1
     model, tok = load_model_and_tokenizer(params.model, root)
     rows = {r["id"]: r for r in map(json.loads, (root / "data/prepared/val.jsonl").read_text().splitlines())}
     for key, (value,) in result.samples.items():

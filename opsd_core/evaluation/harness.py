@@ -244,25 +244,36 @@ def evaluate_model(
         if name not in OWN_TASKS:
             _apply_generation_settings(task, cfg)
     start = time.perf_counter()
+    from lm_eval.models.huggingface import HFLM
+
+    # one model for both groups: the log-likelihood tasks take their own limit (cheap: no generation)
+    lm = HFLM(**model_args(model_path, adapter, cfg, device, thinking))
+    groups = [([t for n, t in loaded.items() if n not in LL_TASKS], cfg.limit),
+              ([t for n, t in loaded.items() if n in LL_TASKS], cfg.ll_limit)]
+    results: dict[str, Any] = {"results": {}, "samples": {}}
     with torch.inference_mode():
-        results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=model_args(model_path, adapter, cfg, device, thinking),
-            tasks=list(loaded.values()),
-            task_manager=tm,
-            limit=cfg.limit,
-            apply_chat_template=True,
-            fewshot_as_multiturn=True,
-            log_samples=True,
-            bootstrap_iters=0,  # the paired bootstrap is ours; lm-eval's stderr is not needed
-            random_seed=cfg.seed,
-            numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-        )
+        for group, limit in groups:
+            if not group:
+                continue
+            part = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=group,
+                task_manager=tm,
+                limit=limit,
+                apply_chat_template=True,
+                fewshot_as_multiturn=True,
+                log_samples=True,
+                bootstrap_iters=0,  # the paired bootstrap is ours; lm-eval's stderr is not needed
+                random_seed=cfg.seed,
+                numpy_random_seed=cfg.seed,
+                torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed,
+            )
+            if part is None:  # only non-zero ranks get None; evaluation runs in one process
+                raise RuntimeError("lm-eval returned no results")
+            results["results"].update(part.get("results", {}))
+            results["samples"].update(part.get("samples", {}))
     elapsed = time.perf_counter() - start
-    if results is None:  # only non-zero ranks get None; evaluation runs in one process
-        raise RuntimeError("lm-eval returned no results")
     out: dict[str, TaskEval] = {}
     tokenizer = None
     if any(name in LL_TASKS for name in loaded):
