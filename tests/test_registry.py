@@ -366,3 +366,13 @@ def test_tracking_server_as_registry(
     assert torch.allclose(got, expected, atol=1e-5)
     assert list((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))
     assert register(params, root)["already_registered"]
+
+
+def test_reading_an_empty_registry_creates_nothing(tmp_path: Path) -> None:
+    """`opsd status` and `opsd promote --rollback` before any registration: clear answers, no database made."""
+    params = Params(registry={"tracking_uri": f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"})
+    text = render_status(status(params, tmp_path))
+    assert "champion  : none" in text and "challenger: none" in text
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        rollback(params, tmp_path)
+    assert not (tmp_path / "state" / "mlflow.db").exists()

@@ -281,6 +281,8 @@ def rollback(params: Params, root: Path) -> dict[str, Any]:
     """Move ``champion`` back to the champion before it, per the audit log."""
     root = Path(root).resolve()
     cfg, store = params.registry, resolve_store(params, root)
+    if not store.exists():  # reading must not create an empty database
+        raise RegistryError(f"no registry at {store.tracking_uri} yet: nothing to roll back")
     client = open_client(store)
     with registry_lock(store.state_dir):
         current = version_by_alias(client, cfg.model_name, "champion")
@@ -317,6 +319,9 @@ def status(params: Params, root: Path) -> dict[str, Any]:
     """Champion and challenger with their primary-task scores and lineage, plus recent alias moves."""
     root = Path(root).resolve()
     cfg, store = params.registry, resolve_store(params, root)
+    if not store.exists():  # nothing registered yet; reading must not create an empty database
+        return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri, "champion": None,
+                "challenger": None, "recent_moves": []}
     client = open_client(store)
     primary = cfg.primary_task
     return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri,

@@ -36,6 +36,12 @@ class Store:
     artifact_location: str | None  # for new experiments; None: the tracking server decides
     state_dir: Path
 
+    def exists(self) -> bool:
+        """False for a SQLite store whose file is not there yet (opening it would create it); True otherwise."""
+        if self.tracking_uri.startswith("sqlite:///") and self.tracking_uri != "sqlite:///:memory:":
+            return Path(self.tracking_uri.removeprefix("sqlite:///")).is_file()
+        return True
+
 
 def state_dir(params: Params, root: Path) -> Path:
     # an absolute state_dir (shared between checkouts) survives the join unchanged
