@@ -3,13 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
-export MLFLOW_DISABLE_TELEMETRY ?= true
-export DVC_NO_ANALYTICS ?= 1
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export TOKENIZERS_PARALLELISM ?= false
+# the offline environment (no hub downloads, no telemetry) is applied by opsd itself: opsd_core/offline.py
 
 .PHONY: install run test lint bench clean
 install: $(VENV)/.installed
@@ -30,7 +24,7 @@ test: install
 	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 	# the compute paths again as an AVX2-only CPU runs them: torch, oneDNN and MKL capped to AVX2
-	# (oneDNN itself refuses bf16 weights there), whatever CPU this is (opsd_core/capabilities.py)
+	# (oneDNN itself refuses bf16 weights there), whatever CPU this is (opsd_core/backends/capabilities.py)
 	OPSD_CPU_ISA=avx2 $(PY) -m pytest -q -p no:cacheprovider tests/test_plan.py tests/test_packed.py \
 		tests/test_engine.py tests/test_training.py tests/test_losses.py
 

@@ -29,19 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     spec = start_step_case(args)
     import torch
 
-    from opsd_core.capabilities import probe
+    from opsd_core.backends.capabilities import probe
 
     if not probe().onednn_bf16:
         raise SystemExit(f"ab_packs compares fp32 and bf16 oneDNN packs; this CPU cannot pack bf16 "
                          f"({probe().describe()})")
 
     from benchmarks.step_opsd import _setup, step_batches
-    from opsd_core.trainer import OPSDTrainer
+    from opsd_core.stages.train import build_trainer
 
     params, model, tok, problems, dev = _setup(spec)
     with TemporaryDirectory() as tmp:
-        trainer = OPSDTrainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)
-        packs = trainer.packs
+        trainer = build_trainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)
+        packs = trainer.backend.packs
         if packs is None:
             raise SystemExit("the packed CPU path is off here (train.packed_weights, or no oneDNN)")
         step = step_batches(trainer, problems, args.rollouts, args.micro_batch)

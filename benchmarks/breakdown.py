@@ -40,18 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.step_opsd import _setup, step_batches
-    from opsd_core.losses import chunked_divergence_loss
-    from opsd_core.rollout import sample
-    from opsd_core.scoring import completion_hidden, lm_head
-    from opsd_core.trainer import OPSDTrainer
+    from opsd_core.algorithm.losses import chunked_divergence_loss
+    from opsd_core.algorithm.rollout import sample
+    from opsd_core.algorithm.scoring import completion_hidden, lm_head
+    from opsd_core.stages.train import build_trainer
 
     params, model, tok, problems, dev = _setup(spec)
     with TemporaryDirectory() as tmp:
-        trainer = OPSDTrainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)
+        trainer = build_trainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)
         step = step_batches(trainer, problems, args.rollouts, args.micro_batch)
         batch, rollouts, parts, s_batches, t_batches = step.batch, step.rollouts, step.parts, step.student, step.teacher
         mb = args.micro_batch
-        engine = trainer.sampler.module()
+        engine = trainer.backend.sampler.module()
         rows: list[tuple[str, float, str]] = []
 
         def add(name: str, fn: Callable[[], object], how: str = "") -> None:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         add("sampling (whole rollout)", lambda: trainer.rollout(batch, 0))
         if hasattr(engine, "hidden"):
             add("  prompts' prefill alone", lambda: [engine.hidden(p.student_ids) for p in batch])
-        add("sampler sync", trainer.sampler.sync)
+        add("sampler sync", trainer.backend.sampler.sync)
         add("sampling, TRL's way", lambda: sample(model, [p.student_ids for p in batch], params.opsd.sampling,
                                                   tok.pad_token_id, trainer.eos_ids, 0, dev),
             "generate on the LoRA model, training dtype")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import OFFLINE_ENV, machine_info, process_peak_rss_mb, set_threads
-from opsd_core.capabilities import CapabilityError
+from opsd_core.backends.capabilities import CapabilityError
 
 
 def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:

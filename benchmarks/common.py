@@ -15,21 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opsd_core.offline import OFFLINE_DEFAULTS
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("OPSD_BENCH_MODEL_CACHE") or REPO / ".opsd" / "models")
 SMOLLM2 = "bundled:smollm2-135m-instruct"
 PROBLEM_CACHE = Path(os.environ.get("OPSD_BENCH_PROBLEMS") or REPO / ".opsd" / "bench" / "problems")
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
-    "WANDB_DISABLED": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-}
+OFFLINE_ENV = {**OFFLINE_DEFAULTS, "TRL_EXPERIMENTAL_SILENCE": "1", "WANDB_DISABLED": "true"}
 
 
 def case_env(threads: int) -> dict[str, str]:
@@ -229,7 +222,7 @@ def machine_info(device: str) -> dict[str, Any]:
 
 def fastest_cpu_impl() -> str:
     """``opsd_fast`` (bf16 products over bf16 packs) on CPUs with bf16 units and oneDNN bf16, else ``opsd``."""
-    from opsd_core.capabilities import probe
+    from opsd_core.backends.capabilities import probe
 
     caps = probe()
     return "opsd_fast" if caps.onednn_bf16 and caps.bf16_units else "opsd"

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from opsd_core.offline import OFFLINE_DEFAULTS
+
 REPO = Path(__file__).resolve().parents[1]
 ROWS: list[tuple[str, list[str]]] = [
     ("packs on, fp32 sampling", ["train.packed_weights=auto", "opsd.sampling.dtype=float32"]),
@@ -37,7 +39,7 @@ ROWS: list[tuple[str, list[str]]] = [
 
 
 def _opsd(project: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "opsd_core.cli", *args], cwd=project, env=env,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env,
                           capture_output=True, text=True, timeout=3600)
 
 
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {k: v for k, v in os.environ.items()
             if k not in ("OPSD_CPU_ISA", "OPSD_HIDE", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                          "MKL_ENABLE_INSTRUCTIONS")}
-    base.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    base.update(OFFLINE_DEFAULTS)
     results = []
     with tempfile.TemporaryDirectory(prefix="opsd-cpu-paths-") as tmp:
         project = _project(Path(tmp), base, args.profile, args.model_cache)

@@ -48,7 +48,7 @@ def model_shape(model: Any) -> ModelShape:
     """Read the shape of a (possibly LoRA-wrapped) transformers causal LM."""
     import torch
 
-    from opsd_core.engine import unwrap
+    from opsd_core.backends.engine import unwrap
 
     base = unwrap(model)
     cfg = base.config.get_text_config()
@@ -105,8 +105,8 @@ def measure_matmul(size: int, dtype_name: str, device: str, repeats: int = 5) ->
     """
     import torch
 
-    from opsd_core.capabilities import probe
-    from opsd_core.packed import PackedLinear
+    from opsd_core.backends.capabilities import probe
+    from opsd_core.backends.packs import PackedLinear
 
     dtype = getattr(torch, dtype_name)
     caps = probe()

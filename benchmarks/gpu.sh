@@ -27,7 +27,7 @@ bundled_smollm2() {  # the bundled GGUF converted once (cached where the cases l
 from pathlib import Path
 from benchmarks.common import MODEL_CACHE, SMOLLM2
 from opsd_core.config import ModelConfig
-from opsd_core.models import resolve_base_dir
+from opsd_core.models.sources import resolve_base_dir
 print(resolve_base_dir(ModelConfig(base=SMOLLM2, cache_dir=str(MODEL_CACHE)), Path('.')))"
 }
 if [[ "${1:-}" == "--prepare" ]]; then  # on a machine with the bundled data and model: what a bare GPU box needs
@@ -69,7 +69,7 @@ fi
 echo "gpu.sh: larger model: ${LARGE:-none found}" >&2
 
 # SmolLM2: the bundled GGUF converted once, outside every timed case; else its shape with random weights
-if "$PY" -c "from opsd_core.models import bundled_gguf_path; bundled_gguf_path()" 2>/dev/null; then
+if "$PY" -c "from opsd_core.models.sources import bundled_gguf_path; bundled_gguf_path()" 2>/dev/null; then
   bundled_smollm2 >&2
 elif [[ -f "$SHAPES/smollm2-135m-shape/config.json" ]]; then
   OPSD_BENCH_SMOLLM2="$(realpath "$("$PY" -m benchmarks.shape_model materialize "$SHAPES/smollm2-135m-shape")")"

@@ -2,7 +2,7 @@
 
 Implementations (forward KL over the whole vocabulary, temperature 1.1, fp32, all T rows valid):
 
-* ``chunked``: ``opsd_core.losses.chunked_divergence_loss`` (rows projected ``chunk`` at a time);
+* ``chunked``: ``opsd_core.algorithm.losses.chunked_divergence_loss`` (rows projected ``chunk`` at a time);
 * ``naive``: full [T, V] logits for both roles, fp32 log-softmax, KL, masked mean;
 * ``trl``: full logits through TRL's ``compute_full_logit_self_distillation_loss`` (alpha 0) and TRL's
   per-sequence mean, as its trainer does after the model's lm head.
@@ -42,7 +42,7 @@ def _loss_fn(impl: str, chunk: int) -> Any:
     import torch.nn.functional as F
 
     if impl == "chunked":
-        from opsd_core.losses import DivergenceSpec, chunked_divergence_loss
+        from opsd_core.algorithm.losses import DivergenceSpec, chunked_divergence_loss
 
         spec = DivergenceSpec(divergence="forward_kl", support="full", clip="none", temperature=TEMPERATURE)
 

@@ -39,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import CompileConfig
 
-    from opsd_core.capabilities import probe
+    from opsd_core.algorithm.prompts import student_prompt_ids
+    from opsd_core.backends.capabilities import probe
+    from opsd_core.backends.engine import DecoderEngine
+    from opsd_core.backends.packs import for_plan
+    from opsd_core.backends.plan import make_plan
     from opsd_core.config import ModelConfig, Params
-    from opsd_core.engine import DecoderEngine
-    from opsd_core.models import load_model_and_tokenizer
-    from opsd_core.packed import for_plan
-    from opsd_core.plan import make_plan
-    from opsd_core.prompts import student_prompt_ids
+    from opsd_core.models.sources import load_model_and_tokenizer
 
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -61,10 +61,10 @@ def opsd_params(spec: dict[str, Any]) -> Any:
 def _setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[Any], Any]:
     import torch
 
-    from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
-    from opsd_core.scoring import unwrap
-    from opsd_core.stages import build_policy, execution_plan
-    from opsd_core.trainer import Problem
+    from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
+    from opsd_core.algorithm.scoring import unwrap
+    from opsd_core.algorithm.trainer import Problem
+    from opsd_core.stages.train import build_policy, execution_plan
 
     params = opsd_params(spec)
     dev = torch.device(spec["device"])
@@ -98,7 +98,7 @@ class StepBatches:
 
 def step_batches(trainer: Any, problems: list[Any], per_step: int, micro_batch: int) -> StepBatches:
     """Sample step 0 with ``trainer`` and lay its rollouts out as the scoring micro-batches (tools timing pieces)."""
-    from opsd_core.scoring import build_scoring_batch
+    from opsd_core.algorithm.scoring import build_scoring_batch
 
     batch = _batch(problems, 0, per_step)
     rollouts = trainer.rollout(batch, 0)
@@ -111,10 +111,10 @@ def step_batches(trainer: Any, problems: list[Any], per_step: int, micro_batch: 
 
 
 def run_opsd(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any]:
-    from opsd_core.trainer import OPSDTrainer
+    from opsd_core.stages.train import build_trainer
 
     params, model, tokenizer, problems, dev = _setup(spec)
-    trainer = OPSDTrainer(params, model, tokenizer, problems, dev, tmp / "run", log=lambda _msg: None)
+    trainer = build_trainer(params, model, tokenizer, problems, dev, tmp / "run", log=lambda _msg: None)
     default = spec.get("profile") == "default"
     per_step = params.train.rollouts_per_step
     for k in range(spec["warmup"] + spec["steps"]):
@@ -145,7 +145,7 @@ def _full_logits(model: Any, prompts: list[list[int]], completion: Any, mask: An
     """Full-sequence logits of prompt ⊕ completion, then the rows that predict the completion."""
     import torch
 
-    from opsd_core.rollout import left_pad
+    from opsd_core.algorithm.rollout import left_pad
 
     ids, attn = left_pad(prompts, pad_id)
     width = ids.shape[1]
@@ -160,7 +160,7 @@ def _full_logits(model: Any, prompts: list[list[int]], completion: Any, mask: An
 def run_naive(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any]:
     import torch
 
-    from opsd_core.rollout import eos_token_ids, sample
+    from opsd_core.algorithm.rollout import eos_token_ids, sample
 
     params, model, tokenizer, problems, dev = _setup(spec)
     cfg = params.train

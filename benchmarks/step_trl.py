@@ -28,7 +28,7 @@ from benchmarks.step_opsd import opsd_params
 
 
 def _dataset_rows(n: int) -> list[dict[str, Any]]:
-    from opsd_core.prompts import student_messages
+    from opsd_core.algorithm.prompts import student_messages
 
     return [{"prompt": student_messages(t.problem), "privileged_context": t.solution.strip()}
             for t in trace_problems(n)]
@@ -37,7 +37,7 @@ def _dataset_rows(n: int) -> list[dict[str, Any]]:
 def _teacher_template() -> str:
     # the teacher content of opsd's prompts (problem, delimited solution, instruction), as a TRL template;
     # TRL appends after the student text, so the pieces are the same and only their order differs
-    from opsd_core.prompts import SOLUTION_BEGIN, SOLUTION_END, TEACHER_INSTRUCTION
+    from opsd_core.algorithm.prompts import SOLUTION_BEGIN, SOLUTION_END, TEACHER_INSTRUCTION
 
     return "{prompt}\n\n" + SOLUTION_BEGIN + "\n{privileged_context}\n" + SOLUTION_END + "\n\n" + TEACHER_INSTRUCTION
 
@@ -50,8 +50,8 @@ def run_trl(spec: dict[str, Any], rec: StepRecorder, tmp: Path) -> dict[str, Any
     from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from opsd_core.models import load_model_and_tokenizer
-    from opsd_core.stages import execution_plan
+    from opsd_core.models.sources import load_model_and_tokenizer
+    from opsd_core.stages.train import execution_plan
 
     params = opsd_params(spec)
     dev = torch.device(spec["device"])

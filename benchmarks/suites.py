@@ -13,7 +13,6 @@ from typing import Any
 
 # (vocabulary, hidden): SmolLM2-135M's head, and a Qwen3-size 152k vocabulary
 SMOLLM2_HEAD = (49152, 576)
-TINY_HEAD = (512, 64)
 # opsd in TRL's fp32 (``opsd``), with its CPU fast paths (``opsd_bf16s``: bf16 rollouts; ``opsd_fast``: also
 # the frozen base's products in bf16), TRL in fp32 and at its default bf16 autocast, the naive reference
 CPU_IMPLS = ("opsd", "opsd_bf16s", "opsd_fast", "trl", "trl_bf16", "naive")

@@ -7,35 +7,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.dvc import dvc
 from opsd_core.config import Params
 from opsd_core.data import generate_raw, list_raw_files
 from opsd_core.registry import decision
-
-
-def _dvc(args: list[str], root: Path) -> None:
-    from flows.retrain import dvc
-
-    dvc(args, root)
+from opsd_core.registry.store import resolve_store
 
 
 def bootstrap(params: Params, root: Path) -> dict[str, Any]:
     done: dict[str, Any] = {}
     if not (root / ".dvc").is_dir():
         in_git = subprocess.run(["git", "rev-parse"], cwd=root, capture_output=True).returncode == 0
-        _dvc(["init", "-q"] if in_git else ["init", "-q", "--no-scm"], root)
+        dvc(["init", "-q"] if in_git else ["init", "-q", "--no-scm"], root)
         done["dvc_init"] = True
     raw = root / params.data.raw_dir
     if not list_raw_files(raw):
         done["generated"] = str(generate_raw(params.data.generate, root))
         print(f"opsd run: generated the bundled dataset into {raw}", file=sys.stderr)
     # versions the raw traces (a no-op when data/raw.dvc already matches them)
-    _dvc(["add", "-q", params.data.raw_dir], root)
+    dvc(["add", "-q", params.data.raw_dir], root)
     return done
 
 
 def print_next_steps(params: Params, root: Path, summary: dict[str, Any]) -> None:
-    from opsd_core.registry.store import resolve_store
-
     store = resolve_store(params, root)
     ran = summary.get("ran") or []
     reg = summary.get("registry") or {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,36 +18,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows import ingest as ingest_mod
 from flows import tracking
+from flows.bootstrap import bootstrap, print_next_steps
+from flows.dvc import dvc, has_remote, pending_stages, stage_names
 from flows.locks import training_slot
 from opsd_core.config import load_params
-
-STAGES = ["prepare", "train", "evaluate_base", "evaluate", "register"]
-
-
-class StageError(RuntimeError):
-    """A DVC stage failed; the message holds the tail of its output."""
-
-
-def dvc(args: list[str], root: Path, env: dict[str, str] | None = None) -> str:
-    """Run the DVC CLI in ``root`` (DVC's API depends on the working directory: keep it a subprocess)."""
-    run_env = dict(env or os.environ)
-    # stage commands call `opsd`: make this interpreter's scripts folder win even when not activated
-    run_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), run_env.get("PATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=run_env, capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise StageError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout
-
-
-def pending_stages(root: Path) -> list[str]:
-    """Stages DVC would rerun (``dvc status`` lists only changed ones)."""
-    status = json.loads(dvc(["status", "--json"], root) or "{}")
-    return [name.split(":")[-1] for name in status if not name.endswith(".dvc")]
+from opsd_core.data import ingest as ingest_mod
 
 
 @task(name="ingest")
@@ -57,7 +32,7 @@ def ingest_task(params_path: str, root: str) -> dict[str, Any]:
     result = ingest_mod.ingest(params, Path(root))
     if result["added"]:
         dvc(["add", params.data.raw_dir], Path(root))
-        if ingest_mod.has_remote(Path(root)) or params.flow.dvc_remote:
+        if has_remote(Path(root)) or params.flow.dvc_remote:
             remote = ["-r", params.flow.dvc_remote] if params.flow.dvc_remote else []
             dvc(["push", *remote, f"{params.data.raw_dir}.dvc"], Path(root))
             result["pushed"] = True
@@ -117,7 +92,7 @@ def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
     if hasattr(signal, "SIGTERM") and _is_main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        for name in STAGES:
+        for name in stage_names(root):
             if name == "train":
                 executed = train_task.with_options(retries=params.flow.train_retries)(
                     str(root), env, params.flow.concurrency_tag, params.flow.concurrency_limit
@@ -145,8 +120,6 @@ def _is_main_thread() -> bool:
 def main_job(params_path: str = "params.yaml", profile: str | None = None,
              overrides: list[str] | None = None) -> int:
     """``opsd run``: bootstrap a fresh clone (data, DVC), run the flow, print where to look."""
-    from flows.bootstrap import bootstrap, print_next_steps
-
     params_file = Path(params_path).resolve()
     params = load_params(params_file)
     if (profile and profile != params.profile) or overrides:
@@ -156,7 +129,7 @@ def main_job(params_path: str = "params.yaml", profile: str | None = None,
             "single stage (`opsd train --profile ...`).", file=sys.stderr,
         )
         return 2
-    from opsd_core.stages import execution_plan
+    from opsd_core.stages.train import execution_plan
 
     execution_plan(params)  # a setting this machine cannot honour fails now, not in the train stage
     bootstrap(params, params_file.parent)

@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from opsd_core.errors import OpsdError
+
 PREFIX = "step-"
 FORMAT = "opsd-checkpoint/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OpsdError, RuntimeError):
     """A checkpoint file that cannot be loaded safely (corrupt, truncated, foreign or unsafe)."""
 
 

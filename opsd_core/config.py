@@ -9,16 +9,17 @@ Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from opsd_core.errors import SettingError
+from opsd_core.io import json_hash
 
-class ConfigError(ValueError):
+
+class ConfigError(SettingError):
     """A configuration problem, with the offending key in the message."""
 
 
@@ -88,7 +89,7 @@ class SamplingConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # no end-of-sequence before this many tokens (benchmarks use it for fixed-length rollouts)
     min_new_tokens: int = Field(0, ge=0)
-    # engine: opsd_core.engine on a merged copy of the policy (Llama-family models; others fall back
+    # engine: opsd_core.backends.engine on a merged copy of the policy (Llama-family models; others fall back
     # to generate); generate: transformers generate
     backend: Literal["engine", "generate"] = "engine"
 
@@ -158,13 +159,13 @@ class TrainConfig(_Section):
     seed: int = 0
     # auto: CUDA when there is one, else the CPU (MPS is opt-in: not yet validated)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # data-parallel processes (opsd_core/distributed.py): above 1, `opsd train` relaunches itself under
+    # data-parallel processes (opsd_core/backends/distributed.py): above 1, `opsd train` relaunches itself under
     # torchrun (gloo on CPUs, one GPU per process with CUDA); a run resumes with any number
     nproc: int = Field(1, ge=1)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     # CPU only: frozen linears (LoRA base layers, fixed teacher, sampler copy) through oneDNN with
-    # pre-packed weights (opsd_core/packed.py), plain LoRA layers as one fused node; costs one more copy
-    # of the frozen weights. auto: on where oneDNN packs run and pay (opsd_core/plan.py), for matrices
+    # pre-packed weights (opsd_core/backends/packs.py), plain LoRA layers as one fused node; costs one more copy
+    # of the frozen weights. auto: on where oneDNN packs run and pay (opsd_core/backends/plan.py), for matrices
     # of 2^17+ elements; on: every size (an error where oneDNN cannot); off: F.linear and peft's forward.
     # YAML reads a bare on/off as true/false: both spellings are accepted.
     packed_weights: Literal["auto", "on", "off"] = "auto"
@@ -175,7 +176,7 @@ class TrainConfig(_Section):
     # an error where oneDNN cannot pack bf16 (AVX2-only and most arm64 CPUs). null: the training precision.
     frozen_dtype: Literal["bfloat16"] | None = None
     # CPU only: keep activation-sized blocks in glibc's heap instead of fresh mmap pages per tensor
-    # (opsd_core/runtime.py; ~20% of the student pass on a VM). auto: tuned where glibc has mallopt;
+    # (opsd_core/backends/runtime.py; ~20% of the student pass on a VM). auto: tuned where glibc has mallopt;
     # tuned: an error where it has not; default: leave malloc alone
     cpu_allocator: Literal["auto", "tuned", "default"] = "auto"
     progress: bool = True
@@ -244,13 +245,7 @@ class Params(_Section):
 
     def hash(self) -> str:
         """Content hash of the resolved configuration (stable across key order)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def section_hash(self, *sections: str) -> str:
-        dump = self.model_dump(mode="json")
-        blob = json.dumps({s: dump[s] for s in sections}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return json_hash(self.model_dump(mode="json"))
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -7,21 +7,16 @@ import tempfile
 
 _STATE = tempfile.mkdtemp(prefix="opsd-tests-")
 for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
     "HF_HOME": os.path.join(_STATE, "hf"),
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
     "PREFECT_HOME": os.path.join(_STATE, "prefect"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": os.path.join(_STATE, "prefect-results"),
-    "DVC_NO_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(key, value)
+
+from opsd_core.offline import apply_offline_defaults  # noqa: E402
+
+apply_offline_defaults()
 
 import torch  # noqa: E402
 
@@ -38,3 +33,4 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+

@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 from benchmarks.common import fastest_cpu_impl  # noqa: E402
 from benchmarks.flops import ModelShape, attention_flops, step_flops  # noqa: E402
 from benchmarks.report import _linear_fit  # noqa: E402
-from opsd_core.capabilities import probe  # noqa: E402
+from opsd_core.backends.capabilities import probe  # noqa: E402
+from opsd_core.backends.plan import make_plan  # noqa: E402
 from opsd_core.config import load_params  # noqa: E402
-from opsd_core.plan import make_plan  # noqa: E402
 
 
 def test_attention_flops_closed_form_matches_the_sum() -> None:
@@ -194,7 +194,7 @@ def test_shape_model_keeps_the_shape_and_replaces_the_weights(tmp_path: Path) ->
 
     from benchmarks import shape_model
     from opsd_core.config import load_params
-    from opsd_core.models import load_model_and_tokenizer, resolve_base_dir
+    from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
 
     params = load_params(REPO / "params.yaml", "smoke", [f"model.cache_dir={tmp_path / 'models'}"])
     src = Path(resolve_base_dir(params.model, REPO))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd_core.capabilities import (
+from opsd_core.backends.capabilities import (
     ISA_CAPS,
     X86_FLAGS,
     CapabilityError,
@@ -35,7 +35,7 @@ x86_only = pytest.mark.skipif(not X86, reason="OPSD_CPU_ISA caps x86 instruction
 
 _PROBE = """
 import json, torch
-from opsd_core.capabilities import probe
+from opsd_core.backends.capabilities import probe
 caps = probe().as_dict()
 try:
     torch.ops.mkldnn._reorder_linear_weight(torch.randn(64, 64).bfloat16())

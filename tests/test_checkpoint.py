@@ -13,7 +13,7 @@ import torch
 
 from opsd_core import checkpoint as ckpt
 from opsd_core.config import Params, load_params
-from opsd_core.trainer import OPSDTrainer
+from opsd_core.stages.train import build_trainer
 from tests.test_training import _fixed_rollouts, _policy, _problems, _train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(smoke: Param
     params.train.keep_checkpoints = 3
     model, tok = _policy(params)
     logs: list[str] = []
-    trainer = OPSDTrainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp_path / "run", log=logs.append)
+    trainer = build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp_path / "run", log=logs.append)
     rollouts = _fixed_rollouts(tok, 4)
     for step in (1, 2):
         _train(trainer, rollouts, 1)
@@ -91,7 +91,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(smoke: Param
     (newest.path / "state.pt").write_bytes(b"\x00" * 64)  # a torn write
 
     model2, _ = _policy(params)
-    resumed = OPSDTrainer(params, model2, tok, _problems(tok), torch.device("cpu"), tmp_path / "run", log=logs.append)
+    resumed = build_trainer(params, model2, tok, _problems(tok), torch.device("cpu"), tmp_path / "run", log=logs.append)
     assert resumed.resume() and resumed.state.step == 1
     assert any("skipping checkpoint" in m and "step-0000002" in m for m in logs), logs
     assert any("resumed from" in m and "step-0000001" in m for m in logs), logs

@@ -30,7 +30,7 @@ def test_a_bad_cron_is_one_line_before_any_server_starts(tmp_path: Path) -> None
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "opsd_core.cli", "deploy", "--cron", "not a cron"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--cron", "not a cron"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from opsd_core.algorithm.rollout import sample
+from opsd_core.backends.distributed import World
+from opsd_core.backends.engine import DecoderEngine
+from opsd_core.backends.row_noise import gumbel_pick, uniform
 from opsd_core.config import Params, load_params
-from opsd_core.distributed import World
-from opsd_core.engine import DecoderEngine
-from opsd_core.models import load_model_and_tokenizer
-from opsd_core.rollout import sample
-from opsd_core.row_noise import gumbel_pick, uniform
+from opsd_core.models.sources import load_model_and_tokenizer
+from tests.faults import kill_after_checkpoint
 from tests.test_train_cli import make_project, opsd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_two_ranks_on_gloo_train_what_one_process_trains(project: Path) -> None:
 
 def test_a_killed_two_rank_run_resumes_in_one_process(project: Path) -> None:
     """SIGKILL right after the step-2 checkpoint of a 2-rank run; one process finishes it."""
-    killed = _train(project, "killed", 2, env={"OPSD_FAULT_AFTER_STEP": "2"}, check=False)
+    killed = _train(project, "killed", 2, env=kill_after_checkpoint(2), check=False)
     assert not (killed / "output_dir").exists() and any((killed / "checkpoint_dir").rglob("step-*"))
     resumed = _train(project, "killed", 1)
     _assert_same_training(project / "one" if (project / "one").exists() else _train(project, "one", 1), resumed)

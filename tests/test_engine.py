@@ -10,10 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from opsd_core.algorithm.rollout import left_pad
+from opsd_core.backends.engine import DecoderEngine, candidates, filter_logits, supports
 from opsd_core.config import load_params
-from opsd_core.engine import DecoderEngine, candidates, filter_logits, supports
-from opsd_core.models import load_model_and_tokenizer
-from opsd_core.rollout import left_pad
+from opsd_core.models.sources import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [list(range(40, 57)), list(range(60, 65)), list(range(70, 81))]  # different lengths: padding matters
@@ -133,7 +133,7 @@ def test_unsupported_models_are_named_and_lora_must_be_merged(tiny: torch.nn.Mod
     with pytest.raises(ValueError, match="gpt2"):
         DecoderEngine(gpt2)
     from opsd_core.config import LoraConfig
-    from opsd_core.models import wrap_lora
+    from opsd_core.models.lora import wrap_lora
 
     wrapped = wrap_lora(copy.deepcopy(tiny), LoraConfig())
     assert supports(wrapped) is None  # the architecture is fine ...
@@ -142,7 +142,7 @@ def test_unsupported_models_are_named_and_lora_must_be_merged(tiny: torch.nn.Mod
 
 
 def test_sampler_falls_back_to_generate_for_unsupported_models() -> None:
-    from opsd_core.sampler import PolicySampler
+    from opsd_core.backends.sampler import PolicySampler
 
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2,
                                                                  vocab_size=100))

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
+from opsd_core.algorithm.prompts import ANSWER_INSTRUCTION, student_messages
 from opsd_core.config import EvalConfig, ModelConfig, Params
 from opsd_core.evaluation import EvalDataError, EvalTaskError, paired_bootstrap, write_task_yamls
 from opsd_core.evaluation.metrics import doc_to_text, process_results, sample_correctness
 from opsd_core.evaluation.tasks import SAMPLES_FILTER
-from opsd_core.prompts import ANSWER_INSTRUCTION, student_messages
 
 K = 2
 LIMIT = 3
@@ -156,7 +156,8 @@ def _make_candidate(root: Path, params: Params) -> None:
     """A base + LoRA candidate as `opsd train` writes it, with non-zero adapter weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opsd_core.models import resolve_base_dir, wrap_lora
+    from opsd_core.models.lora import wrap_lora
+    from opsd_core.models.sources import resolve_base_dir
 
     base_dir = resolve_base_dir(params.model, root)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -175,12 +176,12 @@ def _make_candidate(root: Path, params: Params) -> None:
 
 @pytest.fixture(scope="module")
 def reports(project: tuple[Path, Params]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from opsd_core.evaluation.report import run_evaluate_base, run_evaluate_candidate
+    from opsd_core.stages.evaluate import evaluate_base, evaluate_candidate
 
     root, params = project
-    base = run_evaluate_base(params, root)
+    base = evaluate_base(params, root)
     _make_candidate(root, params)
-    return base, run_evaluate_candidate(params, root)
+    return base, evaluate_candidate(params, root)
 
 
 def _check_model_result(res: dict[str, Any]) -> None:
@@ -221,7 +222,7 @@ def test_rendered_prompt_is_the_chat_template(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from opsd_core.models import resolve_base_dir
+    from opsd_core.models.sources import resolve_base_dir
 
     root, params = project
     tok = AutoTokenizer.from_pretrained(resolve_base_dir(params.model, root))
@@ -242,7 +243,7 @@ def test_candidate_is_evaluated_with_its_adapter(reports: tuple[dict[str, Any], 
 
 def test_stale_base_cache_is_not_reused(project: tuple[Path, Params],
                                         reports: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    from opsd_core.evaluation.report import _cached_base, settings, settings_hash
+    from opsd_core.stages.evaluate import _cached_base, settings, settings_hash
 
     root, params = project
     cache = root / "reports/eval_base.json"
@@ -261,7 +262,7 @@ def test_stale_base_cache_is_not_reused(project: tuple[Path, Params],
 
 def test_standard_task_without_data_is_a_clear_error(project: tuple[Path, Params]) -> None:
     from opsd_core.evaluation.harness import evaluate_model
-    from opsd_core.evaluation.report import settings, settings_hash
+    from opsd_core.stages.evaluate import settings, settings_hash
 
     root, params = project
     tasks_dir = root / ".opsd/eval_tasks" / settings_hash(settings(params, root, "cpu"))
@@ -277,9 +278,9 @@ def test_loglikelihood_task_scores_the_reference_behind_exactly_the_student_prom
     """opsd_val_ll through a real lm-eval run equals the student's log-probability of the verified solution
     computed directly (transformers, the training prompt ids), per solution token, problem by problem. lm-eval
     also scores the template's last token (the newline it moves out of the context; see ll_task_config)."""
+    from opsd_core.algorithm.prompts import student_prompt_ids
     from opsd_core.evaluation.harness import LL_PER_TOKEN, evaluate_model
-    from opsd_core.models import load_model_and_tokenizer, resolve_base_dir
-    from opsd_core.prompts import student_prompt_ids
+    from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
 
     root, params = project
     cfg = params.eval.model_copy(update={"tasks": ["opsd_val_ll", "opsd_val"]})

@@ -1,4 +1,4 @@
-"""Tests for opsd_core.losses: divergences, supports, clipping, reductions and the chunked path."""
+"""Tests for opsd_core.algorithm.losses: divergences, supports, clipping, reductions and the chunked path."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from opsd_core.config import OPSDConfig
-from opsd_core.losses import (
+from opsd_core.algorithm.losses import (
     DivergenceSpec,
     chunked_divergence_loss,
     divergence_loss,
     masked_mean,
     token_divergence,
 )
+from opsd_core.config import OPSDConfig
 
 D64 = torch.float64
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.3)]

@@ -11,7 +11,8 @@ from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from opsd_core.config import LoraConfig, ModelConfig, TinyModelConfig
-from opsd_core.models import (
+from opsd_core.models.lora import wrap_lora
+from opsd_core.models.sources import (
     _MARKER,
     BUNDLED_SMOLLM2,
     ModelSourceError,
@@ -21,7 +22,6 @@ from opsd_core.models import (
     load_model_and_tokenizer,
     resolve_base_dir,
     weights_hash,
-    wrap_lora,
 )
 
 CHATML_MESSAGES = [
@@ -269,9 +269,9 @@ def test_bundled_gguf_converts_once(tmp_path: Path) -> None:
 def test_thinking_switch_reaches_the_template_for_both_contexts_and_lm_eval(tiny_dir: Path) -> None:
     """model.thinking is passed as enable_thinking (Qwen3's switch) to the student's and the teacher's
     template alike, so a completion still scores behind either prefix; templates without it ignore it."""
+    from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
     from opsd_core.config import EvalConfig, load_params
     from opsd_core.evaluation.harness import model_args
-    from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
 
     _, tok = load_model_and_tokenizer(ModelConfig(base=str(tiny_dir)))
     plain = student_prompt_ids(tok, "What is 2 + 2?")

@@ -9,16 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opsd_core.capabilities import probe
+from opsd_core.algorithm.rollout import Rollouts, completion_mask_from_ids
+from opsd_core.algorithm.scoring import build_scoring_batch, completion_hidden
+from opsd_core.algorithm.trainer import Problem
+from opsd_core.backends.capabilities import probe
+from opsd_core.backends.engine import DecoderEngine
+from opsd_core.backends.fused_lora import installed
+from opsd_core.backends.packs import LinearPacks, PackedLinear, for_plan
+from opsd_core.backends.plan import make_plan
 from opsd_core.config import Params, load_params
-from opsd_core.engine import DecoderEngine
-from opsd_core.lora_pass import installed
-from opsd_core.models import load_model_and_tokenizer, wrap_lora
-from opsd_core.packed import LinearPacks, PackedLinear, for_plan
-from opsd_core.plan import make_plan
-from opsd_core.rollout import Rollouts, completion_mask_from_ids
-from opsd_core.scoring import build_scoring_batch, completion_hidden
-from opsd_core.trainer import OPSDTrainer, Problem
+from opsd_core.models.lora import wrap_lora
+from opsd_core.models.sources import load_model_and_tokenizer
+from opsd_core.stages.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # without oneDNN the plan turns packs off: tests/test_capabilities.py trains that fallback on every machine
@@ -264,7 +266,7 @@ def test_student_pass_with_bfloat16_packs_is_autocast_for_the_frozen_layers(smok
 
 
 def _problems(tok: object) -> list[Problem]:
-    from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
+    from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
 
     rows = [("Tom has 3 apples and buys 4 more. How many?", "3 + 4 = 7\n#### 7"), ("Sam ran 2 km.", "#### 2")]
     return [Problem(str(i), student_prompt_ids(tok, p), teacher_prompt_ids(tok, p, s)) for i, (p, s) in enumerate(rows)]
@@ -279,12 +281,12 @@ def test_training_with_packed_weights_follows_the_unpacked_run(smoke: Params, tm
         params.train.packed_weights = "off" if setting == "off" else "on"
         params.train.frozen_dtype = "bfloat16" if setting == "bf16" else None
         model, tok = _tok_model(params)
-        trainer = OPSDTrainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp_path / setting,
+        trainer = build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp_path / setting,
                               log=lambda _m: None)
-        assert (trainer.packs is not None) == (setting != "off")
-        if trainer.packs is not None:
-            assert trainer.packs.compute == (torch.bfloat16 if setting == "bf16" else None)
-            assert trainer.sampler.engine.layers[0].qkv.packs.compute is None  # the sampler copy keeps its dtype
+        assert (trainer.backend.packs is not None) == (setting != "off")
+        if trainer.backend.packs is not None:
+            assert trainer.backend.packs.compute == (torch.bfloat16 if setting == "bf16" else None)
+            assert trainer.backend.sampler.engine.layers[0].qkv.packs.compute is None  # the sampler copy keeps its dtype
         ids = torch.randint(10, 200, (2, 6), generator=torch.Generator().manual_seed(0))
         mask, ended = completion_mask_from_ids(ids, {tok.eos_token_id})
         rollouts = Rollouts(ids, mask, ended, 1.0)
@@ -292,7 +294,7 @@ def test_training_with_packed_weights_follows_the_unpacked_run(smoke: Params, tm
         for _ in range(2):
             kls.append(trainer.accumulate(trainer.problems, rollouts)["kl"])
             trainer.optimizer_step()
-        engine = trainer.sampler.module()
+        engine = trainer.backend.sampler.module()
         runs[setting] = (kls, engine.logits(engine.hidden(trainer.problems[0].student_ids)))
     assert runs["on"][0][0] > 0
     torch.testing.assert_close(torch.tensor(runs["on"][0]), torch.tensor(runs["off"][0]), atol=1e-5, rtol=1e-4)

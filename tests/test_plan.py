@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from opsd_core.capabilities import Capabilities, CapabilityError
+from opsd_core.backends.capabilities import Capabilities, CapabilityError
+from opsd_core.backends.plan import MIN_PACK_SPEEDUP, make_plan
 from opsd_core.config import Params, load_params
-from opsd_core.plan import MIN_PACK_SPEEDUP, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

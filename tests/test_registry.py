@@ -19,9 +19,10 @@ import torch
 from test_registry_gate import GUARD, PRIMARY, eval_report
 
 from opsd_core.config import Params
-from opsd_core.registry import RegistryError, register, render_status, rollback, status
+from opsd_core.registry import RegistryError
 from opsd_core.registry.audit import champion_stack, read_audit
 from opsd_core.registry.store import download_version, ensure_experiment, open_client, resolve_store
+from opsd_core.stages.register import register, render_status, rollback, status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,7 +230,7 @@ def test_malformed_or_stale_report_is_refused_before_any_run(project: tuple[Path
 def test_failure_mid_registration_leaves_registry_as_it_was(
     project: tuple[Path, Params], base_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from opsd_core.registry import stage as reg_module
+    from opsd_core.stages import register as reg_module
 
     root, params = project
     name = params.registry.model_name
@@ -263,7 +264,7 @@ _WORKER = """
 import json, sys
 from pathlib import Path
 from opsd_core.config import Params
-from opsd_core.registry import register
+from opsd_core.stages.register import register
 import mlflow  # pay the import before the start signal so both processes really race
 params = Params.model_validate(json.loads(sys.argv[2]))
 print("ready", flush=True)

@@ -17,7 +17,7 @@ BIN = str(Path(sys.executable).parent)
 
 def opsd(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
-    return subprocess.run([sys.executable, "-m", "opsd_core.cli", *args], cwd=project, env=env,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -66,7 +66,7 @@ def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
 def test_small_commands_do_not_import_torch(tmp_path: Path) -> None:
     """`opsd status`, `promote` and friends read the registry only: loading torch cost them ~1.5 s each."""
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    code = ("import sys; from opsd_core.cli import main; rc = main(['status']); "
+    code = ("import sys; from flows.cli import main; rc = main(['status']); "
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})

@@ -9,7 +9,7 @@ import pytest
 
 PROBE = """
 import ctypes, sys, torch
-from opsd_core.runtime import tune_allocator
+from opsd_core.backends.runtime import tune_allocator
 
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

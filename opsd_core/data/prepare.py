@@ -34,12 +34,14 @@ from opsd_core.data.schema import (
 )
 from opsd_core.data.split import cap_rows, split_traces
 from opsd_core.data.verify import answers_match, extract_answer
+from opsd_core.errors import OpsdError
+from opsd_core.io import atomic_write, write_json
 
 EVAL_FILE = "gsm8k100.jsonl"
 TokenCounter = Callable[[str], int]
 
 
-class DataError(RuntimeError):
+class DataError(OpsdError, RuntimeError):
     """The prepare stage cannot produce usable data (message says where to look)."""
 
 
@@ -152,10 +154,7 @@ class _Screen:
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> bytes:
     """Write rows as deterministic JSONL (atomically); returns the bytes written."""
     blob = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(path)
+    atomic_write(path, blob)
     return blob
 
 
@@ -242,6 +241,5 @@ def prepare_data(
         {prepared / "train.jsonl": train, prepared / "val.jsonl": val, eval_dir / EVAL_FILE: eval_rows},
         root, summary,
     )
-    data_json = json.dumps(summary.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
-    (reports / "data.json").write_text(data_json, encoding="utf-8")
+    write_json(reports / "data.json", summary.to_dict())
     return summary

@@ -47,13 +47,6 @@ class Trace:
         """One deterministic JSONL line (sorted keys, UTF-8 kept), newline included."""
         return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False) + "\n"
 
-    @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> Trace:
-        return cls(
-            id=str(row["id"]), problem=row["problem"], solution=row["solution"],
-            answer=str(row["answer"]), source=str(row.get("source", "")), meta=dict(row.get("meta") or {}),
-        )
-
 
 @dataclass(frozen=True)
 class Rejection:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -50,3 +50,25 @@ def paired_bootstrap(
         "n_problems": int(diff.size),
         "n_resamples": int(n),
     }
+
+
+def problem_means(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """{problem: [k outcomes]} -> {problem: mean outcome}; problems with no outcome are dropped."""
+    return {str(key): sum(map(float, xs)) / len(xs) for key, xs in samples.items() if len(xs)}
+
+
+def compare_samples(
+    base: Mapping[str, Sequence[float]], cand: Mapping[str, Sequence[float]], n: int, seed: int,
+) -> dict[str, float | int]:
+    """Paired bootstrap of ``cand - base`` from two models' per-problem samples.
+
+    The one alignment rule of every comparison opsd makes (base vs candidate, champion vs candidate):
+    both models were scored on exactly the same problems, paired by key. Anything else is a
+    ``ValueError`` naming a few problems that differ, never a silent comparison over the overlap.
+    """
+    b, c = problem_means(base), problem_means(cand)
+    if set(b) != set(c):
+        only = sorted(set(b) ^ set(c))
+        raise ValueError(f"the two models were scored on different problems ({len(only)} differ, e.g. {only[:5]})")
+    keys = sorted(b)
+    return paired_bootstrap([b[k] for k in keys], [c[k] for k in keys], n=n, seed=seed)

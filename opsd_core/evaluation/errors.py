@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from opsd_core.errors import OpsdError
 
-class EvalError(RuntimeError):
+
+class EvalError(OpsdError, RuntimeError):
     """An evaluation that cannot run as configured."""
 
 

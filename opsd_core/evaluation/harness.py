@@ -15,7 +15,7 @@ import torch
 from opsd_core.config import EvalConfig
 from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
 from opsd_core.evaluation.metrics import EXACT_MATCH, LOGLIKELIHOOD, sample_correctness
-from opsd_core.evaluation.tasks import LL_TASKS, OWN_TASKS, SAMPLES_FILTER
+from opsd_core.evaluation.tasks import LL_TASKS, OWN_TASKS, SAMPLES_FILTER, sampling_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,6 @@ class TaskEval:
     samples: dict[str, list[float]]
     lm_eval: dict[str, float] = field(default_factory=dict)
     example: dict[str, Any] = field(default_factory=dict)
-
-    def problem_scores(self) -> dict[str, float]:
-        return {key: sum(v) / len(v) for key, v in self.samples.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,13 +121,7 @@ def _apply_generation_settings(task: Any, cfg: EvalConfig) -> None:
     """Give a standard generate_until task our sampling settings (keeping its own stop sequences)."""
     if task.get_config("output_type") != "generate_until":
         return
-    sample = cfg.temperature > 0
-    task.set_config(
-        key="generation_kwargs",
-        value={"max_gen_toks": cfg.max_new_tokens, "do_sample": sample,
-               "temperature": float(cfg.temperature) if sample else 0.0},
-        update=True,
-    )
+    task.set_config(key="generation_kwargs", value=sampling_kwargs(cfg), update=True)
 
 
 def _numeric(values: dict[str, Any]) -> dict[str, float]:

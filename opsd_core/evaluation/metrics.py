@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from opsd_core.algorithm.prompts import student_messages
 from opsd_core.data.verify import answers_match, extract_answer
-from opsd_core.prompts import student_messages
 
 EXACT_MATCH = "exact_match"
 HAS_ANSWER = "has_answer"

@@ -48,15 +48,17 @@ _TaskDumper.add_representer(
 )
 
 
-def generation_kwargs(cfg: EvalConfig) -> dict[str, Any]:
-    """lm-eval ``generation_kwargs`` for the eval settings (greedy when temperature is 0)."""
+def sampling_kwargs(cfg: EvalConfig) -> dict[str, Any]:
+    """The eval settings as lm-eval generation kwargs (greedy when temperature is 0), for our tasks and
+    for standard ``generate_until`` tasks alike."""
     sample = cfg.temperature > 0
-    return {
-        "until": list(STOP_SEQUENCES),
-        "max_gen_toks": cfg.max_new_tokens,
-        "do_sample": sample,
-        "temperature": float(cfg.temperature) if sample else 0.0,
-    }
+    return {"max_gen_toks": cfg.max_new_tokens, "do_sample": sample,
+            "temperature": float(cfg.temperature) if sample else 0.0}
+
+
+def generation_kwargs(cfg: EvalConfig) -> dict[str, Any]:
+    """lm-eval ``generation_kwargs`` of our own generation tasks: the sampling settings plus our stops."""
+    return {"until": list(STOP_SEQUENCES), **sampling_kwargs(cfg)}
 
 
 def task_config(name: str, data_file: Path, cfg: EvalConfig) -> dict[str, Any]:

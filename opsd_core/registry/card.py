@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from opsd_core.registry.gate import per_doc_scores
+from opsd_core.evaluation.bootstrap import problem_means
 
 CURVE_PANELS = ("loss", "kl", "clipped_frac", "completion_len", "ended_frac", "grad_norm")
 
@@ -33,7 +33,7 @@ def read_curve(path: Path) -> list[dict[str, float]]:
 
 def score_interval(samples: Mapping[str, list[float]], z: float = 1.96) -> tuple[float, float, float]:
     """(mean, low, high) of the per-problem scores: normal interval on the mean of [P] problem means."""
-    xs = list(per_doc_scores(samples).values())
+    xs = list(problem_means(samples).values())
     if not xs:
         return math.nan, math.nan, math.nan
     mean = sum(xs) / len(xs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opsd_core.config import RegistryConfig
-from opsd_core.evaluation.bootstrap import paired_bootstrap
+from opsd_core.evaluation.bootstrap import compare_samples
 
 # scores are means of 0/1 outcomes; equality at the margin must not fail on rounding
 _EPS = 1e-12
@@ -31,24 +31,16 @@ class ChampionEvidence:
     report: Mapping[str, Any] | None
 
 
-def per_doc_scores(samples: Mapping[str, list[float]]) -> dict[str, float]:
-    """{doc_id: [k outcomes]} -> {doc_id: mean outcome}; problems with no outcome are dropped."""
-    return {str(doc): sum(map(float, xs)) / len(xs) for doc, xs in samples.items() if len(xs)}
-
-
 def paired_diff(
     base: Mapping[str, list[float]], cand: Mapping[str, list[float]], n_boot: int, seed: int,
-) -> dict[str, Any] | None:
-    """Paired bootstrap of cand - base over the doc ids both have; None if they share none."""
-    b, c = per_doc_scores(base), per_doc_scores(cand)
-    common = sorted(set(b) & set(c))
-    if not common:
-        return None
-    out = dict(paired_bootstrap([b[d] for d in common], [c[d] for d in common], n=n_boot, seed=seed))
-    out["n_common"] = len(common)
-    out["n_only_base"] = len(set(b) - set(c))
-    out["n_only_candidate"] = len(set(c) - set(b))
-    return out
+) -> tuple[dict[str, Any] | None, str]:
+    """(paired bootstrap of cand - base, "") or (None, why the two cannot be paired)."""
+    if not base or not cand:
+        return None, "no per-sample results to compare"
+    try:
+        return dict(compare_samples(base, cand, n_boot, seed)), ""
+    except ValueError as err:
+        return None, str(err)
 
 
 def _fmt(d: Mapping[str, Any]) -> str:
@@ -62,10 +54,10 @@ def _beats(d: Mapping[str, Any], margin: float) -> bool:
 def _check_base(primary: Mapping[str, Any], cfg: RegistryConfig, n_boot: int, seed: int) -> dict[str, Any]:
     diff = primary.get("diff")
     if not diff or "ci_low" not in diff:  # older or partial report: recompute from the samples
-        diff = paired_diff(primary["base"].get("samples", {}), primary["candidate"].get("samples", {}),
-                           n_boot, seed)
-    if diff is None:
-        return {"passed": False, "reason": "vs base: no per-sample results to compare"}
+        diff, why = paired_diff(primary["base"].get("samples", {}), primary["candidate"].get("samples", {}),
+                                n_boot, seed)
+        if diff is None:
+            return {"passed": False, "reason": f"vs base: {why}"}
     passed = _beats(diff, cfg.margin)
     verb = "beats" if passed else "does not beat"
     return {
@@ -101,17 +93,17 @@ def _check_champion(
     if not champ_task:
         return {**base, "passed": False, "status": "cannot_compare",
                 "reason": f"vs champion: cannot compare, {tag} has no {cfg.primary_task} results"}
-    diff = paired_diff(champ_task["candidate"].get("samples", {}),
-                       report["tasks"][cfg.primary_task]["candidate"].get("samples", {}), n_boot, seed)
+    diff, why = paired_diff(champ_task["candidate"].get("samples", {}),
+                            report["tasks"][cfg.primary_task]["candidate"].get("samples", {}), n_boot, seed)
     if diff is None:
         return {**base, "passed": False, "status": "cannot_compare",
-                "reason": f"vs champion: cannot compare, no doc ids shared with {tag}"}
+                "reason": f"vs champion: cannot compare with {tag}: {why}"}
     passed = _beats(diff, cfg.margin)
     verb = "beats" if passed else "does not beat"
     return {
         **base, "passed": passed, "status": "compared",
         "champion_score": float(champ_task["candidate"]["score"]),
-        **{k: diff[k] for k in ("mean_diff", "ci_low", "ci_high", "p_better", "n_common")},
+        **{k: diff[k] for k in ("mean_diff", "ci_low", "ci_high", "p_better", "n_problems")},
         "reason": f"vs {tag}: {_fmt(diff)} {verb} margin {cfg.margin:g} with lower bound > 0",
     }
 

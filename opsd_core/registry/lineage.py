@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from opsd_core.config import Params
+from opsd_core.io import file_hash
 
 FLOW_RUN_ENV = "OPSD_FLOW_RUN_ID"
 
@@ -41,7 +41,7 @@ def dvc_out_md5(dvc_file: Path) -> str | None:
 
 
 def file_sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return file_hash(path, 64) if path.is_file() else None
 
 
 def collect(params: Params, root: Path, data_hash: str | None = None) -> dict[str, str | None]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from opsd_core.config import Params
+from opsd_core.errors import OpsdError
 
 if TYPE_CHECKING:  # mlflow costs ~2 s to import: only the functions that talk to it import it
     from mlflow import MlflowClient
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # mlflow costs ~2 s to import: only the functions that talk t
 LOCK_FILE = "registry.lock"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(OpsdError, RuntimeError):
     """A registry operation that cannot go ahead (missing input, nothing to roll back to, ...)."""
 
 

@@ -1,7 +1,7 @@
-"""Pipeline stages: read params, call components, write outputs and reports.
+"""``opsd train``: build the policy and the trainer's parts, train, write and verify the candidate.
 
-Each function is one ``opsd <stage>`` command and one DVC stage. Paths in params are relative to
-``root`` (the project directory).
+Under torchrun every rank trains its share of each step and rank 0 writes. Paths in params are
+relative to ``root`` (the project directory).
 """
 
 from __future__ import annotations
@@ -9,51 +9,39 @@ from __future__ import annotations
 import csv
 import json
 import os
-import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from opsd_core import distributed
-from opsd_core.capabilities import probe
+from opsd_core.algorithm.losses import DivergenceSpec
+from opsd_core.algorithm.optim import build_optimizer
+from opsd_core.algorithm.teacher import make_teacher
+from opsd_core.algorithm.trainer import (
+    CURVE_FIELDS,
+    OPSDTrainer,
+    Problem,
+    TrainerParts,
+    TrainingError,
+    load_problems,
+    run_key,
+)
+from opsd_core.backends import distributed
+from opsd_core.backends.base import Backend
+from opsd_core.backends.capabilities import probe
+from opsd_core.backends.cpu import CpuBackend
+from opsd_core.backends.environment import versions
+from opsd_core.backends.packs import for_plan
+from opsd_core.backends.plan import ExecutionPlan, make_plan
+from opsd_core.backends.runtime import configure_threads, peak_rss_mb, tune_allocator
 from opsd_core.config import Params
-from opsd_core.environment import versions
-from opsd_core.plan import ExecutionPlan, make_plan
-from opsd_core.reports import file_hash, write_json
-from opsd_core.trainer import CURVE_FIELDS, OPSDTrainer, TrainingError, load_problems, run_key
+from opsd_core.io import file_hash, write_json
 
 
-def configure_threads(threads: int | None) -> None:
-    """Pin torch's intra-op threads; on small machines oversubscription costs far more than it gains."""
-    if threads:
-        torch.set_num_threads(threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-
-
-def peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# -- prepare -----------------------------------------------------------------------------------
-def prepare(params: Params, root: Path) -> dict[str, Any]:
-    from opsd_core.data import prepare_data
-    from opsd_core.models import load_tokenizer
-
-    tokenizer = load_tokenizer(params.model, root)
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    summary = prepare_data(params.data, root, count_tokens, root / params.train.reports_dir)
-    return summary if isinstance(summary, dict) else vars(summary)
-
-
-# -- train -------------------------------------------------------------------------------------
 def execution_plan(params: Params) -> ExecutionPlan:
     """This machine's paths for ``params``; an impossible explicit setting fails here, before any work."""
     return make_plan(params, probe())
@@ -70,7 +58,8 @@ def _data_hash(params: Params, root: Path) -> str:
 
 def build_policy(params: Params, root: Path, plan: ExecutionPlan) -> tuple[torch.nn.Module, Any, str]:
     """Base model (+ LoRA) ready to train; returns (model, tokenizer, resolved base path)."""
-    from opsd_core.models import load_model_and_tokenizer, resolve_base_dir, wrap_lora
+    from opsd_core.models.lora import wrap_lora
+    from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
 
     base_path = resolve_base_dir(params.model, root)
     model, tokenizer = load_model_and_tokenizer(params.model, root, dtype=getattr(torch, plan.precision))
@@ -82,8 +71,47 @@ def build_policy(params: Params, root: Path, plan: ExecutionPlan) -> tuple[torch
     return model.to(plan.device), tokenizer, base_path
 
 
+def build_backend(params: Params, model: torch.nn.Module, plan: ExecutionPlan, device: torch.device,
+                  log: Callable[[str], None]) -> Backend:
+    """The back-end the plan chose for this device."""
+    sampling_dtype = getattr(torch, plan.sampling_dtype)
+    if device.type == "cpu":
+        return CpuBackend(model, sampling_dtype, params.opsd.sampling.backend, log, packs=for_plan(plan),
+                          sampler_packs=for_plan(plan, frozen_dtype=False))
+    return Backend(model, sampling_dtype, params.opsd.sampling.backend, log)
+
+
+def build_parts(params: Params, model: torch.nn.Module, plan: ExecutionPlan, device: torch.device,
+                log: Callable[[str], None] = lambda _msg: None) -> TrainerParts:
+    """The trainer's parts for ``params``: back-end, teacher, loss spec, optimizer and schedule."""
+    backend = build_backend(params, model, plan, device, log)
+    teacher_dtype = getattr(torch, plan.teacher_dtype) if plan.teacher_dtype else None
+    teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype, backend)
+    spec = DivergenceSpec.from_config(params.opsd, params.opsd.sampling.temperature)
+    optimizer, scheduler = build_optimizer(model, params.train)
+    return TrainerParts(teacher=teacher, backend=backend, spec=spec, optimizer=optimizer, scheduler=scheduler)
+
+
+def build_trainer(params: Params, model: torch.nn.Module, tokenizer: Any, problems: list[Problem],
+                  device: torch.device, run_dir: Path, plan: ExecutionPlan | None = None,
+                  world: distributed.World | None = None,
+                  log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> OPSDTrainer:
+    """An :class:`OPSDTrainer` over freshly built parts (``plan``: default, made for this machine)."""
+    plan = plan or execution_plan(params)
+    parts = build_parts(params, model, plan, device, log)
+    return OPSDTrainer(params, model, tokenizer, problems, parts, device, run_dir, world=world, log=log)
+
+
+def execution_record(plan: ExecutionPlan, trainer: OPSDTrainer) -> dict[str, Any]:
+    """The plan plus what was built from it (the sampler's and the teacher's passes)."""
+    record = plan.as_dict()
+    record["sampler"] = trainer.backend.describe_sampler()
+    record["teacher_pass"] = f"{trainer.params.opsd.teacher}: {trainer.teacher.describe()}"
+    return record
+
+
 def _probe_logits(model: torch.nn.Module, tokenizer: Any, dev: torch.device) -> torch.Tensor:
-    from opsd_core.prompts import student_prompt_ids
+    from opsd_core.algorithm.prompts import student_prompt_ids
 
     # the probe only compares the in-memory and the reloaded model: any fixed prompt does
     ids = torch.tensor([student_prompt_ids(tokenizer, "What is 12 + 30?")], device=dev)
@@ -97,7 +125,7 @@ def save_candidate(
     data_hash: str, dev: torch.device,
 ) -> dict[str, Any]:
     """Write the candidate atomically, reload it and compare logits with the in-memory model."""
-    from opsd_core.models import load_candidate, weights_hash
+    from opsd_core.models.sources import load_candidate, weights_hash
 
     out = root / params.train.output_dir
     tmp = out.parent / f".{out.name}.tmp"
@@ -160,12 +188,13 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         print(f"opsd train: warning: {warning}", file=sys.stderr)
     started = time.perf_counter()
     model, tokenizer, base_path = build_policy(params, root, plan)
-    problems = load_problems(train_file, tokenizer,
-                             thinking=params.model.thinking)
+    problems = load_problems(train_file, tokenizer, thinking=params.model.thinking)
     data_hash = _data_hash(params, root)
     run_dir = root / params.train.checkpoint_dir / run_key(params, data_hash)
-    trainer = OPSDTrainer(params, model, tokenizer, problems, dev, run_dir, plan=plan, world=world,
-                          log=(lambda msg: print(msg, file=sys.stderr)) if world.main else (lambda _msg: None))
+    log = (lambda msg: print(msg, file=sys.stderr)) if world.main else (lambda _msg: None)
+    if plan.allocator == "tuned" and not tune_allocator():
+        log("train.cpu_allocator: glibc's mallopt refused the settings; malloc left as it is")
+    trainer = build_trainer(params, model, tokenizer, problems, dev, run_dir, plan=plan, world=world, log=log)
     try:
         state = trainer.run()
     finally:
@@ -200,7 +229,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         "world_size": world.size,
         "rollouts_per_rank": [len(distributed.World(r, world.size).rows(params.train.rollouts_per_step))
                               for r in range(world.size)],
-        "execution": trainer.execution(),
+        "execution": execution_record(plan, trainer),
         "machine": probe().as_dict(),
         "versions": versions(),
     }
@@ -209,27 +238,3 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     write_json(reports / "train.json", summary)
     print(f"candidate written to {root / params.train.output_dir}", file=sys.stderr)
     return summary
-
-
-# -- evaluate ----------------------------------------------------------------------------------
-def evaluate(params: Params, root: Path, which: str = "candidate") -> dict[str, Any]:
-    """``base``: evaluate the base model alone (its own cached DVC stage); ``candidate``: compare."""
-    from opsd_core.evaluation.report import run_evaluate_base, run_evaluate_candidate
-
-    configure_threads(params.train.threads)
-    if which == "base":
-        return run_evaluate_base(params, root)
-    report = run_evaluate_candidate(params, root)
-    _write_eval_plot(root / params.train.reports_dir / "eval_plot.csv", report)
-    return report
-
-
-def _write_eval_plot(path: Path, report: dict[str, Any]) -> None:
-    """One row per task (base, candidate, interval of the difference): the DVC plot of evaluate."""
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["task", "base", "candidate", "diff_ci_low", "diff_ci_high"])
-        for task, entry in sorted(report["tasks"].items()):
-            diff = entry.get("diff") or {}
-            writer.writerow([task, entry["base"]["score"], entry["candidate"]["score"],
-                             diff.get("ci_low"), diff.get("ci_high")])

@@ -1,4 +1,8 @@
-"""``opsd`` command line: parse arguments, load params, call one stage. Nothing else lives here."""
+"""The ``opsd`` app entry: parse the command line, load params, call one stage or flow.
+
+The only module where the library (``opsd_core``) and the orchestrator (``flows``, Prefect) meet; Prefect is
+imported only by ``opsd run`` and ``opsd deploy``.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from opsd_core.capabilities import CapabilityError
 from opsd_core.config import ConfigError, Params, load_params
-
-OFFLINE_DEFAULTS = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    # transformers' per-load "Loading weights" bars drown the training log; opsd's own bars stay
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-}
+from opsd_core.errors import OpsdError
+from opsd_core.offline import apply_offline_defaults
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -81,7 +72,7 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "opsd_core.cli", *argv]
+           "-m", "flows.cli", *argv]
     return subprocess.call(cmd)
 
 
@@ -89,7 +80,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     params = _load(args)
     root = Path(args.params).resolve().parent if Path(args.params).exists() else Path.cwd()
     if args.command == "env":
-        from opsd_core.environment import render, report
+        from opsd_core.backends.environment import render, report
 
         record = report(params)
         print(json.dumps(record, indent=2, sort_keys=True) if args.json else render(record, params))
@@ -103,19 +94,24 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "train" and params.train.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _relaunch(params.train.nproc, argv)
     if args.command in ("prepare", "train", "evaluate"):
-        from opsd_core import stages  # torch and transformers: only the commands that compute pay for them
-
+        # torch and transformers: only the commands that compute pay for them
         if args.command == "evaluate":
-            stages.evaluate(params, root, args.model)
+            from opsd_core.stages.evaluate import evaluate
+
+            evaluate(params, root, args.model)
         elif args.command == "prepare":
-            _print(stages.prepare(params, root))
+            from opsd_core.stages.prepare import prepare
+
+            _print(prepare(params, root))
         else:
-            summary = stages.train(params, root)
+            from opsd_core.stages.train import train
+
+            summary = train(params, root)
             if summary is not None:  # rank 0 (or the only process) reports
                 _print(summary)
         return 0
     if args.command in ("register", "promote", "status"):
-        from opsd_core import registry
+        from opsd_core.stages import register as registry
 
         if args.command == "register":
             _print(registry.register(params, root))
@@ -138,24 +134,22 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_offline_defaults()
     warnings.filterwarnings("ignore", category=FutureWarning)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args, argv)
-    except (ConfigError, CapabilityError) as err:
-        print(f"opsd: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # a clear one-line error; tracebacks on request
+    except OpsdError as err:
         if os.environ.get("OPSD_DEBUG"):
             raise
-        name = type(err).__name__
-        if name in {"DataError", "BundledDataError", "TrainingError", "EvalError", "EvalDataError",
-                    "EvalTaskError", "RegistryError", "ModelSourceError", "StageError", "FileNotFoundError"}:
-            print(f"opsd {args.command}: {name}: {err}", file=sys.stderr)
-            return 1
+        # a setting error is the user's to fix before anything runs; the others name the stage
+        prefix = "opsd" if err.exit_code == 2 else f"opsd {args.command}: {type(err).__name__}"
+        print(f"{prefix}: {err}", file=sys.stderr)
+        return err.exit_code
+    except Exception:
+        print(f"opsd {args.command}: an internal error (a bug in opsd, not in your data or settings); "
+              "please report it with the traceback below", file=sys.stderr)
         raise
 
 

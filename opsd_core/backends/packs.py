@@ -18,7 +18,7 @@ in the input's dtype, as ``torch.autocast`` does for a linear layer. On CPUs wit
 (AVX512-BF16, AMX) oneDNN runs such products 2-3x faster than fp32 (``benchmarks/``).
 
 Whether packs are used at all, and which dtypes oneDNN may pack, is the run's plan
-(:mod:`opsd_core.plan`, from :mod:`opsd_core.capabilities`): oneDNN refuses bf16 weights on CPUs
+(:mod:`opsd_core.backends.plan`, from :mod:`opsd_core.backends.capabilities`): oneDNN refuses bf16 weights on CPUs
 without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, so there :class:`LinearPacks` leaves them to ``F.linear``.
 """
 
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opsd_core.plan import ExecutionPlan
+from opsd_core.backends.capabilities import CapabilityError
+from opsd_core.backends.plan import ExecutionPlan
 
 # below this many weight elements the per-call overhead of the oneDNN primitive (~10 us) costs more
 # than the faster product saves (measured: 64x128 slower packed, 576x576 and up faster)
@@ -123,13 +124,13 @@ class LinearPacks:
     the products run in (``None``: each weight's own). With ``compute``, layers of every size are
     packed, so that every product with a frozen weight runs in that dtype, as the setting says.
     ``dtypes``: the weight dtypes this machine's oneDNN can pack (bf16 needs AVX-512 BW/VL/DQ or
-    AVX-NE-CONVERT: :mod:`opsd_core.capabilities`); weights in other dtypes keep ``F.linear``.
+    AVX-NE-CONVERT: :mod:`opsd_core.backends.capabilities`); weights in other dtypes keep ``F.linear``.
     """
 
     def __init__(self, force: bool = False, compute: torch.dtype | None = None,
                  dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
         if compute is not None and compute not in dtypes:
-            raise ValueError(f"LinearPacks: compute dtype {compute} is not packable here (packable: {dtypes})")
+            raise CapabilityError(f"LinearPacks: compute dtype {compute} is not packable here (packable: {dtypes})")
         self.force = force
         self.compute = compute
         self.dtypes = dtypes

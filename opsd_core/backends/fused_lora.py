@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opsd_core.packed import LinearPacks, PackedLinear
+from opsd_core.backends.packs import LinearPacks, PackedLinear
+from opsd_core.models.lora import is_lora_layer, plain_adapter
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -54,27 +55,6 @@ class _LoraLinearFn(torch.autograd.Function):
         return gx, ga, gb, None, None
 
 
-def plain_lora(layer: nn.Module, adapter: str) -> bool:
-    """A standard LoRA linear for ``adapter``: delta = scale·B·A on an nn.Linear base, no DoRA or other
-    variant, no fan-in/fan-out transpose (the sampler's and the EMA teacher's fused merge rely on it too)."""
-    return (isinstance(layer.base_layer, nn.Linear) and not getattr(layer, "fan_in_fan_out", False)
-            and adapter not in getattr(layer, "lora_variant", {})
-            and not getattr(layer, "use_dora", {}).get(adapter, False))
-
-
-def _plain_adapter(layer: nn.Module) -> str | None:
-    """The one active vanilla adapter of a peft LoRA linear this path can run, else None."""
-    if layer.disable_adapters or layer.merged:
-        return None
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1 or not plain_lora(layer, active[0]):
-        return None
-    name = active[0]
-    if not isinstance(layer.lora_dropout[name], nn.Identity) or layer.lora_B[name].bias is not None:
-        return None
-    return name
-
-
 def _lora_forward(layer: nn.Module, name: str, packs: LinearPacks) -> Callable[..., Tensor]:
     peft_forward = type(layer).forward
 
@@ -98,10 +78,6 @@ def _linear_forward(linear: nn.Module, packs: LinearPacks) -> Callable[[Tensor],
     return forward
 
 
-def _is_lora_linear(m: nn.Module) -> bool:
-    return hasattr(m, "lora_A") and hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Linear)
-
-
 @contextmanager
 def installed(model: nn.Module, packs: LinearPacks) -> Iterator[None]:
     """Within the block, ``model``'s LoRA linears and other frozen linears run through ``packs``.
@@ -111,8 +87,8 @@ def installed(model: nn.Module, packs: LinearPacks) -> Iterator[None]:
     """
     patched = []
     for m in model.modules():
-        if _is_lora_linear(m):
-            name = _plain_adapter(m)  # the adapter state cannot change within the block: decided once
+        if is_lora_layer(m):
+            name = plain_adapter(m)  # the adapter state cannot change within the block: decided once
             if name is None or not packs.wants(m.base_layer):
                 continue  # peft's forward as it is (over the packed base when that is big enough)
             m.forward = _lora_forward(m, name, packs)

@@ -1,4 +1,4 @@
-"""What this machine can do, probed once per process: the facts :mod:`opsd_core.plan` decides from.
+"""What this machine can do, probed once per process: the facts :mod:`opsd_core.backends.plan` decides from.
 
 Machines differ: some x86 CPUs have AVX-512 with bf16 dot-product units, many have AVX2 only (no
 bf16 arithmetic: torch emulates it, and oneDNN refuses to reorder bf16 weights), arm64 has
@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from opsd_core.errors import SettingError
+
 ISA_ENV = "OPSD_CPU_ISA"
 HIDE_ENV = "OPSD_HIDE"
 HIDEABLE = ("onednn", "bf16", "mallopt", "cuda", "mps")
@@ -56,7 +58,7 @@ X86_BF16_UNITS = ("avx512_bf16", "amx_bf16")
 X86_ONEDNN_BF16 = (("avx512bw", "avx512vl", "avx512dq"), ("avx_ne_convert",))
 
 
-class CapabilityError(ValueError):
+class CapabilityError(SettingError):
     """A setting this machine cannot honour, or a bad simulation variable."""
 
 

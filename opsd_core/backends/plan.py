@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from opsd_core.capabilities import Capabilities, CapabilityError
+from opsd_core.backends.capabilities import Capabilities, CapabilityError
 from opsd_core.config import Params
 
 PackMode = Literal["off", "large", "all"]

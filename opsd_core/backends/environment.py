@@ -10,9 +10,9 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from opsd_core.capabilities import HIDE_ENV, ISA_ENV, Capabilities, probe
+from opsd_core.backends.capabilities import HIDE_ENV, ISA_ENV, Capabilities, probe
+from opsd_core.backends.plan import ExecutionPlan, make_plan
 from opsd_core.config import Params
-from opsd_core.plan import ExecutionPlan, make_plan
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "lm_eval", "mlflow", "prefect", "dvc",
             "reasoning_gym")
@@ -31,7 +31,7 @@ def versions() -> dict[str, str | None]:
 
 def report(params: Params) -> dict[str, Any]:
     """The whole record; an impossible explicit setting is reported, not raised (``plan_error``)."""
-    from opsd_core.capabilities import CapabilityError
+    from opsd_core.backends.capabilities import CapabilityError
 
     caps = probe()
     out: dict[str, Any] = {"machine": caps.as_dict(), "versions": versions(), "profile": params.profile}

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
+from opsd_core.backends.engine import DecoderEngine, candidates, unwrap
+from opsd_core.backends.row_noise import gumbel_pick
 from opsd_core.config import SamplingConfig
-from opsd_core.engine import DecoderEngine, candidates, unwrap
-from opsd_core.row_noise import gumbel_pick
 
 
 @dataclass
@@ -104,7 +104,7 @@ def sample(
 
     ``model`` is a :class:`DecoderEngine` (opsd's decode loop) or a transformers module (``generate``).
     ``seed``: one for the batch (a shared generator), or one per prompt: each row then draws from its own
-    counter-based noise (:mod:`opsd_core.row_noise`), so a rollout does not depend on the batch it is
+    counter-based noise (:mod:`opsd_core.backends.row_noise`), so a rollout does not depend on the batch it is
     sampled in (what makes N ranks sample what one process samples); the engine and ``generate`` then
     draw the same token from the same logits.
     """

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from opsd_core.config import TrainConfig
+from opsd_core.config import ConfigError, TrainConfig
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -30,7 +30,7 @@ def build_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("the model has no trainable parameters")
+        raise ConfigError("the model has no trainable parameters: check lora.target_modules, or set lora.enabled: false")
     optimizer = torch.optim.AdamW(
         trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
         foreach=True,

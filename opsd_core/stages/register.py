@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opsd_core.config import Params
+from opsd_core.io import write_json
 from opsd_core.registry import card, decision, lineage
 from opsd_core.registry.audit import champion_stack, move_alias, read_audit, registry_lock
 from opsd_core.registry.gate import ChampionEvidence, decide
@@ -32,7 +33,6 @@ from opsd_core.registry.store import (
     resolve_store,
     version_by_alias,
 )
-from opsd_core.reports import write_json
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -8,14 +8,13 @@ reported by the prepare stage (``reports/rejected.jsonl``), so nothing is lost e
 
 from __future__ import annotations
 
-import configparser
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
 
 from opsd_core.config import Params
 from opsd_core.data import read_jsonl, validate_row
+from opsd_core.io import file_hash
 
 
 def validate_file(path: Path, root: Path) -> tuple[int, list[str]]:
@@ -47,7 +46,7 @@ def ingest(params: Params, root: Path) -> dict[str, Any]:
             target.with_suffix(".reason.txt").write_text(f"no valid trace rows:\n{reasons}\n")
             rejected.append({"file": path.name, "problems": problems[:5]})
             continue
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        digest = file_hash(path, 12)
         out = dest / f"{path.stem}-{digest}.jsonl"
         if out.exists():
             skipped.append(path.name)
@@ -60,10 +59,3 @@ def ingest(params: Params, root: Path) -> dict[str, Any]:
         done.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(path, done)
     return {"added": added, "already_ingested": skipped, "rejected_files": rejected}
-
-
-def has_remote(root: Path) -> bool:
-    """Whether DVC has a default remote configured (repo or local config)."""
-    parser = configparser.ConfigParser()
-    parser.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])
-    return any(parser.has_option(s, "remote") for s in parser.sections() if s.strip() == "core")

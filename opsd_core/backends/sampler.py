@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from opsd_core.engine import DecoderEngine, supports
-from opsd_core.packed import LinearPacks
-from opsd_core.teacher import is_peft, iter_effective_weights
+from opsd_core.backends.engine import DecoderEngine, supports
+from opsd_core.backends.packs import LinearPacks
+from opsd_core.models.lora import is_peft, iter_effective_weights
 
 
 class PolicySampler:

@@ -9,13 +9,11 @@ optimizer, scheduler, teacher (EMA) and RNG state, so a resumed run repeats the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,25 +23,22 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from opsd_core import checkpoint as ckpt
-from opsd_core import distributed as dist
-from opsd_core.config import Params
-from opsd_core.lora_pass import installed
-from opsd_core.losses import DivergenceSpec, chunked_divergence_loss
-from opsd_core.optim import build_optimizer
-from opsd_core.packed import for_plan
-from opsd_core.plan import ExecutionPlan
-from opsd_core.prompts import student_prompt_ids, teacher_prompt_ids
-from opsd_core.rollout import Rollouts, eos_token_ids, sample
-from opsd_core.runtime import tune_allocator
-from opsd_core.sampler import PolicySampler
-from opsd_core.scoring import (
+from opsd_core.algorithm.losses import DivergenceSpec, chunked_divergence_loss
+from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
+from opsd_core.algorithm.rollout import Rollouts, eos_token_ids, sample
+from opsd_core.algorithm.scoring import (
     ScoringBatch,
     assert_same_completion,
     build_scoring_batch,
     completion_hidden,
     lm_head,
 )
-from opsd_core.teacher import Teacher, make_teacher
+from opsd_core.algorithm.teacher import Teacher
+from opsd_core.backends import distributed as dist
+from opsd_core.backends.base import Backend
+from opsd_core.config import Params
+from opsd_core.errors import OpsdError
+from opsd_core.io import json_hash
 
 CURVE_FIELDS = [
     "step", "loss", "kl", "clipped_frac", "completion_len", "ended_frac",
@@ -51,7 +46,7 @@ CURVE_FIELDS = [
 ]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(OpsdError, RuntimeError):
     """Training cannot continue (non-finite loss, no tokens, ...); no candidate is written."""
 
 
@@ -68,8 +63,7 @@ class TrainState:
     curve: list[dict[str, float]] = field(default_factory=list)
 
 
-def load_problems(path: Path, tokenizer: Any, limit: int | None = None, thinking: bool | None = None
-                  ) -> list[Problem]:
+def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None) -> list[Problem]:
     """Tokenize both contexts of every prepared training row once (``thinking``: ``model.thinking``)."""
     problems = []
     with path.open(encoding="utf-8") as fh:
@@ -82,8 +76,6 @@ def load_problems(path: Path, tokenizer: Any, limit: int | None = None, thinking
                 student_prompt_ids(tokenizer, row["problem"], thinking),
                 teacher_prompt_ids(tokenizer, row["problem"], row["solution"], thinking),
             ))
-            if limit and len(problems) >= limit:
-                break
     if not problems:
         raise TrainingError(f"{path}: no training problems (run `opsd prepare` first)")
     return problems
@@ -105,11 +97,19 @@ def run_key(params: Params, data_hash: str) -> str:
     volatile = {"threads", "nproc", "cpu_allocator", "progress", "keep_checkpoints", "checkpoint_every", "checkpoint_dir",
                 "output_dir", "reports_dir"}
     train = {k: v for k, v in dump["train"].items() if k not in volatile}
-    blob = json.dumps(
-        {"model": dump["model"], "lora": dump["lora"], "opsd": dump["opsd"], "train": train,
-         "data": data_hash}, sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_hash({"model": dump["model"], "lora": dump["lora"], "opsd": dump["opsd"], "train": train,
+                      "data": data_hash})
+
+
+@dataclass
+class TrainerParts:
+    """What the loop is built from; ``opsd_core.stages.train.build_parts`` makes them from the params."""
+
+    teacher: Teacher
+    backend: Backend
+    spec: DivergenceSpec
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
 class OPSDTrainer:
@@ -119,48 +119,23 @@ class OPSDTrainer:
         model: nn.Module,
         tokenizer: Any,
         problems: list[Problem],
+        parts: TrainerParts,
         device: torch.device,
         run_dir: Path,
-        log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
-        plan: ExecutionPlan | None = None,
         world: dist.World | None = None,
+        log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
     ) -> None:
-        """``plan``: the execution paths (:func:`opsd_core.plan.make_plan`; default: made for this machine);
-        ``world``: this process's rank among several (:mod:`opsd_core.distributed`; default: alone)."""
+        """``world``: this process's rank among several (:mod:`opsd_core.backends.distributed`; default: alone)."""
         self.params, self.model, self.tokenizer = params, model, tokenizer
         self.world = world or dist.World()
         self.problems, self.device, self.run_dir, self.log = problems, device, run_dir, log
         self.cfg = params.train
-        if plan is None:
-            from opsd_core.capabilities import probe
-            from opsd_core.plan import make_plan
-
-            plan = make_plan(params, probe())
-        self.plan = plan
-        if plan.allocator == "tuned" and not tune_allocator():
-            log("train.cpu_allocator: glibc's mallopt refused the settings; malloc left as it is")
-        sampling = params.opsd.sampling
-        self.spec = DivergenceSpec.from_config(params.opsd, sampling.temperature)
+        self.teacher, self.backend, self.spec = parts.teacher, parts.backend, parts.spec
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.optimizer, self.scheduler = build_optimizer(model, self.cfg)
-        teacher_dtype = getattr(torch, plan.teacher_dtype) if plan.teacher_dtype else None
-        # oneDNN packs of the frozen base, shared by the student's pass and the fixed teacher
-        self.packs = for_plan(plan) if device.type == "cpu" else None
-        self.teacher: Teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype,
-                                             self.packs)
-        self.sampler = PolicySampler(model, getattr(torch, plan.sampling_dtype), sampling.backend, log,
-                                     for_plan(plan, frozen_dtype=False) if device.type == "cpu" else None)
         self.state = TrainState()
-
-    def execution(self) -> dict[str, Any]:
-        """The plan plus what the model decided at build time (the sampler's and the teacher's engines)."""
-        record = self.plan.as_dict()
-        record["sampler"] = ("opsd engine" if self.sampler.engine is not None else "transformers generate") + (
-            f" on a merged {self.plan.sampling_dtype} copy" if self.sampler.copy is not None else " on the policy")
-        record["teacher_pass"] = f"{self.params.opsd.teacher}: {self.teacher.describe()}"
-        return record
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -216,7 +191,7 @@ class OPSDTrainer:
     def rollout(self, batch: list[Problem], step: int, rows: list[int] | None = None) -> Rollouts:
         """Sample the step's rollouts ``rows`` (indices into ``batch``; default all), each from its own noise."""
         rows = list(range(len(batch))) if rows is None else rows
-        return sample(self.sampler.module(), [batch[i].student_ids for i in rows], self.params.opsd.sampling,
+        return sample(self.backend.sampling_module(), [batch[i].student_ids for i in rows], self.params.opsd.sampling,
                       self.pad_id, self.eos_ids, [self.row_seed(step, i) for i in rows], self.device)
 
     def batch_for(self, step: int) -> list[Problem]:
@@ -225,7 +200,7 @@ class OPSDTrainer:
 
     def student_hidden(self, batch: ScoringBatch) -> Tensor:
         """The student's completion hidden states [B, L, H], with grad (frozen linears through the packs)."""
-        with installed(self.model, self.packs) if self.packs is not None else nullcontext():
+        with self.backend.student_pass(self.model):
             return completion_hidden(self.model, batch)
 
     def accumulate(self, batch: list[Problem], rollouts: Rollouts, bar: Any = None) -> dict[str, float]:
@@ -330,20 +305,8 @@ class OPSDTrainer:
                     )
                 if self.state.step % self.cfg.checkpoint_every == 0 or self.state.step == self.cfg.steps:
                     self.save_checkpoint()
-                    _maybe_fault(self.state.step)
         finally:
             rollouts_bar.close()
             steps_bar.close()
         return self.state
 
-
-def _maybe_fault(step: int) -> None:
-    """Test hook: ``OPSD_FAULT_AFTER_STEP=N`` SIGKILLs this process right after checkpoint N.
-
-    It lets tests kill a real training process at a known point instead of racing a timer.
-    """
-    import os
-    import signal
-
-    if os.environ.get("OPSD_FAULT_AFTER_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -7,7 +7,7 @@ only when its hash matches, otherwise the base is re-evaluated in the same run.
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import json
 from importlib.metadata import version
 from pathlib import Path
@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from opsd_core.algorithm.prompts import ANSWER_INSTRUCTION, student_messages
+from opsd_core.backends.runtime import configure_threads
 from opsd_core.config import Params
-from opsd_core.evaluation.bootstrap import paired_bootstrap
+from opsd_core.evaluation.bootstrap import compare_samples
 from opsd_core.evaluation.errors import EvalError
 from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model
 from opsd_core.evaluation.tasks import GSM8K_LL_TASK, GSM8K_TASK, VAL_LL_TASK, VAL_TASK, write_task_yamls
-from opsd_core.prompts import ANSWER_INSTRUCTION, student_messages
-from opsd_core.reports import file_hash, write_json
+from opsd_core.io import file_hash, json_hash, write_json
 
 BASE_REPORT = "eval_base.json"
 REPORT = "eval.json"
@@ -73,12 +74,11 @@ def settings(params: Params, root: Path, device: str) -> dict[str, Any]:
 
 
 def settings_hash(values: dict[str, Any]) -> str:
-    blob = json.dumps(values, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_hash(values)
 
 
 def _prepare(params: Params, root: Path) -> tuple[dict[str, Any], str, Path, list[str], str]:
-    from opsd_core.models import resolve_base_dir
+    from opsd_core.models.sources import resolve_base_dir
 
     device = pick_device(params.eval.device)
     values = settings(params, root, device)
@@ -95,7 +95,7 @@ def _settings_block(values: dict[str, Any], digest: str) -> dict[str, Any]:
     return {"settings_hash": digest, **values}
 
 
-def run_evaluate_base(params: Params, root: Path) -> dict[str, Any]:
+def evaluate_base(params: Params, root: Path) -> dict[str, Any]:
     """Evaluate the base model and write ``reports/eval_base.json``; returns the report."""
     root = Path(root)
     values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
@@ -142,13 +142,11 @@ def _cached_base(path: Path, digest: str, tasks: list[str]) -> dict[str, TaskEva
 
 
 def compare(base: TaskEval, cand: TaskEval, n: int, seed: int) -> dict[str, Any]:
-    """Paired bootstrap over the problems both models were scored on (same keys by construction)."""
-    bs, cs = base.problem_scores(), cand.problem_scores()
-    if set(bs) != set(cs):
-        only = sorted(set(bs) ^ set(cs))[:5]
-        raise EvalError(f"base and candidate were scored on different problems (e.g. {only})")
-    keys = sorted(bs)
-    return paired_bootstrap([bs[k] for k in keys], [cs[k] for k in keys], n=n, seed=seed)
+    """Paired bootstrap over the problems both models were scored on (the same ones by construction)."""
+    try:
+        return compare_samples(base.samples, cand.samples, n, seed)
+    except ValueError as err:
+        raise EvalError(f"base and candidate: {err}") from None
 
 
 def combine(base: dict[str, TaskEval], cand: ModelEval, n: int, seed: int) -> dict[str, Any]:
@@ -162,7 +160,7 @@ def combine(base: dict[str, TaskEval], cand: ModelEval, n: int, seed: int) -> di
     return out
 
 
-def run_evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
+def evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
     """Evaluate the candidate (base + adapter), pair it with the base and write ``reports/eval.json``."""
     root = Path(root)
     values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
@@ -189,3 +187,24 @@ def run_evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
     }
     write_json(reports / REPORT, report)
     return report
+
+
+def evaluate(params: Params, root: Path, which: str = "candidate") -> dict[str, Any]:
+    """``base``: evaluate the base model alone (its own cached DVC stage); ``candidate``: compare."""
+    configure_threads(params.train.threads)
+    if which == "base":
+        return evaluate_base(params, root)
+    report = evaluate_candidate(params, root)
+    _write_eval_plot(root / params.train.reports_dir / "eval_plot.csv", report)
+    return report
+
+
+def _write_eval_plot(path: Path, report: dict[str, Any]) -> None:
+    """One row per task (base, candidate, interval of the difference): the DVC plot of evaluate."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["task", "base", "candidate", "diff_ci_low", "diff_ci_high"])
+        for task, entry in sorted(report["tasks"].items()):
+            diff = entry.get("diff") or {}
+            writer.writerow([task, entry["base"]["score"], entry["candidate"]["score"],
+                             diff.get("ci_low"), diff.get("ci_high")])

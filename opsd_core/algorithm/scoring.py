@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from opsd_core.engine import DecoderEngine, unwrap
-from opsd_core.rollout import left_pad
+from opsd_core.algorithm.rollout import left_pad
+from opsd_core.backends.engine import DecoderEngine, unwrap
 
 
 @dataclass

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opsd_core.packed import LinearPacks, PackedLinear
-from opsd_core.row_noise import gumbel_pick
+from opsd_core.backends.packs import LinearPacks, PackedLinear
+from opsd_core.backends.row_noise import gumbel_pick
+from opsd_core.models.lora import is_lora_layer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -52,23 +53,23 @@ def supports(model: nn.Module) -> str | None:
 
 
 class _Proj:
-    """One or several row-stacked linear maps applied as one: packed into a single matrix, or not.
+    """One or several row-stacked linear maps applied as one: fused into a single matrix, or not.
 
-    With ``packs`` (CPU, oneDNN), the packed matrix or each part runs through its oneDNN pack.
+    With ``packs`` (CPU, oneDNN), the fused matrix or each part runs through its oneDNN pack.
     """
 
-    def __init__(self, linears: list[nn.Module], pack: bool, packs: LinearPacks | None) -> None:
+    def __init__(self, linears: list[nn.Module], fuse: bool, packs: LinearPacks | None) -> None:
         linears = [getattr(m, "base_layer", m) for m in linears]  # a LoRA wrapper's frozen base
         self.parts = linears
         self.packs = packs
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.fast: PackedLinear | None = None
-        if pack:
-            self.weight, self.bias = _pack(linears)
+        if fuse:
+            self.weight, self.bias = _fuse_rows(linears)
 
     def refresh(self) -> None:
-        """Repack the packed matrix for oneDNN (writes through the parts' views are not seen otherwise)."""
+        """Repack the fused matrix for oneDNN (writes through the parts' views are not seen otherwise)."""
         if self.weight is not None and self.packs is not None:
             self.fast = self.packs.pack(self.weight, self.bias)
 
@@ -96,8 +97,8 @@ class _Layer:
     k_norm: nn.Module | None
 
 
-def _pack(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None]:
-    """Concatenate the rows of several linears and make their weights views of the packed matrix."""
+def _fuse_rows(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None]:
+    """Concatenate the rows of several linears and make their weights views of the fused matrix."""
     packed = torch.cat([m.weight.data for m in linears], dim=0)
     bias = None
     if any(m.bias is not None for m in linears):
@@ -117,22 +118,22 @@ def _pack(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None]:
 class DecoderEngine:
     """Inference over a frozen transformers Llama-family causal LM (any dtype, any device).
 
-    ``pack=True`` (decoding): the module's q/k/v and gate/up weights are re-pointed at packed
+    ``fuse=True`` (decoding): the module's q/k/v and gate/up weights are re-pointed at fused
     matrices, so code that later copies new weights into the module (the rollout sampler's sync)
     updates the engine too; the module must hold no LoRA layers (merge them first).
-    ``pack=False`` (scoring): the module's weights are used as they are, and LoRA wrappers are
+    ``fuse=False`` (scoring): the module's weights are used as they are, and LoRA wrappers are
     read through to their base layers, so the engine computes the model *without* its adapter at
     no memory cost (the fixed teacher over the policy's own frozen base weights).
-    ``packs`` (CPU): the frozen linears run through oneDNN packs (:mod:`opsd_core.packed`), one more
+    ``packs`` (CPU): the frozen linears run through oneDNN packs (:mod:`opsd_core.backends.packs`), one more
     copy of the weights, shared with any other user of the same ``packs``.
     """
 
-    def __init__(self, model: nn.Module, pack: bool = True, packs: LinearPacks | None = None) -> None:
+    def __init__(self, model: nn.Module, fuse: bool = True, packs: LinearPacks | None = None) -> None:
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"DecoderEngine: {reason}")
         lm = unwrap(model)
-        if pack and any(hasattr(m, "lora_A") for m in lm.modules()):
+        if fuse and any(is_lora_layer(m) for m in lm.modules()):
             raise ValueError("DecoderEngine: the module holds unmerged LoRA layers (merge them first)")
         decoder = lm.get_decoder()
         cfg = lm.config
@@ -148,14 +149,14 @@ class DecoderEngine:
             at, mlp = block.self_attn, block.mlp
             self.layers.append(_Layer(
                 block.input_layernorm, block.post_attention_layernorm,
-                _Proj([at.q_proj, at.k_proj, at.v_proj], pack, packs), _Proj([at.o_proj], False, packs),
-                _Proj([mlp.gate_proj, mlp.up_proj], pack, packs), _Proj([mlp.down_proj], False, packs),
+                _Proj([at.q_proj, at.k_proj, at.v_proj], fuse, packs), _Proj([at.o_proj], False, packs),
+                _Proj([mlp.gate_proj, mlp.up_proj], fuse, packs), _Proj([mlp.down_proj], False, packs),
                 getattr(at, "q_norm", None), getattr(at, "k_norm", None)))
         self.scaling = self.head_dim ** -0.5
         self.refresh()
 
     def refresh(self) -> None:
-        """Repack the packed q/k/v and gate/up matrices for oneDNN after their values were rewritten.
+        """Repack the fused q/k/v and gate/up matrices for oneDNN after their values were rewritten.
 
         The other layers' packs notice an in-place write themselves (it bumps the weight's version);
         writes through the views of a packed matrix do not, hence this call after every sync.
@@ -236,7 +237,7 @@ class DecoderEngine:
         ``min_new_tokens``, then temperature, top-k, top-p (nucleus keeps the smallest set whose
         mass reaches ``top_p``, at least one token), then a draw: from ``generator`` (multinomial), or,
         with ``row_seeds`` (one per prompt), from each row's own counter-based noise
-        (:mod:`opsd_core.row_noise`), so a row's sample does not depend on the batch it is in.
+        (:mod:`opsd_core.backends.row_noise`), so a row's sample does not depend on the batch it is in.
         """
         # inference mode: no version counters or view tracking on the ~100 small ops a token costs
         with torch.inference_mode():

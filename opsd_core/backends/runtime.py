@@ -1,4 +1,4 @@
-"""Process-level CPU settings for training: the C allocator.
+"""Process-level settings for training: the C allocator, torch's threads, peak memory.
 
 PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its mmap threshold (128 KiB
 at start, adapting up to 32 MiB) with fresh ``mmap`` pages and returns freed heap memory to the OS
@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import resource
 import sys
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -37,3 +41,15 @@ def tune_allocator() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _done
+
+
+def configure_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads; on small machines oversubscription costs far more than it gains."""
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

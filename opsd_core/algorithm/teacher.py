@@ -17,10 +17,11 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from opsd_core.engine import DecoderEngine, supports
-from opsd_core.lora_pass import plain_lora
-from opsd_core.packed import LinearPacks
-from opsd_core.scoring import ScoringBatch, completion_hidden, engine_completion_hidden, lm_head
+from opsd_core.algorithm.scoring import ScoringBatch, completion_hidden, engine_completion_hidden, lm_head
+from opsd_core.backends.base import Backend
+from opsd_core.backends.engine import DecoderEngine
+from opsd_core.config import ConfigError
+from opsd_core.models.lora import effective_weights, is_peft, iter_effective_weights, lora_layers
 
 TeacherMode = Literal["fixed", "ema", "live"]
 
@@ -32,65 +33,6 @@ class Teacher(Protocol):
     def state_dict(self) -> dict[str, Tensor]: ...
     def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
     def describe(self) -> str: ...
-
-
-def is_peft(model: nn.Module) -> bool:
-    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
-
-
-def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """LoRA-wrapped linear layers by name (modules with a ``base_layer`` and ``lora_A``)."""
-    return {
-        name: m for name, m in model.named_modules()
-        if hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "get_delta_weight")
-    }
-
-
-def iter_effective_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """The weights the trained modules currently apply, by name, one at a time.
-
-    LoRA: for each adapted linear layer (module name) W0 + scale·B·A, computed in fp32 whatever the
-    base dtype (a caller rounds once, when it stores the result: a bf16 merge would add a delta of
-    rms 4e-5 to weights of rms 2e-2 with ~60 % relative error, as the first steps of a bf16 run have);
-    full fine-tuning: every trainable parameter (parameter name), as it is. Detached. A generator, so a
-    caller that copies each tensor away holds one merged layer at a time, not a second copy of the model.
-    """
-    if not is_peft(model):
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                yield n, p.detach()
-        return
-    for name, layer in _lora_layers(model).items():
-        weight = layer.base_layer.weight
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if len(active) == 1 and plain_lora(layer, active[0]):
-            a = active[0]
-            with torch.no_grad():  # one fused pass: W0 + s·(B @ A), no zero tensor, no separate delta
-                yield name, torch.addmm(weight.to(acc), layer.lora_B[a].weight.to(acc), layer.lora_A[a].weight.to(acc),
-                                        alpha=layer.scaling[a])
-            continue
-        with torch.no_grad():
-            delta = sum((layer.get_delta_weight(a).to(acc) for a in active), start=torch.zeros_like(weight, dtype=acc))
-            yield name, weight.detach().to(acc) + delta
-
-
-def effective_weights(model: nn.Module) -> dict[str, Tensor]:
-    """:func:`iter_effective_weights` as a dict (holds all merged layers at once)."""
-    return dict(iter_effective_weights(model))
-
-
-def _engine(module: nn.Module, packs: LinearPacks | None = None, per_row: bool | None = None) -> DecoderEngine | None:
-    """An unpacked engine over ``module``'s weights (LoRA adapters ignored), if the architecture allows.
-
-    ``per_row`` None: on a CPU only. The engine scores one unpadded row at a time, which saves the
-    padding's FLOPs where FLOPs are the cost; on a GPU every row is another few hundred small kernel
-    launches, and the padded batch is the better trade (opsd's scoring measured 0.46x TRL's with the
-    per-row engine on an H200, SmolLM2-135M, 8 rows a micro-batch: benchmarks/results/2026-11-27-h200.md).
-    """
-    if per_row is None:
-        per_row = next(module.parameters()).device.type == "cpu"
-    return DecoderEngine(module, pack=False, packs=packs) if per_row and supports(module) is None else None
 
 
 class _TeacherBase:
@@ -147,13 +89,11 @@ class FixedTeacher(_TeacherBase):
     With ``dtype`` different from the weights' dtype, a frozen copy of the base in that dtype is
     scored instead (LoRA removed): one more copy of the weights, bf16 trades teacher precision for
     speed. On a CPU, Llama-family models are scored by :class:`DecoderEngine` (no padding, adapter
-    ignored, so no copy is needed for LoRA in the training dtype; ``per_row`` overrides the choice);
-    ``packs`` runs its frozen linears through oneDNN there (shared with the student's pass over the
-    same base layers).
+    ignored, so no copy is needed for LoRA in the training dtype), when ``backend`` offers that engine;
+    its frozen linears may share the back-end's packs with the student's pass over the same base layers.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, packs: LinearPacks | None = None,
-                 per_row: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, backend: Backend | None = None) -> None:
         super().__init__(model)
         self._frozen: nn.Module | None = None
         if dtype is not None and dtype != next(model.parameters()).dtype:
@@ -162,7 +102,9 @@ class FixedTeacher(_TeacherBase):
             self._frozen = frozen.to(dtype).eval().requires_grad_(False)
         elif not is_peft(model):
             self._frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        self._engine = _engine(self._frozen if self._frozen is not None else model, packs, per_row)
+        if backend is not None:
+            self._engine = backend.scoring_engine(self._frozen if self._frozen is not None else model,
+                                                  shared_packs=True)
 
     @contextmanager
     def _weights(self) -> Iterator[nn.Module]:
@@ -178,19 +120,20 @@ class FixedTeacher(_TeacherBase):
 class EmaTeacher(_TeacherBase):
     """Exponential moving average of the effective trained weights, swapped in for teacher passes."""
 
-    def __init__(self, model: nn.Module, decay: float, per_row: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, decay: float, backend: Backend | None = None) -> None:
         super().__init__(model)
         self.decay = decay
         self.lora = is_peft(model)
         # fp32 accumulators: a 1 % update of a bf16 weight is often below bf16's resolution
         self.ema = {name: w.detach().float().clone() for name, w in effective_weights(self.model).items()}
         # the engine reads the module's weight tensors at call time, so it sees the EMA swapped in
-        self._engine = _engine(model, per_row=per_row)
+        if backend is not None:
+            self._engine = backend.scoring_engine(model)
 
     def _targets(self) -> dict[str, Tensor]:
         """name -> the parameter tensor the EMA replaces during a teacher pass."""
         if self.lora:
-            return {n: m.base_layer.weight for n, m in _lora_layers(self.model).items()}
+            return {n: m.base_layer.weight for n, m in lora_layers(self.model).items()}
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
@@ -225,13 +168,13 @@ class EmaTeacher(_TeacherBase):
 
 def make_teacher(
     mode: TeacherMode, model: nn.Module, ema_decay: float = 0.99, dtype: torch.dtype | None = None,
-    packs: LinearPacks | None = None,
+    backend: Backend | None = None,
 ) -> Teacher:
-    """``packs`` (oneDNN on CPU) is used by the fixed teacher only: the others' weights change every step."""
+    """The teacher ``opsd.teacher`` names; ``backend`` decides how its pass runs (None: padded batches)."""
     if mode == "fixed":
-        return FixedTeacher(model, dtype, packs)
+        return FixedTeacher(model, dtype, backend)
     if mode == "live":
         return LiveTeacher(model)
     if mode == "ema":
-        return EmaTeacher(model, ema_decay)
-    raise ValueError(f"opsd.teacher: unknown mode {mode!r} (fixed, ema, live)")
+        return EmaTeacher(model, ema_decay, backend)
+    raise ConfigError(f"opsd.teacher: unknown mode {mode!r} (fixed, ema, live)")

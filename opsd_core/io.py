@@ -1,0 +1,40 @@
+"""File plumbing shared by every stage: one atomic writer, one JSON report writer, one content hash.
+
+Every file opsd writes for another stage (or another process) to read goes through :func:`atomic_write`,
+so a reader never sees a half-written file; folders (a candidate, a checkpoint, a converted model) are
+built under a temporary name and renamed in one step by their writers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temporary sibling and one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as sorted, indented JSON (non-ASCII kept as is), atomically."""
+    atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+
+def json_hash(value: Any) -> str:
+    """The first 16 hex digits of the sha256 of ``value`` as key-sorted JSON: equal values, equal hashes."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_hash(path: Path, digits: int = 16) -> str:
+    """The first ``digits`` hex digits of a file's sha256 (64: all of it)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:digits]
