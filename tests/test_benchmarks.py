@@ -281,12 +281,13 @@ def test_cpu_paths_times_each_setting_and_marks_what_auto_picks(tmp_path: Path) 
 def test_static_generate_times_the_engine_beside_transformers_paths(tmp_path: Path) -> None:
     """Every sampling path runs on the tiny model, the compiled static cache included (inductor on CPU)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.static_generate", "--model", "tiny", "--batch", "2", "--new-tokens", "6",
+        [sys.executable, "-m", "benchmarks.static_generate", "--model", "tiny", "--batch", "2,3", "--new-tokens", "6",
          "--repeats", "1", "--threads", "1"],
         cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rates = dict(re.findall(r"^(.*?)\s{2,}([0-9.]+) tok/s", proc.stdout, re.MULTILINE))
     assert set(rates) == {"opsd engine", "generate, dynamic cache", "generate, static cache (eager)",
-                          "generate, static cache, compiled"}, proc.stdout
+                          "opsd static sampler (row noise)", "generate, static cache, compiled"}, proc.stdout
     assert all(float(v) > 0 for v in rates.values())
+    assert proc.stdout.count("opsd static sampler (row noise)") == 2  # one block per batch size

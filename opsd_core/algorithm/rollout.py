@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +34,10 @@ class Rollouts:
         return int(self.completion_mask.sum())
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad id lists → (ids [B, T], attention_mask [B, T])."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[Tensor, Tensor]:
+    """Left-pad id lists → (ids [B, T], attention_mask [B, T]); T is the longest length rounded up to a
+    multiple of ``multiple``."""
+    width = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
@@ -99,6 +102,7 @@ def sample(
     eos_ids: set[int],
     seed: int | list[int],
     device: torch.device,
+    options: Mapping[str, Any] | None = None,
 ) -> Rollouts:
     """Sample one completion per prompt from ``model`` (its current weights, adapter included).
 
@@ -106,7 +110,9 @@ def sample(
     ``seed``: one for the batch (a shared generator), or one per prompt: each row then draws from its own
     counter-based noise (:mod:`opsd_core.backends.row_noise`), so a rollout does not depend on the batch it is
     sampled in (what makes N ranks sample what one process samples); the engine and ``generate`` then
-    draw the same token from the same logits.
+    draw the same token from the same logits. ``options`` (``generate`` only): ``pad_prompts_to`` left-pads
+    the prompt batch to a multiple of that many tokens (fixed shapes for a compiled static cache; the
+    attention mask hides the padding), the rest go to ``generate`` as they are.
     """
     row_seeds = seed if isinstance(seed, list) else None
     if row_seeds is not None and len(row_seeds) != len(prompts):
@@ -120,7 +126,8 @@ def sample(
         if device.type == "cuda":
             torch.cuda.synchronize()
         return _finish(out, len(prompts), pad_id, eos_ids, time.perf_counter() - start)
-    ids, attn = left_pad(prompts, pad_id)
+    extra = dict(options or {})
+    ids, attn = left_pad(prompts, pad_id, multiple=int(extra.pop("pad_prompts_to", 1)))
     ids, attn = ids.to(device), attn.to(device)
     was_training = model.training
     model.eval()
@@ -155,6 +162,7 @@ def sample(
             min_new_tokens=cfg.min_new_tokens or None,
             use_cache=True,
             **draw,
+            **extra,
         )
     finally:
         inner.generation_config = saved

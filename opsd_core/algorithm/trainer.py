@@ -192,7 +192,8 @@ class OPSDTrainer:
         """Sample the step's rollouts ``rows`` (indices into ``batch``; default all), each from its own noise."""
         rows = list(range(len(batch))) if rows is None else rows
         return sample(self.backend.sampling_module(), [batch[i].student_ids for i in rows], self.params.opsd.sampling,
-                      self.pad_id, self.eos_ids, [self.row_seed(step, i) for i in rows], self.device)
+                      self.pad_id, self.eos_ids, [self.row_seed(step, i) for i in rows], self.device,
+                      options=self.backend.generate_options)
 
     def batch_for(self, step: int) -> list[Problem]:
         return [self.problems[i] for i in step_indices(step, self.cfg.rollouts_per_step,

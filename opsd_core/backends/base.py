@@ -28,7 +28,7 @@ class Backend:
 
     def __init__(self, model: nn.Module, sampling_dtype: torch.dtype, sampler: str = "engine",
                  log: Callable[[str], None] = lambda _msg: None, sampler_packs: LinearPacks | None = None) -> None:
-        """``sampler``: ``opsd.sampling.backend`` (engine or generate); ``sampler_packs``: oneDNN packs
+        """``sampler``: the plan's sampler (engine, generate or static); ``sampler_packs``: oneDNN packs
         for the sampler copy's frozen linears (CPU only)."""
         self.sampler = PolicySampler(model, sampling_dtype, sampler, log, sampler_packs)
 
@@ -38,6 +38,11 @@ class Backend:
     def sampling_module(self) -> nn.Module | DecoderEngine:
         """The engine or module to sample from, synchronised with the policy's current weights."""
         return self.sampler.module()
+
+    @property
+    def generate_options(self) -> dict[str, object]:
+        """Extra options for transformers ``generate`` when the sampler uses it (the static cache)."""
+        return self.sampler.generate_options
 
     def student_pass(self, model: nn.Module) -> AbstractContextManager[None]:
         """The context the student's forward and backward run in."""
@@ -50,7 +55,8 @@ class Backend:
         return None
 
     def describe_sampler(self) -> str:
-        engine = "opsd engine" if self.sampler.engine is not None else "transformers generate"
+        engine = "opsd engine" if self.sampler.engine is not None else "transformers generate" + (
+            ", static cache" if self.generate_options.get("cache_implementation") == "static" else "")
         copy = self.sampler.copy
         return engine + (f" on a merged {str(next(copy.parameters()).dtype).removeprefix('torch.')} copy"
                          if copy is not None else " on the policy")

@@ -22,9 +22,14 @@ class PolicySampler:
     sampling dtype's rounding (as with any bf16 inference engine beside an fp32 trainer).
 
     ``backend="engine"`` always makes the copy and decodes it with :class:`DecoderEngine` when the
-    architecture is supported (``packs``: its frozen linears through oneDNN on a CPU); otherwise (or with ``"generate"``) transformers ``generate`` runs on
-    the copy when the dtype differs, else on the policy itself.
+    architecture is supported (``packs``: its frozen linears through oneDNN on a CPU); otherwise (or with
+    ``"generate"``) transformers ``generate`` runs on the copy when the dtype differs, else on the policy
+    itself. ``"static"`` always makes the copy and decodes it with ``generate`` over transformers' static
+    KV cache, which transformers compiles on a GPU; prompts are left-padded to a multiple of
+    :data:`PROMPT_BUCKET` tokens so the cache's shapes, and so the compiled graphs, repeat across steps.
     """
+
+    PROMPT_BUCKET = 64
 
     _PEFT_PREFIX = "base_model.model."
 
@@ -34,13 +39,16 @@ class PolicySampler:
         self.copy: nn.Module | None = None
         self.engine: DecoderEngine | None = None
         self.lora = is_peft(model)
+        self.generate_options: dict[str, object] = {}
+        if backend == "static":
+            self.generate_options = {"cache_implementation": "static", "pad_prompts_to": self.PROMPT_BUCKET}
         use_engine = backend == "engine"
         if use_engine:
             reason = supports(model)
             if reason is not None:
                 log(f"sampling: engine unavailable ({reason}); using transformers generate")
                 use_engine = False
-        if not use_engine and dtype == next(model.parameters()).dtype:
+        if not use_engine and backend != "static" and dtype == next(model.parameters()).dtype:
             return
         plain = copy.deepcopy(model)
         if self.lora:

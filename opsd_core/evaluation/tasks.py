@@ -19,6 +19,7 @@ from opsd_core.config import EvalConfig
 from opsd_core.data.verify import extract_answer
 from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
 from opsd_core.evaluation.metrics import EXACT_MATCH, HAS_ANSWER, LOGLIKELIHOOD
+from opsd_core.io import atomic_write
 
 VAL_TASK = "opsd_val"
 GSM8K_TASK = "opsd_gsm8k100"
@@ -185,11 +186,9 @@ def write_task_yamls(tasks_dir: Path, val_path: Path, gsm8k_path: Path, cfg: Eva
     for name in names:
         rows = sanitized_rows(name, sources[name], solution=name in LL_TASKS)
         data_file = tasks_dir / f"{name}.jsonl"
-        data_file.write_text(
-            "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-        )
+        atomic_write(data_file, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
         config = ll_task_config(name, data_file) if name in LL_TASKS else task_config(name, data_file, cfg)
         text = yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True)
-        (tasks_dir / f"{name}.yaml").write_text(text, encoding="utf-8")
+        atomic_write(tasks_dir / f"{name}.yaml", text)
         written.append(name)
     return written

@@ -76,9 +76,9 @@ def build_backend(params: Params, model: torch.nn.Module, plan: ExecutionPlan, d
     """The back-end the plan chose for this device."""
     sampling_dtype = getattr(torch, plan.sampling_dtype)
     if device.type == "cpu":
-        return CpuBackend(model, sampling_dtype, params.opsd.sampling.backend, log, packs=for_plan(plan),
+        return CpuBackend(model, sampling_dtype, plan.sampler, log, packs=for_plan(plan),
                           sampler_packs=for_plan(plan, frozen_dtype=False))
-    return Backend(model, sampling_dtype, params.opsd.sampling.backend, log)
+    return Backend(model, sampling_dtype, plan.sampler, log)
 
 
 def build_parts(params: Params, model: torch.nn.Module, plan: ExecutionPlan, device: torch.device,
