@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from opsd_core.config import Params
 from opsd_core.io import write_json
-from opsd_core.registry import card, decision, lineage
+from opsd_core.registry import card, decision, leases, lineage
 from opsd_core.registry.audit import champion_stack, move_alias, read_audit, registry_lock
 from opsd_core.registry.gate import ChampionEvidence, decide
 from opsd_core.registry.store import (
@@ -324,7 +324,8 @@ def status(params: Params, root: Path) -> dict[str, Any]:
                 "challenger": None, "recent_moves": []}
     client = open_client(store)
     primary = cfg.primary_task
-    return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri,
+    reaped = leases.reap(store.state_dir, client)
+    return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri, "reaped_runs": reaped,
             "champion": _describe(version_by_alias(client, cfg.model_name, "champion"), primary),
             "challenger": _describe(version_by_alias(client, cfg.model_name, "challenger"), primary),
             "recent_moves": read_audit(store.state_dir, cfg.model_name)[-5:]}
@@ -347,6 +348,8 @@ def render_status(st: dict[str, Any]) -> str:
     def v(x: str | None) -> str:
         return f"v{x}" if x else "none"
 
+    for dead in st.get("reaped_runs", []):
+        lines.append(f"pipeline run {dead['run_id']} marked FAILED: {dead['reason']}")
     if st.get("recent_moves"):
         lines.append("recent alias moves:")
     for m in st.get("recent_moves", []):
