@@ -123,9 +123,23 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             print(registry.render_status(registry.status(params, root)))
         return 0
     if args.command == "run":
+        if (args.profile and args.profile != load_params(args.params).profile) or args.overrides:
+            raise ConfigError(
+                "run: the pipeline reads params.yaml (DVC tracks it), so --profile/--set would be invisible to "
+                "its stages. Set `profile:` or the keys in params.yaml instead, or run a single stage "
+                "(`opsd train --profile ...`)")
+        from opsd_core.stages.train import execution_plan
+
+        execution_plan(params)  # a setting this machine cannot honour fails now, not in the train stage
+    if args.command in ("run", "deploy"):
+        # Prefect's history (flow runs, logs, artifacts) belongs to this project, not to ~/.prefect shared by
+        # every clone; set before Prefect is imported, which reads its settings once
+        home = Path(os.environ.setdefault("PREFECT_HOME", str((root / params.registry.state_dir / "prefect").resolve())))
+        home.mkdir(parents=True, exist_ok=True)
+    if args.command == "run":
         from flows.retrain import main_job
 
-        return main_job(args.params, args.profile, args.overrides)
+        return main_job(args.params)
     if args.command == "deploy":
         from flows.deploy import deploy
 

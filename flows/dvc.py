@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -22,18 +23,31 @@ class StageError(OpsdError):
     """A DVC stage failed; the message holds the tail of its output."""
 
 
-def dvc(args: list[str], root: Path, env: dict[str, str] | None = None) -> str:
-    """Run ``dvc ARGS`` in ``root``; a failure raises :class:`StageError` with the output's tail."""
+def dvc(args: list[str], root: Path, env: dict[str, str] | None = None,
+        on_line: Callable[[str], None] | None = None) -> str:
+    """Run ``dvc ARGS`` in ``root``; a failure raises :class:`StageError` with the output's tail.
+
+    ``on_line``: called with each output line as it is printed (stdout and stderr together), so a long
+    stage (training: one line per step) shows its progress while it runs, not when it ends.
+    """
     run_env = dict(env or os.environ)
     # stage commands call `opsd`: make this interpreter's scripts folder win even when not activated
     run_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), run_env.get("PATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=run_env, capture_output=True, text=True,
-    )
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise StageError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout
+    run_env.setdefault("PYTHONUNBUFFERED", "1")  # the stage's own lines arrive as they are written
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=run_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if on_line is not None and line.strip():
+                on_line(line.rstrip("\n"))
+        code = proc.wait()
+    out = "".join(lines)
+    if code != 0:
+        tail = "\n".join(out.strip().splitlines()[-25:])
+        raise StageError(f"`dvc {' '.join(args)}` failed (exit {code}):\n{tail}")
+    return out
 
 
 def pending_stages(root: Path) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,13 @@ def stage_task(name: str, root: str, env: dict[str, str]) -> bool:
     """``dvc repro`` one stage; True when DVC actually ran it (False: unchanged, skipped)."""
     logger = get_run_logger()
     logger.info("dvc repro %s", name)
-    out = dvc(["repro", "--single-item", name], Path(root), env)
-    logger.info(out.strip()[-2000:])
-    return f"Running stage '{name}'" in out
+    started = time.monotonic()
+    # every line of the stage reaches the Prefect log (and, through its console handler, the terminal)
+    # as it is printed: the trainer's per-step lines, the evaluation's progress
+    out = dvc(["repro", "--single-item", name], Path(root), env, on_line=lambda line: logger.info("%s | %s", name, line))
+    ran = f"Running stage '{name}'" in out
+    logger.info("%s: %s in %.0f s", name, "done" if ran else "unchanged, skipped", time.monotonic() - started)
+    return ran
 
 
 @task(name="train")
@@ -117,21 +121,10 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def main_job(params_path: str = "params.yaml", profile: str | None = None,
-             overrides: list[str] | None = None) -> int:
+def main_job(params_path: str = "params.yaml") -> int:
     """``opsd run``: bootstrap a fresh clone (data, DVC), run the flow, print where to look."""
     params_file = Path(params_path).resolve()
     params = load_params(params_file)
-    if (profile and profile != params.profile) or overrides:
-        print(
-            "opsd run: the pipeline reads params.yaml (DVC tracks it), so --profile/--set would be "
-            "invisible to its stages. Set `profile:` or the keys in params.yaml instead, or run a "
-            "single stage (`opsd train --profile ...`).", file=sys.stderr,
-        )
-        return 2
-    from opsd_core.stages.train import execution_plan
-
-    execution_plan(params)  # a setting this machine cannot honour fails now, not in the train stage
     bootstrap(params, params_file.parent)
     summary = retrain(str(params_file))
     print_next_steps(params, params_file.parent, summary)

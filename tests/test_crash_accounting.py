@@ -79,6 +79,7 @@ def test_a_sigkilled_flow_is_marked_failed_and_the_next_run_recovers(tmp_path: P
     store = resolve_store(params, project)
 
     env = {**os.environ, "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
+    env.pop("PREFECT_HOME")  # the default: Prefect's history inside the project, not in ~/.prefect
     flow = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=project, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -91,6 +92,7 @@ def test_a_sigkilled_flow_is_marked_failed_and_the_next_run_recovers(tmp_path: P
     runs = MlflowClient(store.tracking_uri).search_runs(
         [e.experiment_id for e in MlflowClient(store.tracking_uri).search_experiments()])
     assert [r.info.status for r in runs] == ["RUNNING"]  # what a crash leaves behind
+    assert (project / ".opsd" / "prefect" / "prefect.db").is_file()
 
     status = opsd(project, "status")
     assert status.returncode == 0, status.stderr[-2000:]
