@@ -12,7 +12,7 @@ from pathlib import Path
 
 from opsd_core.config import Params
 from opsd_core.registry import leases
-from opsd_core.registry.lineage import collect
+from opsd_core.registry.lineage import collect, source_tags
 from opsd_core.registry.store import ensure_experiment, open_client, resolve_store
 
 _HELD: dict[str, leases.Lease] = {}
@@ -25,7 +25,7 @@ def start_pipeline_run(params: Params, root: Path, flow_run_id: str | None) -> s
         print(f"opsd run: pipeline run {dead['run_id']} marked FAILED: {dead['reason']}")
     experiment = ensure_experiment(client, store, params.registry.experiment)
     tags = {f"lineage.{k}": str(v) for k, v in collect(params, root).items() if v is not None}
-    tags.update({"opsd.pipeline": "retrain", "opsd.profile": params.profile})
+    tags.update({"opsd.pipeline": "retrain", "opsd.profile": params.profile, **source_tags(root, "opsd run")})
     if flow_run_id:
         tags["lineage.flow_run_id"] = str(flow_run_id)
     run = client.create_run(experiment, tags=tags, run_name=f"retrain-{params.profile}")

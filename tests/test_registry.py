@@ -134,7 +134,10 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     run = client.get_run(res["run_id"])
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((root / ".opsd" / "mlartifacts").as_uri())
-    assert run.data.params["params.registry.primary_task"] == PRIMARY
+    assert run.data.params["registry.primary_task"] == PRIMARY
+    assert not any(k.startswith("params.") for k in run.data.params)
+    assert run.data.metrics["candidate_score"] == pytest.approx(0.75)  # a column in the runs list
+    assert run.data.tags["mlflow.source.name"] == "opsd register" and run.data.tags.get("mlflow.user")
     note = run.data.tags["mlflow.note.content"]  # the run's description: the gate's table
     assert note.startswith("| check | base | candidate | difference | 95% CI | result |")
     assert f"| vs base: {PRIMARY} |" in note and note.endswith("**Gate: promote to champion.**")
@@ -377,3 +380,17 @@ def test_reading_an_empty_registry_creates_nothing(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="nothing to roll back"):
         rollback(params, tmp_path)
     assert not (tmp_path / "state" / "mlflow.db").exists()
+
+
+def test_mlflow_params_hold_only_the_settings_that_apply(project: tuple[Path, Params]) -> None:
+    from opsd_core.stages.register import applicable_params
+
+    _, params = project
+    tiny = params.model_copy(deep=True)
+    tiny.model.base = "tiny"
+    assert "tiny" in applicable_params(tiny)["model"]
+    other = params.model_copy(deep=True)
+    other.model.base = "bundled:smollm2-135m-instruct"
+    dump = applicable_params(other)
+    assert "tiny" not in dump["model"] and dump["model"]["base"] == other.model.base
+    assert set(dump) >= {"model", "lora", "opsd", "train", "eval", "registry"}

@@ -44,6 +44,22 @@ def file_sha256(path: Path) -> str | None:
     return file_hash(path, 64) if path.is_file() else None
 
 
+def source_tags(root: Path, name: str) -> dict[str, str]:
+    """MLflow's own source tags, which its UI shows as Source, Version and User: ``name`` (the command),
+    the git commit of ``root`` when it is a repository, and the user."""
+    import getpass
+
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
+    commit, _ = git_commit(root)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        pass
+    return tags
+
+
 def collect(params: Params, root: Path, data_hash: str | None = None) -> dict[str, str | None]:
     """Lineage tags (values are strings or None for 'not available here')."""
     commit, dirty = git_commit(root)

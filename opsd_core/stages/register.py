@@ -120,13 +120,40 @@ def _version_tags(inp: dict[str, Any], lin: dict[str, Any], verdict: dict[str, A
     return tags
 
 
+def applicable_params(params: Params) -> dict[str, Any]:
+    """The settings as MLflow params: sections at the top (``train.lr``, not ``params.train.lr``), without
+    the tiny model's settings unless the base model is the tiny one."""
+    dump = params.model_dump(mode="json")
+    if params.model.base != "tiny":
+        dump["model"].pop("tiny", None)
+    return dump
+
+
+def headline_metrics(inp: dict[str, Any], primary: str) -> dict[str, float]:
+    """A few short-named metrics the MLflow runs list shows as columns."""
+    out: dict[str, float] = {}
+    task = inp["report"]["tasks"].get(primary) or {}
+    for who in ("base", "candidate"):
+        if who in task:
+            out[f"{who}_score"] = float(task[who]["score"])
+    diff = task.get("diff") or {}
+    for key, name in (("mean_diff", "gain"), ("ci_low", "gain_ci_low"), ("ci_high", "gain_ci_high")):
+        if key in diff:
+            out[name] = float(diff[key])
+    for key, name in (("final_loss", "final_loss"), ("final_kl", "final_kl"), ("wall_s", "train_wall_s")):
+        value = inp["train"].get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 def _log_run(client: MlflowClient, run_id: str, inp: dict[str, Any], params: Params, tmp: Path) -> None:
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
     # the paths the candidate was trained on (opsd env's record, from train.json): device, dtypes, packs
     runtime = {k: inp["train"][k] for k in ("execution", "machine", "versions") if isinstance(inp["train"].get(k), dict)}
-    flat = flatten({"params": params.model_dump(mode="json"), "candidate": inp["meta"], **runtime})
+    flat = flatten({**applicable_params(params), "candidate": inp["meta"], **runtime})
     metrics = [Metric(f"train/{k}", v, now, int(row["step"])) for row in inp["curve"]
                for k, v in row.items() if k != "step"]
     for task, res in inp["report"]["tasks"].items():
@@ -135,6 +162,7 @@ def _log_run(client: MlflowClient, run_id: str, inp: dict[str, Any], params: Par
                     if k in ("mean_diff", "ci_low", "ci_high", "p_better")]
     metrics += [Metric(f"train_summary/{k}", float(v), now, 0) for k, v in inp["train"].items()
                 if isinstance(v, int | float) and not isinstance(v, bool)]
+    metrics += [Metric(k, v, now, 0) for k, v in headline_metrics(inp, params.registry.primary_task).items()]
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()])
     plots = tmp / "plots"
     plots.mkdir()
@@ -263,7 +291,8 @@ def register(params: Params, root: Path) -> dict[str, Any]:
         run = client.get_run(pipeline_run)
         client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     else:
-        run = client.create_run(exp_id, run_name=f"register-{inp['meta']['content_hash'][:12]}", tags=tags)
+        run = client.create_run(exp_id, run_name=f"register-{inp['meta']['content_hash'][:12]}",
+                                tags={**tags, **lineage.source_tags(root, "opsd register")})
     try:
         with tempfile.TemporaryDirectory(prefix="opsd-register-") as tmp:
             _log_run(client, run.info.run_id, inp, params, Path(tmp))
