@@ -30,6 +30,17 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
 
 
+def numbers_only(tree: Any) -> Any:
+    """``tree`` with only its numeric leaves (bools, strings, lists and empty branches dropped): what a
+    DVC metrics file holds, so that ``dvc metrics show`` and ``dvc exp show`` stay a readable table."""
+    if isinstance(tree, dict):
+        kept = {k: numbers_only(v) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None and v != {}}
+    if isinstance(tree, int | float) and not isinstance(tree, bool):
+        return tree
+    return None
+
+
 def json_hash(value: Any) -> str:
     """The first 16 hex digits of the sha256 of ``value`` as key-sorted JSON: equal values, equal hashes."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,7 +22,7 @@ from opsd_core.evaluation.bootstrap import compare_samples
 from opsd_core.evaluation.errors import EvalError
 from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model
 from opsd_core.evaluation.tasks import GSM8K_LL_TASK, GSM8K_TASK, VAL_LL_TASK, VAL_TASK, write_task_yamls
-from opsd_core.io import file_hash, json_hash, write_json
+from opsd_core.io import file_hash, json_hash, numbers_only, write_json
 
 BASE_REPORT = "eval_base.json"
 REPORT = "eval.json"
@@ -186,6 +186,13 @@ def evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
         "tasks": combine(base, cand, params.eval.bootstrap_samples, params.eval.seed),
     }
     write_json(reports / REPORT, report)
+    write_json(reports / "metrics" / "eval.json", {
+        task: numbers_only({"base": entry["base"]["score"], "candidate": entry["candidate"]["score"],
+                            "gain": (entry.get("diff") or {}).get("mean_diff"),
+                            "gain_ci_low": (entry.get("diff") or {}).get("ci_low"),
+                            "gain_ci_high": (entry.get("diff") or {}).get("ci_high"),
+                            "problems": entry["candidate"].get("n")})
+        for task, entry in sorted(report["tasks"].items())})
     return report
 
 

@@ -6,10 +6,12 @@ The tokenizer of ``model.base`` only counts tokens for the length limits; the da
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from opsd_core.config import Params
+from opsd_core.io import numbers_only, write_json
 
 
 def prepare(params: Params, root: Path) -> dict[str, Any]:
@@ -22,5 +24,13 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    summary = prepare_data(params.data, root, count_tokens, root / params.train.reports_dir)
-    return summary if isinstance(summary, dict) else vars(summary)
+    reports = root / params.train.reports_dir
+    summary = prepare_data(params.data, root, count_tokens, reports)
+    record = summary if isinstance(summary, dict) else vars(summary)
+    metrics = {k: record[k] for k in ("read", "accepted", "train", "val", "capped", "rejected",
+                                      "rejected_by_reason", "contamination_removed", "eval_rows") if k in record}
+    write_json(reports / "metrics" / "data.json", numbers_only(metrics))
+    if record.get("rejected"):
+        print(f"opsd prepare: {record['rejected']} of {record['read']} rows rejected, each with its file, line and "
+              f"reason: {reports / 'rejected.jsonl'}", file=sys.stderr)
+    return record
