@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,5 +48,9 @@ def print_next_steps(params: Params, root: Path, summary: dict[str, Any]) -> Non
     ui = f"mlflow ui --backend-store-uri {store.tracking_uri}"
     if store.artifact_location:
         ui += f" --default-artifact-root {store.artifact_location}"
-    lines += [f"  MLflow UI: {ui}", "  champion:  opsd status", ""]
+    prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
+    lines += [f"  MLflow UI: {ui}",
+              f"  Prefect:   PREFECT_HOME={prefect_home} prefect server start  (flow runs, stage logs, the "
+              "opsd-eval and opsd-gate artifacts)",
+              "  champion:  opsd status", ""]
     print("\n".join(lines))

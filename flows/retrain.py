@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows import tracking
+from flows import artifacts, tracking
 from flows.bootstrap import bootstrap, print_next_steps
 from flows.dvc import dvc, has_remote, pending_stages, stage_names
 from flows.locks import training_slot
@@ -70,6 +70,10 @@ def summary_task(root: str, params_path: str, ran: list[str], ingest: dict[str, 
         path = reports / f"{name}.json"
         if path.is_file():
             out[name] = json.loads(path.read_text())
+    if ran:  # this run produced results: show them on its Prefect page
+        evaluated = reports / "eval.json"
+        out["artifacts"] = artifacts.publish(json.loads(evaluated.read_text()) if evaluated.is_file() else None,
+                                             out.get("registry"))
     return out
 
 

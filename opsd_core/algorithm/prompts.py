@@ -7,7 +7,10 @@ from the student context can be scored unchanged behind either prefix.
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type only: importing transformers costs 0.4 s that `opsd status` need not pay
+    from transformers import PreTrainedTokenizerBase
 
 ANSWER_INSTRUCTION = (
     "Solve the problem step by step. End your answer with a final line of the form '#### <number>'."

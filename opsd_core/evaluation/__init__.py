@@ -1,20 +1,6 @@
-"""Evaluation: lm-eval tasks over our data, base-vs-candidate runs, paired bootstrap.
+"""Evaluation: lm-eval tasks over our data (``tasks``), the runs (``harness``: imports torch and lm-eval),
+per-sample metrics (``metrics``), the paired bootstrap (``bootstrap``) and the errors (``errors``).
 
-Import the submodules directly where lm-eval is not needed (``bootstrap``, ``tasks``, ``metrics``);
-``harness`` and ``report`` import torch and run lm-eval.
+Import the submodule you need: the package itself imports nothing, so the registry's gate (which needs
+only the bootstrap) does not pay for lm-eval or transformers.
 """
-
-from __future__ import annotations
-
-from opsd_core.evaluation.bootstrap import paired_bootstrap
-from opsd_core.evaluation.errors import EvalDataError, EvalError, EvalTaskError
-from opsd_core.evaluation.tasks import OWN_TASKS, write_task_yamls
-
-__all__ = [
-    "OWN_TASKS",
-    "EvalDataError",
-    "EvalError",
-    "EvalTaskError",
-    "paired_bootstrap",
-    "write_task_yamls",
-]

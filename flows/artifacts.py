@@ -1,0 +1,37 @@
+"""What a flow run shows on its Prefect page: the evaluation table and the gate's decision, as Markdown
+artifacts (``opsd-eval``, ``opsd-gate``), beside the logs of each stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact
+
+from opsd_core.registry import decision
+
+
+def eval_table(report: dict[str, Any]) -> str:
+    """``reports/eval.json`` as a Markdown table: one row per task, base, candidate, gain and its interval."""
+    lines = ["| task | base | candidate | candidate - base | 95% CI | problems |", "|---|---|---|---|---|---|"]
+    for task, entry in sorted(report.get("tasks", {}).items()):
+        diff = entry.get("diff") or {}
+        ci = f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}]" if "ci_low" in diff else "-"
+        gain = f"{diff['mean_diff']:+.4f}" if "mean_diff" in diff else "-"
+        lines.append(f"| {task} | {entry['base']['score']:.4f} | {entry['candidate']['score']:.4f} | {gain} | {ci} "
+                     f"| {entry['candidate'].get('n', '-')} |")
+    return "\n".join(lines)
+
+
+def publish(eval_report: dict[str, Any] | None, registry: dict[str, Any] | None) -> list[str]:
+    """Create the artifacts this run has results for (inside a flow or task run); returns their keys."""
+    keys = []
+    if eval_report:
+        create_markdown_artifact(key="opsd-eval", markdown=eval_table(eval_report),
+                                 description="base and candidate on every evaluation task (reports/eval.json)")
+        keys.append("opsd-eval")
+    if registry and registry.get("verdict"):
+        head = f"**Model {registry.get('model_name')} version {registry.get('version')}**\n\n"
+        create_markdown_artifact(key="opsd-gate", markdown=head + decision.render(registry["verdict"], markdown=True),
+                                 description="the promotion gate's decision (reports/registry.json)")
+        keys.append("opsd-gate")
+    return keys

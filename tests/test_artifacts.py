@@ -1,0 +1,54 @@
+"""The flow run's Prefect page: the evaluation table and the gate's decision as Markdown artifacts,
+read back through Prefect's own client."""
+
+from __future__ import annotations
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from flows.artifacts import eval_table, publish
+from opsd_core.config import Params
+from opsd_core.registry import decide
+from tests.test_registry_gate import GUARD, PRIMARY, eval_report
+
+
+def test_eval_table_has_a_row_per_task_with_the_interval() -> None:
+    report = eval_report(cand=30)
+    table = eval_table(report).splitlines()
+    assert table[0].startswith("| task | base | candidate | candidate - base | 95% CI |")
+    row = next(line for line in table if line.startswith(f"| {PRIMARY} |"))
+    diff = report["tasks"][PRIMARY]["diff"]
+    assert f"{diff['mean_diff']:+.4f}" in row and f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}]" in row
+    assert any(line.startswith(f"| {GUARD} |") for line in table) and len(table) == 4
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_publishes_the_eval_table_and_the_gate_decision() -> None:
+    report = eval_report(cand=30)
+    verdict = decide(report, Params().registry, None, "new")
+    registry = {"model_name": "opsd-model", "version": "3", "verdict": verdict}
+
+    @flow(name="artifacts-under-test")
+    def run() -> list[str]:
+        return publish(report, registry)
+
+    assert run() == ["opsd-eval", "opsd-gate"]
+    with get_client(sync_client=True) as client:
+        found = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["opsd-eval", "opsd-gate"])))}
+    assert set(found) == {"opsd-eval", "opsd-gate"}
+    assert found["opsd-eval"].data == eval_table(report)
+    gate = found["opsd-gate"].data
+    assert "**Model opsd-model version 3**" in gate and "promote to champion" in gate
+    assert f"| vs base: {PRIMARY} |" in gate
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_nothing_is_published_without_results() -> None:
+    @flow(name="artifacts-none")
+    def run() -> list[str]:
+        return publish(None, {"model_name": "m"})
+
+    assert run() == []
