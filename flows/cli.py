@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--json", action="store_true", help="print the record as JSON")
     run = sub.add_parser("run", help="the main job: generate data if needed, run the retrain flow")
     _common(run)
+    server = sub.add_parser("server", help="the project's persistent Prefect server (needed for schedules)")
+    _common(server)
+    server.add_argument("action", choices=["start", "stop", "status"])
     deploy = sub.add_parser("deploy", help="serve the retrain flow on a cron schedule")
     _common(deploy)
     deploy.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1"')
@@ -131,6 +134,30 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from opsd_core.stages.train import execution_plan
 
         execution_plan(params)  # a setting this machine cannot honour fails now, not in the train stage
+    state = root / params.registry.state_dir
+    if args.command == "server":
+        from flows import server
+
+        if args.action == "start":
+            record = server.start(state)
+            print(f"Prefect server {'already running' if record['already_running'] else 'started'} at {record['url']} "
+                  f"(pid {record['pid']}, state {record['home']}, log {record['log']})")
+        elif args.action == "stop":
+            record = server.stop(state)
+            print(f"Prefect server at {record['url']} stopped" if record else "no Prefect server running")
+        else:
+            record = server.status(state)
+            print(f"Prefect server at {record['url']} (pid {record['pid']})" if record else "no Prefect server running")
+            return 0 if record else 1
+        return 0
+    if args.command == "run" and not os.environ.get("PREFECT_API_URL"):
+        from flows import server
+
+        # the project's own server when it runs (the run's history then shows in its UI), else Prefect's
+        # temporary one; set before Prefect is imported, which reads its settings once
+        record = server.status(state)
+        if record is not None:
+            os.environ["PREFECT_API_URL"] = record["api_url"]
     if args.command in ("run", "deploy"):
         # Prefect's history (flow runs, logs, artifacts) belongs to this project, not to ~/.prefect shared by
         # every clone; set before Prefect is imported, which reads its settings once
@@ -143,7 +170,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "deploy":
         from flows.deploy import deploy
 
-        return deploy(args.params, args.profile, args.overrides, args.cron, args.name, args.register_only)
+        return deploy(args.params, args.profile, args.overrides, args.cron, args.name, args.register_only,
+                      state_dir=state)
     raise AssertionError(args.command)
 
 

@@ -1,16 +1,19 @@
 """``opsd deploy``: the retrain flow on a cron schedule (scheduled retraining).
 
-Without a work pool the flow is served from this process (``flow.serve``: Prefect's temporary
-local server is enough). With ``flow.work_pool`` set, the deployment targets that pool and a
-worker on the pool runs it from this project directory.
+Without a work pool the flow is served from this process (``flow.serve``) against a Prefect server
+with a scheduler: ``PREFECT_API_URL`` when set, else the project's own server (:mod:`flows.server`),
+started here when it is not running. Prefect's temporary server has no scheduler, so a schedule there
+would never fire. With ``flow.work_pool`` set, the deployment targets that pool and a worker on the pool
+runs it from this project directory.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from opsd_core.config import ConfigError, load_params
+from opsd_core.config import ConfigError, Params, load_params
 
 
 def check_cron(cron: str) -> None:
@@ -26,12 +29,28 @@ def check_cron(cron: str) -> None:
 
 
 def deploy(params_path: str, profile: str | None, overrides: list[str] | None, cron: str, name: str,
-           register_only: bool = False) -> int:
+           register_only: bool = False, state_dir: Path | None = None) -> int:
+    """``state_dir``: where the project's Prefect server lives (None: use the configured API as it is)."""
     check_cron(cron)
+    params = load_params(Path(params_path).resolve(), profile, overrides)
+    if state_dir is None or params.flow.work_pool or os.environ.get("PREFECT_API_URL"):
+        return _deploy(params_path, params, cron, name, register_only)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import server
+
+    record = server.start(state_dir)
+    print(f"opsd deploy: the project's Prefect server at {record['url']} "
+          f"({'already running' if record['already_running'] else 'started'}; `opsd server stop` stops it)",
+          file=sys.stderr)
+    with temporary_settings(updates={PREFECT_API_URL: record["api_url"]}):
+        return _deploy(params_path, params, cron, name, register_only)
+
+
+def _deploy(params_path: str, params: Params, cron: str, name: str, register_only: bool) -> int:
     from flows.retrain import retrain
 
     params_file = Path(params_path).resolve()
-    params = load_params(params_file, profile, overrides)
     parameters = {"params_path": str(params_file)}
     if params.flow.work_pool:
         deployment_id = retrain.from_source(

@@ -93,8 +93,11 @@ def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
     ran: list[str] = []
     previous = signal.getsignal(signal.SIGTERM)
 
+    ended = []
+
     def _on_sigterm(signum: int, frame: Any) -> None:
         tracking.end_pipeline_run(params, root, run_id, "FAILED", "SIGTERM")
+        ended.append("SIGTERM")  # the run is closed with its real reason: the exit below must not overwrite it
         raise SystemExit(143)
 
     if hasattr(signal, "SIGTERM") and _is_main_thread():
@@ -110,7 +113,8 @@ def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
             if executed:
                 ran.append(name)
     except BaseException as err:
-        tracking.end_pipeline_run(params, root, run_id, "FAILED", f"{type(err).__name__}: {err}"[:500])
+        if not ended:
+            tracking.end_pipeline_run(params, root, run_id, "FAILED", f"{type(err).__name__}: {err}"[:500])
         raise
     finally:
         if _is_main_thread():

@@ -95,3 +95,28 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(smoke: Param
     assert resumed.resume() and resumed.state.step == 1
     assert any("skipping checkpoint" in m and "step-0000002" in m for m in logs), logs
     assert any("resumed from" in m and "step-0000001" in m for m in logs), logs
+
+
+def test_only_the_newest_checkpoints_are_kept_and_resume_takes_the_newest(smoke: Params, tmp_path: Path) -> None:
+    params = smoke.model_copy(deep=True)
+    params.train.keep_checkpoints = 2
+    model, tok = _policy(params)
+    run = tmp_path / "run"
+    trainer = build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), run, log=lambda _m: None)
+    rollouts = _fixed_rollouts(tok, 4)
+    for step in range(1, 6):
+        _train(trainer, rollouts, 1)  # different weights at every checkpoint
+        trainer.state.step = step
+        trainer.save_checkpoint()
+        kept = [c.step for c in ckpt.complete(run)]
+        assert kept == list(range(step, max(0, step - 2), -1)), (step, kept)
+    assert sorted(p.name for p in run.iterdir()) == ["step-0000004", "step-0000005"]  # no temporary folders
+    weights = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+
+    logs: list[str] = []
+    model2, _ = _policy(params)
+    resumed = build_trainer(params, model2, tok, _problems(tok), torch.device("cpu"), run, log=logs.append)
+    assert resumed.resume() and resumed.state.step == 5
+    assert logs == [f"resumed from {run / 'step-0000005'} (step 5/{params.train.steps})"]
+    for name, p in resumed.trainable.items():
+        assert torch.equal(p, weights[name]), name

@@ -316,3 +316,60 @@ def test_load_gsm8k100(gsm8k100: list[Any]) -> None:
         last = t.solution.rstrip().splitlines()[-1]
         assert last.startswith("####") and last[4:].strip() == t.answer
         assert normalize_answer(t.answer).lstrip("-").replace(".", "", 1).isdigit()
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def test_ingest_adds_each_content_once_and_sorts_out_files(tmp_path: Path) -> None:
+    from opsd_core.config import Params
+    from opsd_core.data.ingest import ingest
+
+    params = Params()
+    source = tmp_path / params.flow.source_dir
+    source.mkdir()
+    batch = "".join(_line(_trace(i)) + "\n" for i in range(3)) + '{"problem": "no solution"}\n'
+    (source / "batch.jsonl").write_text(batch)
+    (source / "junk.jsonl").write_text('not json\n\n[1, 2]\n{"problem": "Tom has 3 pens."}\n')
+
+    first = ingest(params, tmp_path)
+    stored = tmp_path / params.data.raw_dir / "ingested"
+    (copy,) = stored.iterdir()
+    assert copy.name.startswith("batch-") and copy.read_text() == batch  # content-addressed, bytes kept
+    assert first["added"] == [{"file": "batch.jsonl", "as": copy.relative_to(tmp_path).as_posix(),
+                               "valid_rows": 3, "row_problems": 1}]
+    assert first["already_ingested"] == []
+    assert [r["file"] for r in first["rejected_files"]] == ["junk.jsonl"]
+    assert sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()) == [
+        "processed/batch.jsonl", "rejected/junk.jsonl", "rejected/junk.reason.txt"]
+    reason = (source / "rejected/junk.reason.txt").read_text().splitlines()
+    assert reason[0] == "no valid trace rows:"
+    assert reason[1].startswith(f"{params.flow.source_dir}/junk.jsonl:1: malformed_json (None): invalid JSON")
+    assert reason[2:] == [
+        f"{params.flow.source_dir}/junk.jsonl:3: not_an_object (None): row must be a JSON object, got list",
+        f"{params.flow.source_dir}/junk.jsonl:4: missing_field (solution): required field 'solution' is missing",
+    ]
+
+    (source / "batch.jsonl").write_text(batch)  # the same file delivered again
+    (source / "empty.jsonl").write_text("\n")
+    second = ingest(params, tmp_path)
+    assert second == {"added": [], "already_ingested": ["batch.jsonl"],
+                      "rejected_files": [{"file": "empty.jsonl", "problems": []}]}
+    assert [p.name for p in stored.iterdir()] == [copy.name]
+    assert (source / "processed/batch.jsonl").read_text() == batch
+    assert (source / "rejected/empty.reason.txt").read_text() == "no valid trace rows:\nfile holds no rows\n"
+    assert ingest(params, tmp_path) == {"added": [], "already_ingested": [], "rejected_files": []}
+
+
+def test_ingest_adds_the_same_bytes_under_another_name_once(tmp_path: Path) -> None:
+    from opsd_core.config import Params
+    from opsd_core.data.ingest import ingest
+
+    params = Params()
+    source = tmp_path / params.flow.source_dir
+    source.mkdir()
+    batch = "".join(_line(_trace(i)) + "\n" for i in range(3))
+    (source / "monday.jsonl").write_text(batch)
+    assert [a["file"] for a in ingest(params, tmp_path)["added"]] == ["monday.jsonl"]
+    (source / "tuesday.jsonl").write_text(batch)
+    assert ingest(params, tmp_path)["already_ingested"] == ["tuesday.jsonl"]

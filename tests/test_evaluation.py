@@ -14,9 +14,10 @@ import yaml
 
 from opsd_core.algorithm.prompts import ANSWER_INSTRUCTION, student_messages
 from opsd_core.config import EvalConfig, ModelConfig, Params
-from opsd_core.evaluation import EvalDataError, EvalTaskError, paired_bootstrap, write_task_yamls
+from opsd_core.evaluation.bootstrap import paired_bootstrap
+from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
 from opsd_core.evaluation.metrics import doc_to_text, process_results, sample_correctness
-from opsd_core.evaluation.tasks import SAMPLES_FILTER
+from opsd_core.evaluation.tasks import SAMPLES_FILTER, write_task_yamls
 
 K = 2
 LIMIT = 3
@@ -241,23 +242,68 @@ def test_candidate_is_evaluated_with_its_adapter(reports: tuple[dict[str, Any], 
         assert entry["base"]["example"]["completion"] != entry["candidate"]["example"]["completion"]
 
 
-def test_stale_base_cache_is_not_reused(project: tuple[Path, Params],
-                                        reports: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    from opsd_core.stages.evaluate import _cached_base, settings, settings_hash
+def test_settings_hash_changes_with_the_settings_and_only_with_them(project: tuple[Path, Params],
+                                                                   tmp_path: Path) -> None:
+    from opsd_core.stages.evaluate import settings, settings_hash
 
     root, params = project
-    cache = root / "reports/eval_base.json"
-    digest = reports[0]["settings"]["settings_hash"]
-    assert _cached_base(cache, digest, ["opsd_val"]) is not None
-    assert _cached_base(cache, "0" * 16, ["opsd_val"]) is None
-    assert _cached_base(cache, digest, ["opsd_val", "gsm8k"]) is None
-    changed = params.model_copy(update={"eval": params.eval.model_copy(update={"max_new_tokens": 13})})
-    assert settings_hash(settings(changed, root, "cpu")) != digest
-    # a change of eval data changes the hash too
-    data = json.loads(json.dumps(settings(params, root, "cpu")))
-    assert settings_hash(data) == digest
-    data["data"]["opsd_val"] = "different"
-    assert settings_hash(data) != digest
+    digest = settings_hash(settings(params, root, "cpu"))
+
+    def reordered(tree: Any) -> Any:  # the same settings with every mapping's keys in reverse order
+        return {key: reordered(tree[key]) for key in reversed(tree)} if isinstance(tree, dict) else tree
+
+    assert list(reordered(settings(params, root, "cpu"))) != list(settings(params, root, "cpu"))
+    assert settings_hash(reordered(settings(params, root, "cpu"))) == digest
+    # built independently: params from their values, the eval data copied to another project folder
+    copy = tmp_path / "elsewhere"
+    for rel in ("data/prepared/val.jsonl", "data/eval/gsm8k100.jsonl"):
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (copy / rel).write_bytes((root / rel).read_bytes())
+    rebuilt = Params.model_validate(json.loads(params.model_dump_json()))
+    assert settings_hash(settings(rebuilt, copy, "cpu")) == digest
+    # the bootstrap only affects the comparison, not either model's scores
+    more_resamples = params.model_copy(update={"eval": params.eval.model_copy(update={"bootstrap_samples": 999})})
+    assert settings_hash(settings(more_resamples, root, "cpu")) == digest
+
+    shorter = params.model_copy(update={"eval": params.eval.model_copy(update={"max_new_tokens": 13})})
+    assert settings_hash(settings(shorter, root, "cpu")) != digest
+    assert settings_hash(settings(params, root, "cuda")) != digest
+    rows = (copy / "data/prepared/val.jsonl").read_text().splitlines()
+    (copy / "data/prepared/val.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # one problem fewer
+    assert settings_hash(settings(params, copy, "cpu")) != digest
+
+
+def test_a_stale_base_cache_is_re_evaluated(project: tuple[Path, Params],
+                                             reports: tuple[dict[str, Any], dict[str, Any]], tmp_path: Path) -> None:
+    """A cached base report written under other settings, or lacking a task, is evaluated again, never reused
+    (the matching cache is reused: test_base_and_candidate_report_is_well_formed)."""
+    import shutil
+
+    from opsd_core.stages.evaluate import evaluate_candidate
+
+    root, params = project
+
+    def other_settings(report: dict[str, Any]) -> None:
+        report["settings"]["settings_hash"] = "0" * 16
+
+    def missing_task(report: dict[str, Any]) -> None:
+        del report["tasks"]["opsd_gsm8k100"]
+
+    for stale in (other_settings, missing_task):
+        copy = tmp_path / stale.__name__
+        for rel in ("data", params.train.output_dir):
+            shutil.copytree(root / rel, copy / rel)
+        base_report = json.loads(json.dumps(reports[0]))
+        stale(base_report)
+        for entry in base_report["tasks"].values():
+            entry["score"] = -1.0  # a cached value no real run gives
+        (copy / "reports").mkdir()
+        (copy / "reports/eval_base.json").write_text(json.dumps(base_report))
+        report = evaluate_candidate(params, copy)
+        assert report["base_source"] == "evaluated", stale.__name__
+        assert report["settings"]["settings_hash"] == reports[0]["settings"]["settings_hash"]
+        for name, entry in report["tasks"].items():  # the same seeded run as the cached base: the same results
+            assert entry["base"] == reports[0]["tasks"][name], (stale.__name__, name)
 
 
 def test_standard_task_without_data_is_a_clear_error(project: tuple[Path, Params]) -> None:

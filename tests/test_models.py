@@ -120,18 +120,20 @@ def test_missing_paths_are_not_hub_ids(tmp_path: Path) -> None:
             resolve_base_dir(ModelConfig(base=base))
 
 
-def test_materialise_is_atomic_and_single_build(tmp_path: Path) -> None:
+def test_a_failed_build_leaves_no_cache_entry(tmp_path: Path) -> None:
+    """The tiny build fails inside its temporary folder (a shape it cannot build): nothing is left in the
+    cache that a later run could take for a model, and the next resolve builds it again."""
+    cfg = ModelConfig(base="tiny", cache_dir="cache", tiny={"hidden": 66, "heads": 4})
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"^model\.tiny\.hidden \(66\) must be a multiple of model\.tiny\.heads \(4\)$"):
+            resolve_base_dir(cfg, root=tmp_path)
+        assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_materialise_holds_the_lock_while_building_and_keeps_a_racers_entry(tmp_path: Path) -> None:
+    """What no public call can stage: a second process's view of the lock during a build, and a writer on
+    another host completing the entry first."""
     target = tmp_path / "entry"
-
-    def broken(tmp: Path) -> None:
-        (tmp / "half").write_text("x")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        _materialise(target, broken, "test")
-    assert not target.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
-
     lock_path = str(target) + ".lock"
     lock_held: list[bool] = []
 

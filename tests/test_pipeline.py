@@ -1,21 +1,31 @@
 """The pipeline end to end on the smoke profile, with real DVC, MLflow (SQLite) and Prefect.
 
-One temporary git repository per module: the retrain flow runs `dvc repro` of every stage, registers
-a version, reruns as a no-op, ingests new traces into a new data version and a new candidate, and a
-failure injected in evaluate registers nothing and leaves the champion alone.
+One temporary git repository per module, on which the first pipeline run (`first_run`) reproduces every
+stage and registers a version; each test needs only that fixture (any one passes alone). The tests that
+would leave the project unreproduced work on a copy of it: a forced retrain, a failure in evaluate, a
+SIGTERM, a killed training that Prefect retries. Ingesting new traces changes the project itself but
+leaves it reproduced.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+
+from flows.dvc import StageError
+from tests.faults import kill_once_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -68,7 +78,7 @@ def registry_state(project: Path) -> dict:
     name = params.registry.model_name
     try:
         versions = all_versions(client, name)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no registered model yet
         versions = []
     champion = version_by_alias(client, name, "champion") if versions else None
     challenger = version_by_alias(client, name, "challenger") if versions else None
@@ -87,30 +97,81 @@ def run_flow(project: Path) -> dict:
     return retrain(str(project / "params.yaml"))
 
 
-def test_run_registers_a_challenger_with_lineage(project: Path, prefect_harness: None) -> None:
-    summary = run_flow(project)
-    assert summary["ran"] == ["prepare", "train", "evaluate_base", "evaluate", "register"]
+def git_head(project: Path) -> str:
+    return sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
+
+
+def content_hash(project: Path) -> str:
+    return json.loads((project / "models/candidate/opsd_candidate.json").read_text())["content_hash"]
+
+
+def copy_project(project: Path, dst: Path) -> Path:
+    """A copy of the reproduced project (git, DVC cache, MLflow store, checkpoints) to change freely."""
+    shutil.copytree(project, dst, symlinks=True)
+    return dst
+
+
+def latest_pipeline_run(state: dict) -> Any:
+    client, params = state["client"], state["params"]
+    experiment = client.get_experiment_by_name(params.registry.experiment).experiment_id
+    return client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path, prefect_harness: None) -> dict[str, Any]:
+    """The retrain flow on the fresh project, with what the tests check it against, taken at the time."""
+    from flows.retrain import retrain
+    from opsd_core.config import load_params
+
+    flow_state = retrain(str(project / "params.yaml"), return_state=True)
+    registry = registry_state(project)
+    return {
+        "summary": flow_state.result(),
+        "flow_run_id": str(flow_state.state_details.flow_run_id),
+        "versions": [str(v.version) for v in registry["versions"]],
+        "challenger": str(registry["challenger"]),
+        "content_hash": content_hash(project),
+        "raw_md5": yaml.safe_load((project / "data/raw.dvc").read_text())["outs"][0]["md5"],
+        "params_hash": load_params(project / "params.yaml").hash(),
+        "data_hash": json.loads((project / "reports/data.json").read_text())["data_hash"],
+        "git_commit": git_head(project),
+    }
+
+
+def test_run_registers_a_challenger_with_lineage(project: Path, first_run: dict[str, Any]) -> None:
+    assert first_run["summary"]["ran"] == ["prepare", "train", "evaluate_base", "evaluate", "register"]
+    assert first_run["versions"] == ["1"] and first_run["challenger"] == "1"
     state = registry_state(project)
-    assert len(state["versions"]) == 1
-    version = state["versions"][0]
-    assert state["challenger"] == version.version
+    version = state["client"].get_model_version(state["params"].registry.model_name, "1")
     tags = version.tags
-    assert tags.get("content_hash") == json.loads(
-        (project / "models/candidate/opsd_candidate.json").read_text())["content_hash"]
+    assert tags["content_hash"] == first_run["content_hash"]
     run = state["client"].get_run(version.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags.get("lineage.dvc_raw_md5") or run.data.tags.get("dvc_raw_md5")
-    assert run.data.tags.get("lineage.flow_run_id")
+    assert run.data.tags["opsd.content_hash"] == first_run["content_hash"]
+    # the lineage the register stage writes (registry/lineage.py: collect), on the run and on the version
+    lineage = {k: v for k, v in run.data.tags.items() if k.startswith("lineage.")}
+    assert lineage == {k: v for k, v in tags.items() if k.startswith("lineage.")}
+    dvc_lock_sha256 = lineage.pop("lineage.dvc_lock_sha256")  # dvc.lock as it was while register ran
+    assert re.fullmatch(r"[0-9a-f]{64}", dvc_lock_sha256)
+    assert lineage == {
+        "lineage.git_commit": first_run["git_commit"],
+        "lineage.git_dirty": "false",  # the stages write ignored or untracked files only
+        "lineage.dvc_raw_md5": first_run["raw_md5"],
+        "lineage.params_hash": first_run["params_hash"],
+        "lineage.data_hash": first_run["data_hash"],
+        "lineage.flow_run_id": first_run["flow_run_id"],
+        "lineage.profile": "smoke",
+    }
     trained = json.loads((project / "reports/train.json").read_text())
-    for key in ("device", "sampling_dtype", "packs", "allocator"):  # the execution record reaches MLflow
-        assert run.data.params[f"execution.{key}"] == str(trained["execution"][key])
-    assert run.data.params["machine.torch_cpu"] == trained["machine"]["torch_cpu"]
+    if trained["content_hash"] == first_run["content_hash"]:  # not retrained since (the ingest test retrains)
+        for key in ("device", "sampling_dtype", "packs", "allocator"):  # the execution record reaches MLflow
+            assert run.data.params[f"execution.{key}"] == str(trained["execution"][key])
+        assert run.data.params["machine.torch_cpu"] == trained["machine"]["torch_cpu"]
     artifacts = {a.path for a in state["client"].list_artifacts(version.run_id)}
-    assert any(p.endswith(".md") for p in artifacts), artifacts
-    assert (project / "reports/registry.json").is_file()
+    assert "model_card.md" in artifacts and "gate" in artifacts, artifacts
 
 
-def test_rerun_with_nothing_changed_is_a_no_op(project: Path, prefect_harness: None) -> None:
+def test_rerun_with_nothing_changed_is_a_no_op(project: Path, first_run: dict[str, Any]) -> None:
     before = registry_state(project)
     summary = run_flow(project)
     assert summary["ran"] == []
@@ -118,25 +179,29 @@ def test_rerun_with_nothing_changed_is_a_no_op(project: Path, prefect_harness: N
     assert sh([sys.executable, "-m", "dvc", "status", "--json"], project).stdout.strip() in ("{}", "")
 
 
-def test_dvc_repro_reruns_from_train_when_a_training_param_changes(project: Path) -> None:
-    set_param(project, "profiles.smoke.train.lr", 0.004)
-    out = sh([sys.executable, "-m", "dvc", "repro", "--dry"], project).stdout
-    assert "Running stage 'train'" in out
-    assert "Running stage 'prepare'" not in out
-    assert "Running stage 'evaluate_base'" not in out
-    set_param(project, "profiles.smoke.train.lr", 0.005)  # back to the reproduced state
+def test_dvc_repro_reruns_from_train_when_a_training_param_changes(project: Path, first_run: dict[str, Any]) -> None:
+    text = (project / "params.yaml").read_text()
+    try:
+        set_param(project, "profiles.smoke.train.lr", 0.004)
+        out = sh([sys.executable, "-m", "dvc", "repro", "--dry"], project).stdout
+        assert "Running stage 'train'" in out
+        assert "Running stage 'prepare'" not in out
+        assert "Running stage 'evaluate_base'" not in out
+    finally:
+        (project / "params.yaml").write_text(text)  # back to the reproduced state
     assert "Running stage" not in sh([sys.executable, "-m", "dvc", "repro", "--dry"], project).stdout
 
 
-def test_reproduced_candidate_has_the_same_weights(project: Path) -> None:
-    meta = json.loads((project / "models/candidate/opsd_candidate.json").read_text())
-    shutil.rmtree(project / ".opsd" / "checkpoints", ignore_errors=True)
-    sh([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train"], project)
-    again = json.loads((project / "models/candidate/opsd_candidate.json").read_text())
-    assert again["content_hash"] == meta["content_hash"]
+def test_reproduced_candidate_has_the_same_weights(project: Path, first_run: dict[str, Any], tmp_path: Path) -> None:
+    copy = copy_project(project, tmp_path / "repo")
+    before = content_hash(copy)
+    shutil.rmtree(copy / ".opsd" / "checkpoints", ignore_errors=True)
+    out = sh([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train"], copy).stdout
+    assert "Running stage 'train'" in out
+    assert content_hash(copy) == before
 
 
-def test_ingest_creates_a_new_data_version_and_candidate(project: Path, prefect_harness: None) -> None:
+def test_ingest_creates_a_new_data_version_and_candidate(project: Path, first_run: dict[str, Any]) -> None:
     raw_md5 = (project / "data/raw.dvc").read_text()
     before = registry_state(project)
     incoming = project / "incoming"
@@ -151,27 +216,112 @@ def test_ingest_creates_a_new_data_version_and_candidate(project: Path, prefect_
     assert [r["file"] for r in summary["ingest"]["rejected_files"]] == ["junk.jsonl"]
     assert (incoming / "rejected" / "junk.reason.txt").is_file()
     assert (project / "data/raw.dvc").read_text() != raw_md5
-    assert "prepare" in summary["ran"] and "register" in summary["ran"]
+    assert summary["ran"] == ["prepare", "train", "evaluate_base", "evaluate", "register"]  # val split changed too
     after = registry_state(project)
     assert len(after["versions"]) == len(before["versions"]) + 1
-    assert after["challenger"] != before["challenger"]
+    newest = str(max(int(v.version) for v in after["versions"]))
+    assert str(after["challenger"]) == newest != str(before["challenger"])
+    assert sh([sys.executable, "-m", "dvc", "status", "--json"], project).stdout.strip() in ("{}", "")
 
 
-def test_failed_evaluate_registers_nothing_and_keeps_the_champion(project: Path, prefect_harness: None) -> None:
-    before = registry_state(project)
+def test_failed_evaluate_registers_nothing_and_keeps_the_champion(project: Path, first_run: dict[str, Any],
+                                                                  tmp_path: Path) -> None:
+    copy = copy_project(project, tmp_path / "repo")
+    before = registry_state(copy)
     # a real failure: a standard lm-eval task whose dataset is not available offline
-    set_param(project, "profiles.smoke.eval.extra_tasks", ["gsm8k"])
-    set_param(project, "profiles.smoke.train.steps", 3)  # a new candidate that would be registered
+    set_param(copy, "profiles.smoke.eval.extra_tasks", ["gsm8k"])
+    set_param(copy, "profiles.smoke.train.steps", 3)  # a new candidate that would be registered
+    with pytest.raises(StageError, match=r"(?s)^`dvc repro --single-item evaluate_base` failed \(exit \d+\):.*"
+                                         r"EvalDataError: task 'gsm8k': its dataset is not available"):
+        run_flow(copy)
+    after = registry_state(copy)
+    assert [v.version for v in after["versions"]] == [v.version for v in before["versions"]]
+    assert after["champion"] == before["champion"] and after["challenger"] == before["challenger"]
+    run = latest_pipeline_run(after)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["opsd.failure"].startswith("StageError: `dvc repro --single-item evaluate_base` failed")
+    assert content_hash(copy) != first_run["content_hash"]  # train did run: a new candidate, left unregistered
+
+
+def test_sigterm_marks_the_pipeline_run_failed_and_registers_nothing(project: Path, first_run: dict[str, Any],
+                                                                     tmp_path: Path, prefect_harness: None) -> None:
+    """A SIGTERM (a scheduler stopping the flow) while a stage runs: the flow's process exits 143, its MLflow
+    pipeline run is FAILED, and nothing is registered. The flow runs in its own process, on this session's
+    Prefect server; the signal goes once training has written its first checkpoint."""
+    from prefect.settings import PREFECT_API_URL
+
+    from opsd_core.registry import leases
+    from opsd_core.registry.store import resolve_store
+
+    copy = copy_project(project, tmp_path / "repo")
+    shutil.rmtree(copy / ".opsd" / "checkpoints", ignore_errors=True)
+    set_param(copy, "profiles.smoke.train.steps", 200)  # far longer than the test waits
+    set_param(copy, "profiles.smoke.train.checkpoint_every", 1)
+    before = registry_state(copy)
+    earlier_run = latest_pipeline_run(before).info.run_id
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
+    code = "import sys; from flows.retrain import retrain; retrain(sys.argv[1])"
+    log = tmp_path / "flow.log"  # a file, not a pipe: a full pipe would stall the flow
+    with log.open("w") as out:
+        flow = subprocess.Popen([sys.executable, "-c", code, str(copy / "params.yaml")], cwd=copy, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        with pytest.raises(Exception, match="gsm8k"):
-            run_flow(project)
+        deadline = time.monotonic() + 300
+        while not glob.glob(str(copy / ".opsd/checkpoints/*/step-*")):  # the train stage is running
+            assert flow.poll() is None, f"the flow ended before training started:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "training did not write a checkpoint within 300 s"
+            time.sleep(0.2)
+        flow.send_signal(signal.SIGTERM)
+        flow.wait(timeout=300)
     finally:
-        set_param(project, "profiles.smoke.eval.extra_tasks", [])
-    after = registry_state(project)
-    assert len(after["versions"]) == len(before["versions"])
-    assert after["champion"] == before["champion"]
-    runs = after["client"].search_runs(
-        [after["client"].get_experiment_by_name(after["params"].registry.experiment).experiment_id],
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    assert runs[0].info.status == "FAILED"
+        try:  # whatever the flow left running in its process group (dvc, the training)
+            os.killpg(flow.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert flow.returncode == 143, log.read_text()[-3000:]
+    after = registry_state(copy)
+    assert [v.version for v in after["versions"]] == [v.version for v in before["versions"]]
+    assert after["challenger"] == before["challenger"] and after["champion"] == before["champion"]
+    run = latest_pipeline_run(after)
+    assert run.info.run_id != earlier_run and run.data.tags["opsd.pipeline"] == "retrain"  # this flow's run
+    assert run.info.status == "FAILED"
+    assert not list(leases.lease_dir(resolve_store(after["params"], copy).state_dir).glob("*.lease"))  # closed
+    reason = run.data.tags.get("opsd.failure")
+    assert reason == "SIGTERM"
+
+
+def test_a_killed_training_is_retried_by_prefect_and_resumes(project: Path, first_run: dict[str, Any],
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train task has `retries=flow.train_retries`: its training process dies (SIGKILL) right after the
+    step-2 checkpoint, Prefect runs the task again, and `opsd train` resumes from that checkpoint to the very
+    weights of an uninterrupted run (first_run's candidate)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.retrain import retrain
+
+    copy = copy_project(project, tmp_path / "repo")
+    shutil.rmtree(copy / ".opsd" / "checkpoints", ignore_errors=True)
+    # a training setting that changes no weight, so DVC reruns train rather than restoring it from its run cache
+    set_param(copy, "profiles.smoke.train.progress", False)
+    marker = tmp_path / "killed-once"
+    for key, value in kill_once_after_checkpoint(2, marker).items():
+        monkeypatch.setenv(key, value)
+    before = registry_state(copy)
+    expected = content_hash(copy)  # trained without interruption
+
+    flow_state = retrain(str(copy / "params.yaml"), return_state=True)
+    summary = flow_state.result()
+    assert marker.is_file()  # the first attempt was killed after its step-2 checkpoint
+    assert "train" in summary["ran"] and "register" in summary["ran"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    (train_run,) = [r for r in runs if r.name.startswith("train-")]
+    assert train_run.run_count == 2 and train_run.state.is_completed()  # failed once, then retried
+    assert content_hash(copy) == expected  # resumed to the weights of the uninterrupted run
+    assert summary["train"]["steps"] == 4
+    after = registry_state(copy)
+    assert [v.version for v in after["versions"]] == [v.version for v in before["versions"]]  # the same weights
+    assert summary["registry"]["already_registered"] is True

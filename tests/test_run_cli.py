@@ -39,6 +39,9 @@ def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
     first = opsd(project, "run")
     assert first.returncode == 0, first.stderr[-4000:]
     assert "generated the bundled dataset" in first.stderr
+    # each stage's lines arrive while it runs, through the Prefect log: the trainer's per-step line too
+    assert "train | step 1/4 loss=" in first.stdout + first.stderr
+    assert "prepare: done in" in first.stdout + first.stderr
     assert "stages run: prepare, train, evaluate_base, evaluate, register" in first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     # the gate's decision as a table, on the continuous metric, with exact match as guards
@@ -46,16 +49,40 @@ def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
     assert "gate: promote to champion" in first.stdout or "gate: not promoted" in first.stdout
     assert (project / "data/raw.dvc").is_file() and (project / "reports/registry.json").is_file()
 
+    # what DVC shows: metrics are a small table of numbers, the plots render without a warning
+    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=project,
+                           capture_output=True, text=True, timeout=300, check=True)
+    assert len(shown.stdout) < 4000, len(shown.stdout)
+    metrics = json.loads(shown.stdout)[""]["data"]
+    eval_metrics = metrics["reports/metrics/eval.json"]["data"]
+    assert set(eval_metrics["opsd_val_ll"]) >= {"base", "candidate", "gain", "gain_ci_low", "gain_ci_high"}
+    assert metrics["reports/metrics/train.json"]["data"]["steps"] == 4
+    plots = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=project,
+                           capture_output=True, text=True, timeout=300)
+    assert plots.returncode == 0 and "WARNING" not in plots.stderr + plots.stdout, plots.stderr[-2000:]
+    encoding = json.loads(plots.stdout)["data"]["reports/eval_plot.csv"][0]["content"]["encoding"]
+    assert (encoding["x"]["field"], encoding["x"]["type"]) == ("candidate", "quantitative")  # scores on x
+    assert (encoding["y"]["field"], encoding["y"]["type"]) == ("task", "nominal")  # one bar per task
+
     second = opsd(project, "run")
     assert second.returncode == 0, second.stderr[-4000:]
     assert "nothing changed; no stage ran" in second.stdout
 
-    status = opsd(project, "status")
-    assert status.returncode == 0, status.stderr[-2000:]
-    assert "challenger" in status.stdout.lower()
-
     registry = json.loads((project / "reports/registry.json").read_text())
     assert registry["challenger"] == registry["version"]
+    status = opsd(project, "status")
+    assert status.returncode == 0, status.stderr[-2000:]
+    lines = status.stdout.splitlines()
+    # the version, content hash and base of each alias, and the primary task's scores from eval.json
+    described = f"v{registry['version']}  {registry['content_hash'][:16]}  base tiny"
+    assert f"challenger: {described}" in lines, status.stdout
+    if registry["promoted"]:  # no earlier champion: the first candidate is the champion only if the gate passed
+        assert registry["champion"] == registry["version"] and f"champion  : {described}" in lines, status.stdout
+    else:
+        assert registry["champion"] is None and "champion  : none" in lines, status.stdout
+    scores = json.loads((project / "reports/eval.json").read_text())["tasks"]["opsd_val_ll"]
+    assert any(line.strip().startswith(f"opsd_val_ll: candidate {scores['candidate']['score']:.6g} vs base "
+                                       f"{scores['base']['score']:.6g} (diff ") for line in lines), status.stdout
     # one pipeline run promotes at most once: there is no earlier champion, and it says so in one line
     rollback = opsd(project, "promote", "--rollback")
     assert rollback.returncode == 1 and "RegistryError" in rollback.stderr, rollback.stderr[-2000:]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from opsd_core.algorithm.optim import build_optimizer, lr_factor
+from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
 from opsd_core.algorithm.rollout import Rollouts, completion_mask_from_ids, eos_token_ids
 from opsd_core.algorithm.scoring import ScoringBatch, build_scoring_batch, completion_hidden, lm_head
 from opsd_core.algorithm.teacher import EmaTeacher, FixedTeacher, LiveTeacher
@@ -16,10 +19,10 @@ from opsd_core.backends.base import Backend
 from opsd_core.backends.capabilities import probe
 from opsd_core.backends.cpu import CpuBackend
 from opsd_core.backends.plan import make_plan
-from opsd_core.config import Params, load_params
+from opsd_core.config import ConfigError, Params, TrainConfig, load_params
 from opsd_core.models.lora import effective_weights, wrap_lora
-from opsd_core.models.sources import load_model_and_tokenizer
-from opsd_core.stages.train import build_backend, build_trainer
+from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
+from opsd_core.stages.train import build_backend, build_trainer, save_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +44,6 @@ def _policy(params: Params, lora: bool = True) -> tuple[torch.nn.Module, object]
 
 
 def _problems(tok: object) -> list[Problem]:
-    from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
-
     rows = [
         ("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7\n#### 7"),
         ("A book costs 12 dollars. What do 5 books cost in dollars, in total?", "5 * 12 = 60\n#### 60"),
@@ -260,9 +261,14 @@ def test_ema_teacher_averages_the_merged_delta_and_survives_resume(smoke: Params
         assert torch.equal(resumed.teacher.ema[key], value)
     batch = _teacher_batch(trainer, rollouts, tok)
     assert torch.equal(resumed.teacher.hidden(batch), trainer.teacher.hidden(batch))
-    # the engine scores the averaged weights: the same as transformers with them swapped in
-    with torch.no_grad(), trainer.teacher._weights() as swapped:
-        expected = completion_hidden(swapped, batch)
+    # the engine scores the averaged weights: the same as transformers on a copy whose base layers hold
+    # them, adapter off
+    swapped = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for key, value in trainer.teacher.ema.items():
+            swapped.get_submodule(key).base_layer.weight.copy_(value)
+        with swapped.disable_adapter():
+            expected = completion_hidden(swapped, batch)
     _assert_close_where_valid(trainer.teacher.hidden(batch), expected, rollouts.completion_mask, 1e-5)
     with torch.no_grad():
         assert not torch.allclose(completion_hidden(model, batch), expected)  # not the current weights
@@ -295,8 +301,25 @@ def test_load_problems_tokenizes_both_contexts(smoke: Params, tmp_path: Path) ->
     path = tmp_path / "train.jsonl"
     path.write_text('{"id": "a", "problem": "1+1?", "solution": "#### 2", "answer": "2"}\n')
     (problem,) = load_problems(path, tok)
+    assert problem.id == "a"
+    assert problem.student_ids == student_prompt_ids(tok, "1+1?")
+    assert problem.teacher_ids == teacher_prompt_ids(tok, "1+1?", "#### 2")
     assert len(problem.teacher_ids) > len(problem.student_ids)
-    assert eos_token_ids(_policy(smoke)[0], tok)
+
+
+def test_eos_token_ids_are_the_end_tokens_of_model_and_tokenizer(smoke: Params) -> None:
+    model, tok = load_model_and_tokenizer(smoke.model, ROOT)
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert im_end != endoftext
+    assert eos_token_ids(model, tok) == {im_end}
+    model.generation_config.eos_token_id = [im_end, endoftext]  # a list, as Qwen3 and Llama 3 configs have
+    assert eos_token_ids(model, tok) == {im_end, endoftext}
+    model.generation_config.eos_token_id = None
+    assert eos_token_ids(model, tok) == {im_end}  # the tokenizer's alone
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    with pytest.raises(ValueError, match=r"^model and tokenizer define no end-of-sequence token$"):
+        eos_token_ids(model, tok)
 
 
 def test_sampler_copy_follows_the_trained_policy(smoke: Params, tmp_path: Path) -> None:
@@ -328,6 +351,11 @@ def test_fixed_teacher_in_another_dtype_is_the_base_model(smoke: Params, tmp_pat
     base, tok = load_model_and_tokenizer(smoke.model, ROOT)
     base.eval()
     model, _ = _policy(smoke)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # an adapter that already changes the outputs: the teacher's copy must drop it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=gen)
     teacher = FixedTeacher(model, torch.float64)  # wide dtype: any difference is a wrong copy
     trainer = _trainer(smoke, model, tok, tmp_path)
     rollouts = _fixed_rollouts(tok, 4)
@@ -338,7 +366,8 @@ def test_fixed_teacher_in_another_dtype_is_the_base_model(smoke: Params, tmp_pat
     got = teacher.hidden(batch)
     assert got.dtype == torch.float64 and teacher.lm_head_weight().dtype == torch.float64
     _assert_close_where_valid(got, expected, rollouts.completion_mask, 1e-5)
-    assert not any("lora" in n for n, _ in teacher._frozen.named_parameters())
+    with torch.no_grad():  # the adapter does change the policy's outputs: the teacher scored without it
+        assert not torch.allclose(completion_hidden(model, batch).double(), expected, atol=1e-3)
 
 
 def test_effective_weights_equal_peft_merge(smoke: Params, tmp_path: Path) -> None:
@@ -385,3 +414,85 @@ def test_bf16_bases_merge_the_lora_delta_in_fp32(smoke: Params) -> None:
     sampler.sync()
     copied = sampler.copy.get_submodule(name.removeprefix("base_model.model.")).weight
     assert torch.equal(copied, (w0.float() + delta).to(torch.bfloat16))  # rounded once, from the fp32 merge
+
+
+def test_step_samples_rollouts_and_moves_only_the_adapter(smoke: Params, tmp_path: Path) -> None:
+    """One real optimizer step: rollouts sampled by the back-end, scored, one AdamW step on the adapter."""
+    model, tok = _policy(smoke)
+    trainer = _trainer(smoke, model, tok, tmp_path / "a")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    first_lr = trainer.scheduler.get_last_lr()[0]
+    assert first_lr == smoke.train.lr * lr_factor(0, smoke.train) == smoke.train.lr  # warm-up of one step
+    row = trainer.step(0)
+    assert row["step"] == 1
+    assert math.isfinite(row["loss"]) and row["loss"] > 0
+    assert 0 < row["completion_len"] <= smoke.opsd.sampling.max_new_tokens
+    assert row["lr"] == first_lr
+    assert math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0
+    after = dict(model.named_parameters())
+    trainable = {n for n, p in after.items() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, p in after.items():
+        if name not in trainable:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+    lora_b = {n for n in trainable if "lora_B" in n}
+    assert lora_b and all(not torch.equal(after[n], before[n]) for n in lora_b)
+    # B starts at zero, so A gets no gradient on the first step (and AdamW has no weight decay here)
+    assert all(torch.equal(after[n], before[n]) for n in trainable - lora_b)
+
+    model2, _ = _policy(smoke)
+    again = _trainer(smoke, model2, tok, tmp_path / "b").step(0)
+    for key in ("loss", "kl", "completion_len", "ended_frac", "lr", "grad_norm"):
+        assert again[key] == row[key], key
+    for name, p in model2.named_parameters():
+        assert torch.equal(p, after[name]), name
+
+
+def test_a_saved_candidate_that_does_not_reproduce_the_model_is_refused(smoke: Params, tmp_path: Path) -> None:
+    """The adapter is saved, the base is reloaded from disk: a base weight changed in memory (which the
+    adapter file cannot carry) makes the reloaded model differ, and nothing is left behind."""
+    model, tok = _policy(smoke)
+    base_path = resolve_base_dir(smoke.model, ROOT)
+    good = tmp_path / "good"
+    meta = save_candidate(smoke, good, model, tok, base_path, "d" * 16, torch.device("cpu"))
+    assert meta["adapter"] is True and meta["data_hash"] == "d" * 16
+    assert (good / "models/candidate/opsd_candidate.json").is_file()
+    assert sorted(p.name for p in (good / "models").iterdir()) == ["candidate"]
+
+    name, layer = next((n, m) for n, m in model.named_modules() if hasattr(m, "lora_A"))
+    with torch.no_grad():
+        layer.base_layer.weight.add_(1.0)
+    bad = tmp_path / "bad"
+    with pytest.raises(TrainingError, match=r"^saved candidate does not reproduce the trained model \(max \|Δlogit\| "):
+        save_candidate(smoke, bad, model, tok, base_path, "d" * 16, torch.device("cpu"))
+    assert not (bad / "models/candidate").exists()
+    assert not (bad / "models/.candidate.tmp").exists()
+
+
+def test_lr_schedule_matches_the_formula_step_by_step() -> None:
+    """lr at optimizer step s (0-based): warm-up lr·(s+1)/W for s < W, then lr·(m + (1-m)·d(p)) with
+    p = (s-W)/(steps-W) capped at 1, d = 1-p (linear) or (1+cos πp)/2 (cosine); values worked out by hand
+    for lr 0.1, W 2, steps 10, m 0.1."""
+    expected = {
+        # s:  0      1     2     4          6       8           10     12
+        "cosine": [0.05, 0.1, 0.1, 0.0868198, 0.055, 0.0231802, 0.01, 0.01],
+        "linear": [0.05, 0.1, 0.1, 0.0775, 0.055, 0.0325, 0.01, 0.01],
+        "constant": [0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+    }
+    steps = [0, 1, 2, 4, 6, 8, 10, 12]
+    for schedule, values in expected.items():
+        cfg = TrainConfig(lr=0.1, steps=10, warmup_steps=2, min_lr_ratio=0.1, schedule=schedule)
+        optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), cfg)
+        seen = []
+        for s in range(max(steps) + 1):
+            if s in steps:
+                seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert seen == pytest.approx(values, abs=1e-7), schedule
+    no_warmup = TrainConfig(lr=0.1, steps=10, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    optimizer, _ = build_optimizer(torch.nn.Linear(2, 2), no_warmup)
+    assert optimizer.param_groups[0]["lr"] == 0.1  # step 0 is the full rate without warm-up
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        build_optimizer(frozen, cfg)

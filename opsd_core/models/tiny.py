@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from opsd_core.config import TinyModelConfig
+from opsd_core.config import ConfigError, TinyModelConfig
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 CHATML_TEMPLATE = (
@@ -69,7 +69,7 @@ def _train_tiny_tokenizer(cfg: TinyModelConfig) -> PreTrainedTokenizerFast:
 def build_tiny_model_dir(cfg: TinyModelConfig, out_dir: Path) -> Path:
     """Write a deterministic tiny Llama (weights from ``cfg.seed``) and its trained tokenizer."""
     if cfg.hidden % cfg.heads:
-        raise ValueError(
+        raise ConfigError(
             f"model.tiny.hidden ({cfg.hidden}) must be a multiple of model.tiny.heads ({cfg.heads})"
         )
     out_dir = Path(out_dir)
