@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,20 +35,38 @@ def dvc(args: list[str], root: Path, env: dict[str, str] | None = None,
     # stage commands call `opsd`: make this interpreter's scripts folder win even when not activated
     run_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), run_env.get("PATH", "")])
     run_env.setdefault("PYTHONUNBUFFERED", "1")  # the stage's own lines arrive as they are written
+    # its own process group: when this process is interrupted (SIGTERM, Ctrl-C, a Prefect cancellation), DVC
+    # and the stage it runs (`opsd train` and its torchrun ranks) are stopped with it, never left orphaned
     with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=run_env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+                          stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True) as proc:
         assert proc.stdout is not None
         lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if on_line is not None and line.strip():
-                on_line(line.rstrip("\n"))
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if on_line is not None and line.strip():
+                    on_line(line.rstrip("\n"))
+            code = proc.wait()
+        except BaseException:
+            _stop_group(proc)
+            raise
     out = "".join(lines)
     if code != 0:
         tail = "\n".join(out.strip().splitlines()[-25:])
         raise StageError(f"`dvc {' '.join(args)}` failed (exit {code}):\n{tail}")
     return out
+
+
+def _stop_group(proc: subprocess.Popen[str], grace_s: float = 20.0) -> None:
+    """SIGTERM the stage's whole process group, SIGKILL what is left after ``grace_s``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def pending_stages(root: Path) -> list[str]:
