@@ -77,8 +77,15 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     final = run_dir / f"{PREFIX}{step:07d}"
     tmp = run_dir / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save({"format": FORMAT, **state}, tmp / "state.pt")
+    try:
+        tmp.mkdir()
+        torch.save({"format": FORMAT, **state}, tmp / "state.pt")
+    except OSError as err:  # a full disk, a quota, a vanished mount: the older checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest(run_dir)
+        where = f"step {newest.step}" if newest else "the start"
+        raise CheckpointError(f"cannot write the step-{step} checkpoint in {run_dir}: {err.strerror or err}; "
+                              f"free space and rerun `opsd train`: it resumes from {where}") from err
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     complete = sorted(

@@ -298,3 +298,32 @@ def test_a_lora_adapter_on_the_output_head_is_refused(tiny_dir: Path) -> None:
     model, _ = load_model_and_tokenizer(ModelConfig(base=str(tiny_dir)))
     with pytest.raises(ConfigError, match="lora.target_modules: lm_head is the output head"):
         wrap_lora(model, LoraConfig(target_modules=["q_proj", "lm_head"]))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_cache_entry_is_found_by_its_hashes_and_rebuilt(tmp_path: Path, damage: str) -> None:
+    cfg = ModelConfig(base="tiny", cache_dir="cache")
+    entry = Path(resolve_base_dir(cfg, root=tmp_path))
+    weights = entry / "model.safetensors"
+    reference = weights_hash(entry)
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "flip":
+        blob = bytearray(weights.read_bytes())
+        blob[-1] ^= 0xFF
+        weights.write_bytes(blob)
+    else:
+        (entry / "tokenizer.json").unlink()
+    # a new process (the check is remembered per process): run the resolve in a subprocess
+    import subprocess
+    import sys
+
+    code = ("from pathlib import Path; from opsd_core.config import ModelConfig; "
+            "from opsd_core.models.sources import resolve_base_dir; "
+            f"print(resolve_base_dir(ModelConfig(base='tiny', cache_dir='cache'), root=Path({str(tmp_path)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert Path(out.stdout.strip()) == entry
+    assert "damaged" in out.stderr  # it says what it found
+    assert weights_hash(entry) == reference and (entry / "tokenizer.json").is_file()
+    loaded, _ = load_model_and_tokenizer(cfg, root=tmp_path)
+    assert loaded is not None

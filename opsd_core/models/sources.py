@@ -34,7 +34,7 @@ from transformers import (
 
 from opsd_core.config import ModelConfig
 from opsd_core.errors import OpsdError
-from opsd_core.io import json_hash
+from opsd_core.io import file_hash, json_hash
 from opsd_core.models.tiny import CHATML_TEMPLATE, IM_END, IM_START, build_tiny_model_dir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -56,30 +56,62 @@ def _cache_root(cfg: ModelConfig, root: Path) -> Path:
     return (cache if cache.is_absolute() else Path(root) / cache).resolve()
 
 
+_VERIFIED: set[tuple[str, int]] = set()  # (entry, marker mtime) already checked by this process
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): file_hash(p, 64)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != _MARKER}
+
+
+def _intact(target: Path) -> bool:
+    """A complete entry whose files still hash to what its marker recorded (checked once per process).
+
+    A marker without ``files`` (written by another process that recorded none) is taken as it is."""
+    marker = target / _MARKER
+    if not marker.is_file():
+        return False
+    key = (str(target), marker.stat().st_mtime_ns)
+    if key in _VERIFIED:
+        return True
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError):
+        recorded = {}
+    if recorded is not None and _file_digests(target) != recorded:
+        log.warning("model cache entry %s is damaged (its files no longer match their hashes): rebuilding it",
+                    target)
+        return False
+    _VERIFIED.add(key)
+    return True
+
+
 def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Path:
     """Run ``build(tmp)`` once and atomically rename ``tmp`` to ``target``.
 
-    A complete entry always holds ``_MARKER`` (written before the rename), so a crash mid-build leaves
-    only a ``.tmp-*`` folder, never a half-written ``target``. The file lock stops two processes from
-    both spending the conversion time; the rename would still be safe without it.
+    A complete entry always holds ``_MARKER`` (written before the rename, with the sha256 of every file),
+    so a crash mid-build leaves only a ``.tmp-*`` folder, never a half-written ``target``, and an entry
+    damaged later (a truncated or altered file) is found by its hashes and rebuilt. The file lock stops two
+    processes from both spending the conversion time; the rename would still be safe without it.
     """
-    if (target / _MARKER).is_file():
+    if _intact(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / _MARKER).is_file():
+        if _intact(target):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         try:
             start = time.perf_counter()
             build(tmp)
-            (tmp / _MARKER).write_text(json.dumps({"source": source}, sort_keys=True) + "\n")
-            if target.exists() and not (target / _MARKER).is_file():
-                shutil.rmtree(target)  # an incomplete leftover (made by hand or an older layout)
+            (tmp / _MARKER).write_text(json.dumps({"source": source, "files": _file_digests(tmp)}, sort_keys=True)
+                                       + "\n")
+            if target.exists() and not _intact(target):
+                shutil.rmtree(target)  # an incomplete or damaged leftover
             try:
                 os.rename(tmp, target)
             except OSError:  # a racer without the lock (another filesystem view) won: keep its copy
-                if not (target / _MARKER).is_file():
+                if not _intact(target):
                     raise
             log.info("materialised %s into %s in %.1f s", source, target, time.perf_counter() - start)
         finally:

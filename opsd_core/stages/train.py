@@ -131,8 +131,13 @@ def save_candidate(
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except OSError as err:  # a full disk: the previous candidate (if any) stays; the checkpoints hold the run
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"cannot write the candidate to {out}: {err.strerror or err}; free space and rerun "
+                            "`opsd train`: it resumes from its last checkpoint and writes the candidate") from err
     expected = _probe_logits(model, tokenizer, dev)
     reloaded, _ = load_candidate(base_path, tmp, dtype=next(model.parameters()).dtype)
     got = _probe_logits(reloaded.to(dev), tokenizer, dev)
