@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -307,13 +308,17 @@ def test_two_racing_registrations_leave_one_consistent_champion(
 
 
 # -- a real tracking server, as a user would run it ---------------------------------------------
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Any:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_mlflow(tmp_path: Path, port: int) -> Any:
+    """A real `mlflow server` on 127.0.0.1:``port`` (SQLite backend under ``tmp_path``) while the block runs."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (tmp_path / "server.log").open("w")
+    log = (tmp_path / "server.log").open("a")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
          f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
@@ -323,13 +328,19 @@ def mlflow_server(tmp_path: Path) -> Any:
     try:
         _wait_healthy(url, proc, tmp_path / "server.log")
         yield url
-    finally:  # the server runs its app in child processes: stop the group this fixture started
+    finally:  # the server runs its app in child processes: stop the group this started
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Any:
+    with serve_mlflow(tmp_path, _free_port()) as url:
+        yield url
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, attempts: int = 240) -> None:
@@ -394,3 +405,29 @@ def test_mlflow_params_hold_only_the_settings_that_apply(project: tuple[Path, Pa
     dump = applicable_params(other)
     assert "tiny" not in dump["model"] and dump["model"]["base"] == other.model.base
     assert set(dump) >= {"model", "lora", "opsd", "train", "eval", "registry"}
+
+
+@pytest.mark.slow
+def test_an_unreachable_tracking_server_registers_nothing_and_the_next_run_registers_once(
+    tmp_path: Path, base_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    params = Params(eval={"bootstrap_samples": 200})
+    root = tmp_path / "proj"
+    make_project(root, base_dir, 1, eval_report(cand=30))
+    with pytest.raises(RegistryError, match=rf"^the MLflow server at {url} cannot be reached .*nothing was "
+                                            r"registered or promoted: rerun `opsd register`"):
+        register(params, root)
+    assert not (root / "reports" / "registry.json").exists()
+    with serve_mlflow(tmp_path, port):  # the server is back, on the same address
+        first = register(params, root)
+        again = register(params, root)
+        from mlflow import MlflowClient
+
+        versions = MlflowClient(url).search_model_versions(f"name='{params.registry.model_name}'")
+    assert first["version"] == "1" and not first["already_registered"]
+    assert again["already_registered"] and again["version"] == "1"
+    assert len(versions) == 1

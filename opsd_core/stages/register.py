@@ -271,7 +271,27 @@ def _register_locked(
 
 
 def register(params: Params, root: Path) -> dict[str, Any]:
-    """Register ``models/candidate`` (idempotent); returns and writes ``reports/registry.json``."""
+    """Register ``models/candidate`` (idempotent); returns and writes ``reports/registry.json``.
+
+    An MLflow server that cannot be reached (after MLflow's own retries) is a one-line
+    :class:`RegistryError`: nothing was registered, and the next run registers the same candidate once
+    (versions are keyed by the candidate's content hash)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _register(params, root)
+    except MlflowException as err:
+        text = str(err)
+        if "API request to" not in text or not any(
+                m in text for m in ("Max retries exceeded", "Connection", "timed out", "Read timed out")):
+            raise
+        uri = resolve_store(params, Path(root)).tracking_uri
+        raise RegistryError(f"the MLflow server at {uri} cannot be reached ({text.splitlines()[0][:160]}); nothing "
+                            "was registered or promoted: rerun `opsd register` (or the pipeline) when it is back"
+                            ) from None
+
+
+def _register(params: Params, root: Path) -> dict[str, Any]:
     root = Path(root).resolve()
     inp = load_inputs(params, root)
     cfg, store = params.registry, resolve_store(params, root)
