@@ -41,3 +41,15 @@ def test_each_run_records_the_lock_and_the_card_shows_it() -> None:
     assert record["lock_differences"] == "none"
     card = model_card({"content_hash": "abc"}, {"tasks": {}}, {"versions": record}, {}, {}, None, "m")
     assert f"`{record['lock_sha256']}`" in card and f"torch {record['torch']}" in card
+
+
+def test_the_card_lists_nested_settings_one_per_line() -> None:
+    from opsd_core.config import Params
+
+    dump = Params().model_dump(mode="json")
+    card = model_card({"content_hash": "abc"}, {"tasks": {}}, {}, dump, {}, None, "m").splitlines()
+    train = card.index("- **train**")
+    assert card[train + 1].startswith("  - ") and ": `" in card[train + 1]
+    assert f"  - lr: `{dump['train']['lr']}`" in card
+    assert "  - sampling" in card  # a nested section gets its own bullet ...
+    assert f"    - temperature: `{dump['opsd']['sampling']['temperature']}`" in card  # ... and its own lines

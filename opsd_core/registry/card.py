@@ -137,7 +137,8 @@ def model_card(
               f"(training: `{candidate.get('params_hash')}`)", ""]
     for section in ("model", "lora", "opsd", "train", "eval", "registry"):
         if section in params_dump:
-            lines.append(f"- **{section}**: `{_compact(params_dump[section])}`")
+            lines.append(f"- **{section}**")
+            lines += _nested(params_dump[section], depth=1)
     lines += ["", "## Scores", "", f"Evaluation settings hash `{report.get('settings', {}).get('settings_hash')}`.",
               "", "| task | base | candidate | candidate - base | 95% CI | P(better) |", "|---|---|---|---|---|---|"]
     for task, res in sorted(report.get("tasks", {}).items()):
@@ -162,7 +163,14 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-def _compact(section: Any) -> str:
-    if isinstance(section, Mapping):
-        return ", ".join(f"{k}={_compact(v)}" for k, v in section.items())
-    return str(section)
+def _nested(section: Any, depth: int) -> list[str]:
+    """A settings section as nested Markdown bullets, one setting per line."""
+    pad = "  " * depth
+    lines = []
+    for key, value in section.items():
+        if isinstance(value, Mapping) and value:
+            lines.append(f"{pad}- {key}")
+            lines += _nested(value, depth + 1)
+        else:
+            lines.append(f"{pad}- {key}: `{value}`")
+    return lines
