@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from mlflow.tracking import MlflowClient
 
 from opsd_core.config import load_params
 from opsd_core.registry import leases
 from opsd_core.registry.store import resolve_store
-from tests.test_run_cli import BIN, ROOT, opsd
+from tests.projects import fresh_smoke_clone
+from tests.test_run_cli import BIN, opsd
 
 HOLD_AND_DIE = """
 import os, signal, sys
@@ -66,15 +66,7 @@ def test_reap_marks_only_runs_still_marked_running(tmp_path: Path) -> None:
 
 
 def test_a_sigkilled_flow_is_marked_failed_and_the_next_run_recovers(tmp_path: Path) -> None:
-    project = tmp_path / "p"
-    project.mkdir()
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        (project / name).write_bytes((ROOT / name).read_bytes())
-    tree = yaml.safe_load((project / "params.yaml").read_text())
-    tree["profile"] = "smoke"
-    tree["model"]["cache_dir"] = str(tmp_path / "models")
-    (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    project = fresh_smoke_clone(tmp_path / "p", tmp_path / "models")
     params = load_params(project / "params.yaml")
     store = resolve_store(params, project)
 

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
 
@@ -22,16 +20,9 @@ def opsd(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
-    project = tmp_path / "clone"
-    project.mkdir()
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, project / name)
-    shutil.copytree(ROOT / ".dvc", project / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    tree = yaml.safe_load((project / "params.yaml").read_text())
-    tree["profile"] = "smoke"
-    tree["model"]["cache_dir"] = str(tmp_path / "models")
-    (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    from tests.projects import fresh_smoke_clone
+
+    project = fresh_smoke_clone(tmp_path / "clone", tmp_path / "models", with_dvc_config=True)
 
     refused = opsd(project, "run", "--profile", "gpu")
     assert refused.returncode == 2 and "params.yaml" in refused.stderr

@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import server
-from tests.test_run_cli import BIN, ROOT, opsd
+from tests.projects import fresh_smoke_clone
+from tests.test_run_cli import BIN, opsd
 
 
 def test_server_start_status_stop(tmp_path: Path) -> None:
@@ -35,15 +35,7 @@ def test_server_start_status_stop(tmp_path: Path) -> None:
 
 
 def test_a_minutely_deployment_fires_and_completes(tmp_path: Path) -> None:
-    project = tmp_path / "p"
-    project.mkdir()
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        (project / name).write_bytes((ROOT / name).read_bytes())
-    tree = yaml.safe_load((project / "params.yaml").read_text())
-    tree["profile"] = "smoke"
-    tree["model"]["cache_dir"] = str(tmp_path / "models")
-    (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    project = fresh_smoke_clone(tmp_path / "p", tmp_path / "models")
     generated = opsd(project, "data", "generate")
     assert generated.returncode == 0, generated.stderr[-2000:]
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
