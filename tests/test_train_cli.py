@@ -67,7 +67,11 @@ def test_prepare_writes_splits_and_reports(prepared: Path) -> None:
 def test_killed_run_resumes_to_the_same_weights(prepared: Path, tmp_path: Path) -> None:
     sets = ["--set", "train.steps=4", "--set", "train.checkpoint_every=1"]
     straight = _clone(prepared, tmp_path / "straight", sets)
-    opsd(straight, "train", *sets)
+    log = opsd(straight, "train", *sets).stderr.splitlines()
+    # each step's line says how long the run has taken and, from this run's mean step, how long is left
+    steps = [line for line in log if line.startswith("step ")]
+    assert len(steps) == 4 and all(" elapsed " in line for line in steps)
+    assert all(line.endswith(" s left") for line in steps[:3]) and not steps[3].endswith(" s left")
 
     crashed = _clone(prepared, tmp_path / "crashed", sets)
     killed = opsd(crashed, "train", *sets, env=kill_after_checkpoint(2), check=False)

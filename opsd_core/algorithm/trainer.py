@@ -290,6 +290,7 @@ class OPSDTrainer:
         show = self.cfg.progress and sys.stderr.isatty() and self.world.main
         steps_bar = tqdm(total=self.cfg.steps, initial=self.state.step, desc="steps", disable=not show)
         rollouts_bar = tqdm(total=0, desc="rollouts", unit="rollout", disable=not show, leave=False)
+        started, first = time.perf_counter(), self.state.step  # this process's steps give the estimate
         try:
             while self.state.step < self.cfg.steps:
                 rollouts_bar.reset(total=self.cfg.rollouts_per_step)
@@ -299,10 +300,11 @@ class OPSDTrainer:
                 steps_bar.update(1)
                 steps_bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}")
                 if not show and self.world.main:
+                    timing = _timing(started, self.state.step - first, self.cfg.steps - self.state.step)
                     self.log(
                         f"step {row['step']}/{self.cfg.steps} loss={row['loss']:.5f} kl={row['kl']:.5f} "
                         f"len={row['completion_len']:.0f} sample={row['sample_tok_s']:.0f} tok/s "
-                        f"train={row['train_tok_s']:.0f} tok/s"
+                        f"train={row['train_tok_s']:.0f} tok/s{timing}"
                     )
                 if self.state.step % self.cfg.checkpoint_every == 0 or self.state.step == self.cfg.steps:
                     self.save_checkpoint()
@@ -311,3 +313,9 @@ class OPSDTrainer:
             steps_bar.close()
         return self.state
 
+
+def _timing(started: float, done: int, remaining: int) -> str:
+    """" elapsed N s, about M s left": the mean step time of this process times the steps left."""
+    elapsed = time.perf_counter() - started
+    left = f", about {elapsed / done * remaining:.0f} s left" if done and remaining else ""
+    return f" elapsed {elapsed:.0f} s{left}"

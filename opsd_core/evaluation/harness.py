@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,6 +247,10 @@ def evaluate_model(
         for group, limit in groups:
             if not group:
                 continue
+            began = time.perf_counter()
+            names = ", ".join(sorted(n for n, t in loaded.items() if any(t is g for g in group)))
+            print(f"evaluating {'base + adapter' if adapter else Path(model_path).name}: {names} "
+                  f"({'all' if limit is None else limit} problems each) ...", file=sys.stderr, flush=True)
             part = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=group,
@@ -264,6 +269,7 @@ def evaluate_model(
                 raise RuntimeError("lm-eval returned no results")
             results["results"].update(part.get("results", {}))
             results["samples"].update(part.get("samples", {}))
+            print(f"evaluated {names} in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - start
     out: dict[str, TaskEval] = {}
     tokenizer = None
