@@ -7,18 +7,18 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
+from opsd_core.evaluation.summary import task_summary
 from opsd_core.registry import decision
 
 
 def eval_table(report: dict[str, Any]) -> str:
     """``reports/eval.json`` as a Markdown table: one row per task, base, candidate, gain and its interval."""
     lines = ["| task | base | candidate | candidate - base | 95% CI | problems |", "|---|---|---|---|---|---|"]
-    for task, entry in sorted(report.get("tasks", {}).items()):
-        diff = entry.get("diff") or {}
-        ci = f"[{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}]" if "ci_low" in diff else "-"
-        gain = f"{diff['mean_diff']:+.4f}" if "mean_diff" in diff else "-"
-        lines.append(f"| {task} | {entry['base']['score']:.4f} | {entry['candidate']['score']:.4f} | {gain} | {ci} "
-                     f"| {entry['candidate'].get('n', '-')} |")
+    for task, row in task_summary(report).items():
+        ci = f"[{row['gain_ci_low']:+.4f}, {row['gain_ci_high']:+.4f}]" if row["gain_ci_low"] is not None else "-"
+        gain = f"{row['gain']:+.4f}" if row["gain"] is not None else "-"
+        problems = row["problems"] if row["problems"] is not None else "-"
+        lines.append(f"| {task} | {row['base']:.4f} | {row['candidate']:.4f} | {gain} | {ci} | {problems} |")
     return "\n".join(lines)
 
 

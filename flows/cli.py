@@ -159,9 +159,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if record is not None:
             os.environ["PREFECT_API_URL"] = record["api_url"]
     if args.command in ("run", "deploy"):
+        from flows.server import prefect_home
+
         # Prefect's history (flow runs, logs, artifacts) belongs to this project, not to ~/.prefect shared by
         # every clone; set before Prefect is imported, which reads its settings once
-        home = Path(os.environ.setdefault("PREFECT_HOME", str((root / params.registry.state_dir / "prefect").resolve())))
+        home = Path(os.environ.setdefault("PREFECT_HOME", str(prefect_home(state))))
         home.mkdir(parents=True, exist_ok=True)
     if args.command == "run":
         from flows.retrain import main_job

@@ -29,6 +29,11 @@ class ServerError(OpsdError):
     """The project's Prefect server could not be started or reached."""
 
 
+def prefect_home(state: Path) -> Path:
+    """Where the project's Prefect history lives: this server's database and ``opsd run``'s runs."""
+    return (Path(state) / "prefect").resolve()
+
+
 def _record_path(state: Path) -> Path:
     return Path(state) / STATE_FILE
 
@@ -65,7 +70,7 @@ def start(state: Path, timeout_s: float = 180.0, scheduler_loop_s: int = 10) -> 
     if running is not None:
         return {**running, "already_running": True}
     state = Path(state).resolve()
-    home = state / "prefect"
+    home = prefect_home(state)
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -41,11 +41,18 @@ def numbers_only(tree: Any) -> Any:
     return None
 
 
+def write_metrics(reports_dir: Path, name: str, values: Any) -> None:
+    """``<reports_dir>/metrics/<name>.json``: the numeric leaves of ``values``, what DVC tracks as metrics."""
+    write_json(reports_dir / "metrics" / f"{name}.json", numbers_only(values))
+
+
 def json_hash(value: Any) -> str:
     """The first 16 hex digits of the sha256 of ``value`` as key-sorted JSON: equal values, equal hashes."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_hash(path: Path, digits: int = 16) -> str:
-    """The first ``digits`` hex digits of a file's sha256 (64: all of it)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:digits]
+    """The first ``digits`` hex digits of a file's sha256 (64: all of it); read in blocks, so a
+    model-sized file costs no memory."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:digits]

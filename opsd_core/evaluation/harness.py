@@ -240,20 +240,20 @@ def evaluate_model(
 
     # one model for both groups: the log-likelihood tasks take their own limit (cheap: no generation)
     lm = HFLM(**model_args(model_path, adapter, cfg, device, thinking))
-    groups = [([t for n, t in loaded.items() if n not in LL_TASKS], cfg.limit),
-              ([t for n, t in loaded.items() if n in LL_TASKS], cfg.ll_limit)]
+    groups = [({n: t for n, t in loaded.items() if n not in LL_TASKS}, cfg.limit),
+              ({n: t for n, t in loaded.items() if n in LL_TASKS}, cfg.ll_limit)]
     results: dict[str, Any] = {"results": {}, "samples": {}}
     with torch.inference_mode():
         for group, limit in groups:
             if not group:
                 continue
             began = time.perf_counter()
-            names = ", ".join(sorted(n for n, t in loaded.items() if any(t is g for g in group)))
+            names = ", ".join(sorted(group))
             print(f"evaluating {'base + adapter' if adapter else Path(model_path).name}: {names} "
                   f"({'all' if limit is None else limit} problems each) ...", file=sys.stderr, flush=True)
             part = lm_eval.simple_evaluate(
                 model=lm,
-                tasks=group,
+                tasks=list(group.values()),
                 task_manager=tm,
                 limit=limit,
                 apply_chat_template=True,

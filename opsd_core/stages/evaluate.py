@@ -21,8 +21,9 @@ from opsd_core.config import Params
 from opsd_core.evaluation.bootstrap import compare_samples
 from opsd_core.evaluation.errors import EvalError
 from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model
+from opsd_core.evaluation.summary import task_summary
 from opsd_core.evaluation.tasks import GSM8K_LL_TASK, GSM8K_TASK, VAL_LL_TASK, VAL_TASK, write_task_yamls
-from opsd_core.io import file_hash, json_hash, numbers_only, write_json
+from opsd_core.io import file_hash, json_hash, write_json, write_metrics
 
 BASE_REPORT = "eval_base.json"
 REPORT = "eval.json"
@@ -186,13 +187,7 @@ def evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
         "tasks": combine(base, cand, params.eval.bootstrap_samples, params.eval.seed),
     }
     write_json(reports / REPORT, report)
-    write_json(reports / "metrics" / "eval.json", {
-        task: numbers_only({"base": entry["base"]["score"], "candidate": entry["candidate"]["score"],
-                            "gain": (entry.get("diff") or {}).get("mean_diff"),
-                            "gain_ci_low": (entry.get("diff") or {}).get("ci_low"),
-                            "gain_ci_high": (entry.get("diff") or {}).get("ci_high"),
-                            "problems": entry["candidate"].get("n")})
-        for task, entry in sorted(report["tasks"].items())})
+    write_metrics(reports, "eval", task_summary(report))
     return report
 
 
@@ -211,7 +206,5 @@ def _write_eval_plot(path: Path, report: dict[str, Any]) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["task", "base", "candidate", "diff_ci_low", "diff_ci_high"])
-        for task, entry in sorted(report["tasks"].items()):
-            diff = entry.get("diff") or {}
-            writer.writerow([task, entry["base"]["score"], entry["candidate"]["score"],
-                             diff.get("ci_low"), diff.get("ci_high")])
+        for task, row in task_summary(report).items():
+            writer.writerow([task, row["base"], row["candidate"], row["gain_ci_low"], row["gain_ci_high"]])

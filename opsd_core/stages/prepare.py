@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from opsd_core.config import Params
-from opsd_core.io import numbers_only, write_json
+from opsd_core.io import write_metrics
 
 
 def prepare(params: Params, root: Path) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
     record = summary if isinstance(summary, dict) else vars(summary)
     metrics = {k: record[k] for k in ("read", "accepted", "train", "val", "capped", "rejected",
                                       "rejected_by_reason", "contamination_removed", "eval_rows") if k in record}
-    write_json(reports / "metrics" / "data.json", numbers_only(metrics))
+    write_metrics(reports, "data", metrics)
     if record.get("rejected"):
         print(f"opsd prepare: {record['rejected']} of {record['read']} rows rejected, each with its file, line and "
               f"reason: {reports / 'rejected.jsonl'}", file=sys.stderr)

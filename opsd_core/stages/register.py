@@ -281,14 +281,26 @@ def register(params: Params, root: Path) -> dict[str, Any]:
     try:
         return _register(params, root)
     except MlflowException as err:
-        text = str(err)
-        if "API request to" not in text or not any(
-                m in text for m in ("Max retries exceeded", "Connection", "timed out", "Read timed out")):
+        if not _unreachable(err):
             raise
         uri = resolve_store(params, Path(root)).tracking_uri
-        raise RegistryError(f"the MLflow server at {uri} cannot be reached ({text.splitlines()[0][:160]}); nothing "
-                            "was registered or promoted: rerun `opsd register` (or the pipeline) when it is back"
-                            ) from None
+        raise RegistryError(f"the MLflow server at {uri} cannot be reached ({str(err).splitlines()[0][:160]}); "
+                            "nothing was registered or promoted: rerun `opsd register` (or the pipeline) when it "
+                            "is back") from None
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (an MLflow error) came from a connection that could not be made or kept: MLflow's
+    REST client raises its own exception while handling the ``requests`` one, which stays the context."""
+    import requests
+
+    lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, lost):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _register(params: Params, root: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from opsd_core.backends.packs import for_plan
 from opsd_core.backends.plan import ExecutionPlan, make_plan
 from opsd_core.backends.runtime import configure_threads, peak_rss_mb, tune_allocator
 from opsd_core.config import Params
-from opsd_core.io import file_hash, numbers_only, write_json
+from opsd_core.io import file_hash, write_json, write_metrics
 
 
 def execution_plan(params: Params) -> ExecutionPlan:
@@ -241,7 +241,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     write_json(reports / "train.json", summary)
-    write_json(reports / "metrics" / "train.json", numbers_only(
-        {k: v for k, v in summary.items() if k not in ("machine", "execution", "versions", "rollouts_per_rank")}))
+    write_metrics(reports, "train",
+                  {k: v for k, v in summary.items() if k not in ("machine", "execution", "versions", "rollouts_per_rank")})
     print(f"candidate written to {root / params.train.output_dir}", file=sys.stderr)
     return summary
