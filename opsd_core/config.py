@@ -115,6 +115,9 @@ class OPSDConfig(_Section):
     # None: use the sampling temperature (DESIGN.md section 5.4)
     temperature: float | None = Field(None, gt=0)
     teacher: Literal["fixed", "ema", "live"] = "fixed"
+    # what privileged context the teacher sees: reference (the problem's verified solution), shuffled
+    # (another problem's solution: the control), none (the student's prompt: no privileged context)
+    teacher_context: Literal["reference", "shuffled", "none"] = "reference"
     # fixed teacher only: score with a frozen copy of the base in this dtype through the decoder
     # engine, without padding (None: the policy with its adapter disabled, no copy). bfloat16 makes
     # the teacher pass ~1.5x faster on CPUs with bf16 units (benchmarks.breakdown, oneDNN packs on), at bf16 precision.

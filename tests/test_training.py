@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,14 @@ from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
 from opsd_core.algorithm.rollout import Rollouts, completion_mask_from_ids, eos_token_ids
 from opsd_core.algorithm.scoring import ScoringBatch, build_scoring_batch, completion_hidden, lm_head
 from opsd_core.algorithm.teacher import EmaTeacher, FixedTeacher, LiveTeacher
-from opsd_core.algorithm.trainer import OPSDTrainer, Problem, TrainingError, load_problems, step_indices
+from opsd_core.algorithm.trainer import (
+    OPSDTrainer,
+    Problem,
+    TrainingError,
+    load_problems,
+    shuffled_partners,
+    step_indices,
+)
 from opsd_core.backends.base import Backend
 from opsd_core.backends.capabilities import probe
 from opsd_core.backends.cpu import CpuBackend
@@ -305,6 +314,61 @@ def test_load_problems_tokenizes_both_contexts(smoke: Params, tmp_path: Path) ->
     assert problem.student_ids == student_prompt_ids(tok, "1+1?")
     assert problem.teacher_ids == teacher_prompt_ids(tok, "1+1?", "#### 2")
     assert len(problem.teacher_ids) > len(problem.student_ids)
+
+
+def _context_rows(path: Path, n: int) -> list[tuple[str, str]]:
+    rows = [(f"What is {i} plus {i}?", f"{i} + {i} = {2 * i}\n#### {2 * i}") for i in range(n)]
+    path.write_text("".join(json.dumps({"id": str(i), "problem": p, "solution": s, "answer": str(2 * i)}) + "\n"
+                            for i, (p, s) in enumerate(rows)))
+    return rows
+
+
+def test_teacher_context_shuffled_gives_each_problem_another_problems_solution(smoke: Params, tmp_path: Path) -> None:
+    _, tok = load_model_and_tokenizer(smoke.model, ROOT)
+    rows = _context_rows(tmp_path / "train.jsonl", 7)
+    reference = load_problems(tmp_path / "train.jsonl", tok, context="reference", seed=3)
+    shuffled = load_problems(tmp_path / "train.jsonl", tok, context="shuffled", seed=3)
+    partners = shuffled_partners(7, 3)
+    assert sorted(partners) == list(range(7)) and all(j != i for i, j in enumerate(partners))  # a derangement
+    assert partners == shuffled_partners(7, 3) and partners != shuffled_partners(7, 4)  # seeded
+    for i, (prob, ref) in enumerate(zip(shuffled, reference, strict=True)):
+        problem, _ = rows[i]
+        assert prob.student_ids == ref.student_ids  # only the teacher's context changes
+        assert prob.teacher_ids == teacher_prompt_ids(tok, problem, rows[partners[i]][1])
+        assert prob.teacher_ids != ref.teacher_ids
+    none = load_problems(tmp_path / "train.jsonl", tok, context="none")
+    assert all(p.teacher_ids == p.student_ids for p in none)
+
+
+def test_teacher_context_none_with_the_fixed_teacher_leaves_the_base_unchanged(smoke: Params, tmp_path: Path) -> None:
+    """No privileged context: the fixed teacher is the student at step 0, so the divergence is zero, the
+    gradient is rounding noise (the teacher and student passes take different kernels) and the policy keeps
+    the base model's predictions (the zero line of the control). Adam scales even that noise up to a
+    fraction of the learning rate, so the weights are compared through the logits, not bit for bit."""
+    model, tok = _policy(smoke)
+    _context_rows(tmp_path / "train.jsonl", 4)
+    problems = load_problems(tmp_path / "train.jsonl", tok, context="none")
+    params = smoke.model_copy(update={"opsd": smoke.opsd.model_copy(update={"teacher_context": "none"})})
+    trainer = build_trainer(params, model, tok, problems, torch.device("cpu"), tmp_path / "run", log=lambda _m: None)
+    probe = torch.tensor([problems[0].student_ids])
+
+    def moved(policy: torch.nn.Module, step: Callable[[], dict[str, float]]) -> tuple[dict[str, float], float]:
+        with torch.no_grad():
+            before = policy(input_ids=probe).logits
+        row = step()
+        policy.eval()
+        with torch.no_grad():
+            return row, float((policy(input_ids=probe).logits - before).abs().max())
+
+    row, none_moved = moved(model, lambda: trainer.step(0))
+    assert row["kl"] == pytest.approx(0.0, abs=1e-7) and row["grad_norm"] < 1e-7
+    assert none_moved < 1e-3
+    # the same step with the solution in the teacher's context learns: logits move far more
+    model2, _ = _policy(smoke)
+    reference = load_problems(tmp_path / "train.jsonl", tok, context="reference")
+    learner = build_trainer(smoke, model2, tok, reference, torch.device("cpu"), tmp_path / "run2", log=lambda _m: None)
+    row, reference_moved = moved(model2, lambda: learner.step(0))
+    assert row["kl"] > 1e-5 and row["grad_norm"] > 1e-4 and reference_moved > 30 * none_moved
 
 
 def test_eos_token_ids_are_the_end_tokens_of_model_and_tokenizer(smoke: Params) -> None:

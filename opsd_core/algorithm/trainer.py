@@ -63,22 +63,40 @@ class TrainState:
     curve: list[dict[str, float]] = field(default_factory=list)
 
 
-def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None) -> list[Problem]:
-    """Tokenize both contexts of every prepared training row once (``thinking``: ``model.thinking``)."""
-    problems = []
+def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None, context: str = "reference",
+                  seed: int = 0) -> list[Problem]:
+    """Tokenize both contexts of every prepared training row once (``thinking``: ``model.thinking``).
+
+    ``context`` is ``opsd.teacher_context``, what privileged information the teacher gets:
+    ``reference`` its own problem's verified solution; ``shuffled`` another problem's (see
+    :func:`shuffled_partners`), the control for "the gain comes from the solution, not from the extra
+    prompt or from training on its own samples"; ``none`` the student's own prompt (no privileged context).
+    """
+    rows = []
     with path.open(encoding="utf-8") as fh:
         for line in fh:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            problems.append(Problem(
-                str(row["id"]),
-                student_prompt_ids(tokenizer, row["problem"], thinking),
-                teacher_prompt_ids(tokenizer, row["problem"], row["solution"], thinking),
-            ))
-    if not problems:
+            if line.strip():
+                rows.append(json.loads(line))
+    if not rows:
         raise TrainingError(f"{path}: no training problems (run `opsd prepare` first)")
+    partner = shuffled_partners(len(rows), seed) if context == "shuffled" else list(range(len(rows)))
+    problems = []
+    for i, row in enumerate(rows):
+        student = student_prompt_ids(tokenizer, row["problem"], thinking)
+        teacher = student if context == "none" else \
+            teacher_prompt_ids(tokenizer, row["problem"], rows[partner[i]]["solution"], thinking)
+        problems.append(Problem(str(row["id"]), student, teacher))
     return problems
+
+
+def shuffled_partners(n: int, seed: int) -> list[int]:
+    """A seeded derangement of ``range(n)``: problem ``i`` gets the solution of problem ``out[i] != i``
+    (for ``n`` >= 2): a seeded permutation, each entry paired with the next one in it."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 104729)).tolist()
+    out = [0] * n
+    for k, i in enumerate(order):
+        out[i] = order[(k + 1) % n]
+    return out
 
 
 def step_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
