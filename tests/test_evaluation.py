@@ -14,10 +14,16 @@ import yaml
 
 from opsd_core.algorithm.prompts import ANSWER_INSTRUCTION, student_messages
 from opsd_core.config import EvalConfig, ModelConfig, Params
+from opsd_core.data.verify import last_number
 from opsd_core.evaluation.bootstrap import paired_bootstrap
 from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
-from opsd_core.evaluation.metrics import doc_to_text, process_results, sample_correctness
-from opsd_core.evaluation.tasks import SAMPLES_FILTER, write_task_yamls
+from opsd_core.evaluation.metrics import (
+    doc_to_text,
+    flexible_correctness,
+    process_results,
+    sample_correctness,
+)
+from opsd_core.evaluation.tasks import SAMPLES_FILTER, answer_split, write_task_yamls
 
 K = 2
 LIMIT = 3
@@ -56,12 +62,33 @@ def test_process_results_scores_correct_one_and_wrong_zero() -> None:
     doc = {"id": "x", "problem": "p", "answer": "18"}
     assert process_results(doc, [["steps...\n#### 18"]])["exact_match"] == 1.0
     assert process_results(doc, [["steps...\n#### 17"]])["exact_match"] == 0.0
-    assert process_results(doc, [["no final answer here"]]) == {"exact_match": 0.0, "has_answer": 0.0}
+    assert process_results(doc, [["no final answer here"]]) == {"exact_match": 0.0, "exact_match_flex": 0.0,
+                                                                 "has_answer": 0.0}
     # avg@k: the mean over the problem's samples; "18.00" and a boxed answer count as 18
     got = process_results(doc, [["#### 18.00", "#### 3", "so \\boxed{18}", "#### 1"]])
     assert got["exact_match"] == pytest.approx(0.5)
     assert got["has_answer"] == pytest.approx(1.0)
     assert sample_correctness(doc, ["#### 18", "#### 19"]) == [1, 0]
+
+
+def test_flexible_match_takes_the_last_number_without_the_answer_format() -> None:
+    doc = {"id": "x", "problem": "p", "answer": "1250"}
+    completions = ["so the total is 1,250 dollars.", "3 + 4 = 7, then 1250", "#### 1250", "1250 is wrong: 12",
+                   "no number", "1250.0"]
+    assert flexible_correctness(doc, completions) == [1, 1, 1, 0, 0, 1]
+    assert sample_correctness(doc, completions) == [0, 0, 1, 0, 0, 0]  # strict wants "####" or \\boxed
+    got = process_results(doc, [completions])
+    assert got["exact_match_flex"] == pytest.approx(4 / 6) and got["exact_match"] == pytest.approx(1 / 6)
+    assert last_number("x = -3.5, y") == "-3.5" and last_number("none") is None
+
+
+def test_answer_split_cuts_before_the_final_answer_line() -> None:
+    assert answer_split("a = 1\nb = 2\n#### 3") == ("a = 1\nb = 2\n", "#### 3")
+    assert answer_split("#### 3") == ("", "#### 3")
+    assert answer_split("x\nso \\boxed{4}.") == ("x\n", "so \\boxed{4}.")
+    assert answer_split("#### 1\ncheck: #### 2") == ("#### 1\n", "check: #### 2")  # the last one
+    with pytest.raises(ValueError, match="no final answer line"):
+        answer_split("no answer")
 
 
 def test_doc_to_text_is_the_student_user_message() -> None:
@@ -193,7 +220,7 @@ def _check_model_result(res: dict[str, Any]) -> None:
     per_problem = [sum(v) / K for v in res["samples"].values()]
     assert res["score"] == pytest.approx(sum(per_problem) / LIMIT)
     # our per-sample rescoring agrees with lm-eval's own aggregate of process_results
-    assert res["score"] == pytest.approx(res["lm_eval"][f"exact_match,{SAMPLES_FILTER}"])
+    assert res["score"] == pytest.approx(res["lm_eval"][res["metric"]])
 
 
 def test_base_and_candidate_report_is_well_formed(
@@ -206,7 +233,11 @@ def test_base_and_candidate_report_is_well_formed(
     assert report["settings"]["settings_hash"] == base_report["settings"]["settings_hash"]
     assert report["base_source"] == "cache"
     assert report["models"]["candidate"]["adapter"] == params.train.output_dir
-    assert set(report["tasks"]) == {"opsd_val", "opsd_gsm8k100"}
+    assert set(report["tasks"]) == {"opsd_val", "opsd_gsm8k100", "opsd_val_flex", "opsd_gsm8k100_flex"}
+    for name in ("opsd_val", "opsd_gsm8k100"):  # the flexible entry rescored the strict one's completions
+        strict, flex = report["tasks"][name]["candidate"], report["tasks"][name + "_flex"]["candidate"]
+        assert flex["metric"] == f"exact_match_flex,{SAMPLES_FILTER}" and set(flex["samples"]) == set(strict["samples"])
+        assert flex["score"] == pytest.approx(strict["lm_eval"][f"exact_match_flex,{SAMPLES_FILTER}"])
     for name, entry in report["tasks"].items():
         assert entry["base"] == base_report["tasks"][name]
         _check_model_result(entry["base"])
@@ -350,3 +381,34 @@ def test_loglikelihood_task_scores_the_reference_behind_exactly_the_student_prom
         assert value == pytest.approx(float(logp) / len(target), rel=1e-3, abs=1e-3), key
     assert result.score == pytest.approx(np.mean([v[0] for v in result.samples.values()]))
     assert result.score < 0
+
+
+def test_answer_task_scores_the_final_line_behind_the_prompt_and_the_rest_of_the_solution(
+        project: tuple[Path, Params], tmp_path: Path) -> None:
+    """opsd_val_answer_ll through a real lm-eval run equals the answer line's log-probability computed
+    directly behind the student's prompt and the solution's earlier lines, per answer-line token (lm-eval moves
+    the newline before the line out of its context, so that newline is scored too)."""
+    from opsd_core.algorithm.prompts import student_prompt_ids
+    from opsd_core.evaluation.harness import LL_PER_TOKEN, evaluate_model
+    from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
+
+    root, params = project
+    cfg = params.eval.model_copy(update={"tasks": ["opsd_val_answer_ll"]})
+    write_task_yamls(tmp_path, root / "data/prepared/val.jsonl", root / "data/eval/gsm8k100.jsonl", cfg)
+    base = resolve_base_dir(params.model, root)
+    result = evaluate_model(str(base), None, ["opsd_val_answer_ll"], cfg, tmp_path).tasks["opsd_val_answer_ll"]
+    assert result.metric == LL_PER_TOKEN and result.n == 5
+    # the solution's earlier lines open the assistant's turn, unclosed
+    assert result.example["prompt"].endswith("<|im_start|>assistant\n" + answer_split(_row(0, {})["solution"])[0])
+    model, tok = load_model_and_tokenizer(params.model, root)
+    rows = {r["id"]: r for r in map(json.loads, (root / "data/prepared/val.jsonl").read_text().splitlines())}
+    for key, (value,) in result.samples.items():
+        head, line = answer_split(rows[key]["solution"])
+        prompt = student_prompt_ids(tok, rows[key]["problem"])
+        context = prompt + tok(head.rstrip(), add_special_tokens=False)["input_ids"]
+        ids = prompt + tok(head + line, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        logp = logits[len(context) - 1:-1].log_softmax(-1).gather(1, torch.tensor(ids[len(context):])[:, None]).sum()
+        assert value == pytest.approx(float(logp) / len(tok(line, add_special_tokens=False)["input_ids"]),
+                                      rel=1e-3, abs=1e-3), key

@@ -69,6 +69,17 @@ def extract_answer(text: str) -> str | None:
     return max(candidates, key=lambda c: c[0])[1]
 
 
+_LAST_NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?|[+-]?\.\d+")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` (the flexible extraction: no ``####`` needed), or None."""
+    if not isinstance(text, str):
+        return None
+    found = _LAST_NUMBER.findall(text)
+    return found[-1].rstrip(",") if found else None
+
+
 def _canonical_number(s: str) -> str | None:
     """Canonical text of a finite decimal number ("18.0" -> "18", "-0.50" -> "-0.5"), else None."""
     if _THOUSANDS.match(s):

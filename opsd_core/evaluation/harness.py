@@ -15,8 +15,21 @@ import torch
 
 from opsd_core.config import EvalConfig
 from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
-from opsd_core.evaluation.metrics import EXACT_MATCH, LOGLIKELIHOOD, sample_correctness
-from opsd_core.evaluation.tasks import LL_TASKS, OWN_TASKS, SAMPLES_FILTER, sampling_kwargs
+from opsd_core.evaluation.metrics import (
+    EXACT_MATCH,
+    EXACT_MATCH_FLEX,
+    LOGLIKELIHOOD,
+    flexible_correctness,
+    sample_correctness,
+)
+from opsd_core.evaluation.tasks import (
+    FLEX_SUFFIX,
+    LL_TASKS,
+    OWN_TASKS,
+    SAMPLES_FILTER,
+    ll_target,
+    sampling_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +150,10 @@ def _numeric(values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _own_task_eval(logged: list[dict[str, Any]], k: int, agg: dict[str, float]) -> TaskEval:
-    samples: dict[str, list[float]] = {}
+def _own_task_eval(logged: list[dict[str, Any]], k: int, agg: dict[str, float]) -> tuple[TaskEval, TaskEval]:
+    """(strict exact match, flexible exact match on the last number), from the same completions."""
+    strict: dict[str, list[float]] = {}
+    flexible: dict[str, list[float]] = {}
     example: dict[str, Any] = {}
     for ex in logged:
         if ex.get("filter") != SAMPLES_FILTER:
@@ -146,29 +161,33 @@ def _own_task_eval(logged: list[dict[str, Any]], k: int, agg: dict[str, float]) 
         doc = ex["doc"]
         completions = [str(c) for c in ex["filtered_resps"][0]]
         key = str(doc.get("id", ex["doc_id"]))
-        samples[key] = [float(v) for v in sample_correctness(doc, completions)]
+        strict[key] = [float(v) for v in sample_correctness(doc, completions)]
+        flexible[key] = [float(v) for v in flexible_correctness(doc, completions)]
         if not example:
             example = {"id": key, "problem": doc["problem"], "prompt": ex["arguments"][0][0],
                        "completion": completions[0] if completions else "", "target": doc["answer"]}
-    return _task_eval(samples, k, f"{EXACT_MATCH},{SAMPLES_FILTER}", agg, example)
+    return (_task_eval(strict, k, f"{EXACT_MATCH},{SAMPLES_FILTER}", agg, example),
+            _task_eval(flexible, k, f"{EXACT_MATCH_FLEX},{SAMPLES_FILTER}", agg, example))
 
 
 LL_PER_TOKEN = "loglikelihood_per_token"
 
 
-def _ll_task_eval(logged: list[dict[str, Any]], agg: dict[str, float], tokenizer: Any) -> TaskEval:
-    """Per problem: the reference solution's log-probability divided by its token count (the model's own
-    tokenizer, the same for base and candidate), so long and short solutions weigh alike."""
+def _ll_task_eval(logged: list[dict[str, Any]], agg: dict[str, float], tokenizer: Any, target: str
+                  ) -> TaskEval:
+    """Per problem: the log-probability of the scored text (the ``target`` field: the reference solution or
+    its answer line) divided by its token count (the model's own tokenizer, the same for base and
+    candidate), so long and short texts weigh alike."""
     samples: dict[str, list[float]] = {}
     example: dict[str, Any] = {}
     for ex in logged:
         doc = ex["doc"]
         key = str(doc.get("id", ex["doc_id"]))
-        tokens = max(1, len(tokenizer(doc["solution"], add_special_tokens=False)["input_ids"]))
+        tokens = max(1, len(tokenizer(doc[target], add_special_tokens=False)["input_ids"]))
         samples[key] = [float(ex[LOGLIKELIHOOD]) / tokens]
         if not example:
             example = {"id": key, "problem": doc["problem"], "prompt": ex["arguments"][0][0],
-                       "target": doc["solution"], "tokens": tokens}
+                       "target": doc[target], "tokens": tokens}
     return _task_eval(samples, 1, LL_PER_TOKEN, agg, example)
 
 
@@ -281,9 +300,9 @@ def evaluate_model(
         logged = results.get("samples", {}).get(name, [])
         agg = _numeric(results["results"].get(name, {}))
         if name in LL_TASKS:
-            out[name] = _ll_task_eval(logged, agg, tokenizer)
+            out[name] = _ll_task_eval(logged, agg, tokenizer, ll_target(name))
         elif name in OWN_TASKS:
-            out[name] = _own_task_eval(logged, cfg.samples_per_problem, agg)
+            out[name], out[name + FLEX_SUFFIX] = _own_task_eval(logged, cfg.samples_per_problem, agg)
         else:
             out[name] = _standard_task_eval(task, logged, agg)
     return ModelEval(model={"pretrained": str(model_path), "adapter": str(adapter) if adapter else None},

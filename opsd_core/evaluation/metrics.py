@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from opsd_core.algorithm.prompts import student_messages
-from opsd_core.data.verify import answers_match, extract_answer
+from opsd_core.data.verify import answers_match, extract_answer, last_number
 
 EXACT_MATCH = "exact_match"
+# the last number of the completion, "####" or not (lm-eval gsm8k's "flexible-extract" idea)
+EXACT_MATCH_FLEX = "exact_match_flex"
 HAS_ANSWER = "has_answer"
 # lm-eval's per-problem value of a log-likelihood task: the summed log-probability of the reference
 # solution; opsd divides by its token count afterwards (harness), which needs the model's tokenizer
@@ -51,15 +53,24 @@ def sample_correctness(doc: dict[str, Any], completions: list[str]) -> list[int]
     return [int(answers_match(extract_answer(c), target)) for c in completions]
 
 
+def flexible_correctness(doc: dict[str, Any], completions: list[str]) -> list[int]:
+    """1 per completion whose last number matches ``doc["answer"]`` (no answer format required), else 0."""
+    target = str(doc["answer"])
+    return [int(answers_match(last_number(c), target)) for c in completions]
+
+
 def process_results(doc: dict[str, Any], results: list[Any]) -> dict[str, float]:
-    """lm-eval hook: per-problem exact match averaged over the k samples (avg@k) and answer rate."""
+    """lm-eval hook: per-problem exact match (strict and flexible) averaged over the k samples (avg@k),
+    and the answer rate."""
     completions = _flatten(results)
     if not completions:
-        return {EXACT_MATCH: 0.0, HAS_ANSWER: 0.0}
+        return {EXACT_MATCH: 0.0, EXACT_MATCH_FLEX: 0.0, HAS_ANSWER: 0.0}
     correct = sample_correctness(doc, completions)
+    flexible = flexible_correctness(doc, completions)
     answered = [extract_answer(c) is not None for c in completions]
     return {
         EXACT_MATCH: sum(correct) / len(correct),
+        EXACT_MATCH_FLEX: sum(flexible) / len(flexible),
         HAS_ANSWER: sum(answered) / len(answered),
     }
 

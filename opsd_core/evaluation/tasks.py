@@ -18,7 +18,7 @@ import yaml
 from opsd_core.config import EvalConfig
 from opsd_core.data.verify import extract_answer
 from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
-from opsd_core.evaluation.metrics import EXACT_MATCH, HAS_ANSWER, LOGLIKELIHOOD
+from opsd_core.evaluation.metrics import EXACT_MATCH, EXACT_MATCH_FLEX, HAS_ANSWER, LOGLIKELIHOOD
 from opsd_core.io import atomic_write
 
 VAL_TASK = "opsd_val"
@@ -27,8 +27,15 @@ GSM8K_TASK = "opsd_gsm8k100"
 # verified reference solution, given exactly its prompt (what OPSD moves; no generation, cheap on CPU)
 VAL_LL_TASK = "opsd_val_ll"
 GSM8K_LL_TASK = "opsd_gsm8k100_ll"
-LL_TASKS: tuple[str, ...] = (VAL_LL_TASK, GSM8K_LL_TASK)
+# only the final answer line ("#### 42"), behind the student's prompt and the rest of the verified solution:
+# does the model conclude the right number, apart from how it words the reasoning
+VAL_ANSWER_TASK = "opsd_val_answer_ll"
+GSM8K_ANSWER_TASK = "opsd_gsm8k100_answer_ll"
+ANSWER_TASKS: tuple[str, ...] = (VAL_ANSWER_TASK, GSM8K_ANSWER_TASK)
+LL_TASKS: tuple[str, ...] = (VAL_LL_TASK, GSM8K_LL_TASK, *ANSWER_TASKS)
 OWN_TASKS: tuple[str, ...] = (VAL_TASK, GSM8K_TASK, *LL_TASKS)
+# each generation task's report also holds, from the same completions, exact match on the last number
+FLEX_SUFFIX = "_flex"
 # lm-eval filter that keeps all k samples of a problem (its default keeps only the first).
 SAMPLES_FILTER = "all_samples"
 # ChatML end of turn; lm-eval also stops at the tokenizer's own eos.
@@ -81,6 +88,7 @@ def task_config(name: str, data_file: Path, cfg: EvalConfig) -> dict[str, Any]:
         "filter_list": [{"name": SAMPLES_FILTER, "filter": [{"function": "take_first_k", "k": k}]}],
         "metric_list": [
             {"metric": EXACT_MATCH, "aggregation": "mean", "higher_is_better": True},
+            {"metric": EXACT_MATCH_FLEX, "aggregation": "mean", "higher_is_better": True},
             {"metric": HAS_ANSWER, "aggregation": "mean", "higher_is_better": True},
         ],
         "metadata": {"version": 1.0},
@@ -96,8 +104,12 @@ def ll_task_config(name: str, data_file: Path) -> dict[str, Any]:
     before it: a term a chat model puts at ~0 nats, the same kind for base and candidate. Every solution
     token is scored behind exactly the student's prompt. (Two continuations per problem, to subtract that
     term, would need an empty one, which lm-eval's checks refuse.)
+
+    The answer tasks score only the final answer line: the solution's earlier lines are the start of the
+    assistant's turn (lm-eval's ``gen_prefix``, rendered with the chat template's continue-final-message),
+    the answer line its continuation.
     """
-    return {
+    config: dict[str, Any] = {
         "task": name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
@@ -105,12 +117,43 @@ def ll_task_config(name: str, data_file: Path) -> dict[str, Any]:
         "output_type": "loglikelihood",
         "num_fewshot": 0,
         "doc_to_text": _FunctionRef(f"{_METRICS_MODULE}.doc_to_text"),
-        "doc_to_target": "solution",
+        "doc_to_target": ll_target(name),
         "target_delimiter": "",
         "process_results": _FunctionRef(f"{_METRICS_MODULE}.process_loglikelihood"),
         "metric_list": [{"metric": LOGLIKELIHOOD, "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0},
     }
+    if name in ANSWER_TASKS:
+        config["gen_prefix"] = "head"
+    return config
+
+
+def ll_target(name: str) -> str:
+    """The row field a log-likelihood task scores (its token count is the per-token denominator)."""
+    return "answer_line" if name in ANSWER_TASKS else "solution"
+
+
+def answer_split(solution: str) -> tuple[str, str]:
+    """(the solution up to its final answer line, that line): the line of the last ``####``, else of the
+    last ``\\boxed``; the answer tasks score the line behind the rest."""
+    text = solution.strip()
+    cut = text.rfind("####")
+    if cut < 0:
+        cut = text.rfind("\\boxed")
+    if cut < 0:
+        raise ValueError("the solution has no final answer line ('####' or \\boxed)")
+    start = text.rfind("\n", 0, cut) + 1
+    return text[:start], text[start:]
+
+
+def with_flexible(names: list[str]) -> list[str]:
+    """``names`` and, after each own generation task, its flexible-match entry (what a report holds)."""
+    out: list[str] = []
+    for name in names:
+        out.append(name)
+        if name in (VAL_TASK, GSM8K_TASK):
+            out.append(name + FLEX_SUFFIX)
+    return out
 
 
 def _row_answer(row: Mapping[str, Any]) -> str | None:
@@ -122,8 +165,8 @@ def _row_answer(row: Mapping[str, Any]) -> str | None:
 
 
 def sanitized_rows(task: str, path: Path, solution: bool = False) -> list[dict[str, str]]:
-    """Rows of ``path`` reduced to ``id``, ``problem``, ``answer`` (and ``solution``: the log-likelihood
-    tasks' target), all strings; a clear error otherwise."""
+    """Rows of ``path`` reduced to ``id``, ``problem``, ``answer`` (and ``solution``, ``head``, ``answer_line``:
+    the log-likelihood tasks' targets), all strings; a clear error otherwise."""
     if not path.is_file():
         raise EvalDataError(f"task {task!r}: its data file {path} does not exist (run `opsd prepare`?)")
     rows: list[dict[str, str]] = []
@@ -149,6 +192,11 @@ def sanitized_rows(task: str, path: Path, solution: bool = False) -> list[dict[s
                 if not isinstance(text, str) or not text.strip():
                     raise EvalDataError(f"task {task!r}: {path}:{lineno} has no 'solution' text to score")
                 clean["solution"] = text.strip()
+            if task in ANSWER_TASKS:
+                try:
+                    clean["head"], clean["answer_line"] = answer_split(clean["solution"])
+                except ValueError as err:
+                    raise EvalDataError(f"task {task!r}: {path}:{lineno} field 'solution': {err}") from None
             rows.append(clean)
     if not rows:
         raise EvalDataError(f"task {task!r}: its data file {path} has no rows")
@@ -178,7 +226,7 @@ def write_task_yamls(tasks_dir: Path, val_path: Path, gsm8k_path: Path, cfg: Eva
     file is missing, empty or malformed, and :class:`EvalTaskError` for names that are not own tasks.
     """
     sources = {VAL_TASK: Path(val_path), GSM8K_TASK: Path(gsm8k_path), VAL_LL_TASK: Path(val_path),
-               GSM8K_LL_TASK: Path(gsm8k_path)}
+               GSM8K_LL_TASK: Path(gsm8k_path), VAL_ANSWER_TASK: Path(val_path), GSM8K_ANSWER_TASK: Path(gsm8k_path)}
     names = own_task_names(cfg.tasks)
     tasks_dir = Path(tasks_dir)
     tasks_dir.mkdir(parents=True, exist_ok=True)

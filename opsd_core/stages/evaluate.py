@@ -22,7 +22,16 @@ from opsd_core.evaluation.bootstrap import compare_samples
 from opsd_core.evaluation.errors import EvalError
 from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model
 from opsd_core.evaluation.summary import task_summary
-from opsd_core.evaluation.tasks import GSM8K_LL_TASK, GSM8K_TASK, VAL_LL_TASK, VAL_TASK, write_task_yamls
+from opsd_core.evaluation.tasks import (
+    GSM8K_ANSWER_TASK,
+    GSM8K_LL_TASK,
+    GSM8K_TASK,
+    VAL_ANSWER_TASK,
+    VAL_LL_TASK,
+    VAL_TASK,
+    with_flexible,
+    write_task_yamls,
+)
 from opsd_core.io import file_hash, json_hash, write_json, write_metrics
 
 BASE_REPORT = "eval_base.json"
@@ -53,6 +62,8 @@ def data_paths(params: Params, root: Path) -> dict[str, Path]:
         GSM8K_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
         VAL_LL_TASK: root / params.data.prepared_dir / "val.jsonl",
         GSM8K_LL_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
+        VAL_ANSWER_TASK: root / params.data.prepared_dir / "val.jsonl",
+        GSM8K_ANSWER_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
     }
 
 
@@ -135,9 +146,10 @@ def _cached_base(path: Path, digest: str, tasks: list[str]) -> dict[str, TaskEva
         return None
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-        if report["settings"]["settings_hash"] != digest or not set(tasks) <= set(report["tasks"]):
+        names = with_flexible(tasks)
+        if report["settings"]["settings_hash"] != digest or not set(names) <= set(report["tasks"]):
             return None
-        return {name: TaskEval.from_dict(report["tasks"][name]) for name in tasks}
+        return {name: TaskEval.from_dict(report["tasks"][name]) for name in names}
     except (KeyError, TypeError, ValueError):
         return None  # an unreadable cache is re-evaluated, never trusted
 
