@@ -4,7 +4,10 @@ MLflow keeps no alias history, so every move is written twice: a line in ``<stat
 (the project's log, replayed by rollback) and the ``alias_history`` tag of the versions involved (so the
 registry itself shows where an alias came from). Moves are serialised by an exclusive ``flock`` on
 ``<state_dir>/registry.lock``: callers hold it around read-current-champion -> gate -> move, so two
-racing pipeline runs cannot both decide against the same stale champion.
+racing pipeline runs cannot both decide against the same stale champion. Pipelines with separate state
+folders sharing one tracking server are serialised by the server-side promotion lease
+(:mod:`opsd_core.registry.promotion_lease`): each move confirms it first, and its ticket number, which the
+server hands out in order, is recorded with the move so the audit logs of several machines merge in order.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from opsd_core.registry.store import registry_lock, version_by_alias
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+    from opsd_core.registry.promotion_lease import PromotionLease
 
 __all__ = ["champion_stack", "move_alias", "read_audit", "registry_lock"]
 
@@ -66,17 +71,20 @@ def _tag_history(client: MlflowClient, name: str, version: str, entry: dict[str,
 
 def move_alias(
     client: MlflowClient, state_dir: Path, name: str, alias: str, to_version: str | None, action: str,
-    reason: str, run_id: str | None = None,
+    reason: str, run_id: str | None = None, lease: PromotionLease | None = None,
 ) -> dict[str, Any] | None:
     """Point ``alias`` at ``to_version`` (None: remove it) and record the move; None if nothing moved.
 
-    Call with :func:`registry_lock` held.
+    Call with :func:`registry_lock` held, and ``lease`` (the server-side promotion lease) when other
+    machines may move the same aliases: it is confirmed just before the alias is written.
     """
     current = version_by_alias(client, name, alias)
     from_version = str(current.version) if current is not None else None
     to_version = None if to_version is None else str(to_version)
     if from_version == to_version:
         return None
+    if lease is not None:
+        lease.confirm()
     if to_version is None:
         client.delete_registered_model_alias(name, alias)
     else:
@@ -91,6 +99,7 @@ def move_alias(
         "reason": reason,
         "actor": actor(),
         "run_id": run_id,
+        "lease_ticket": lease.ticket if lease is not None else None,
     }
     _append(state_dir, entry)
     for version in {to_version, from_version} - {None}:

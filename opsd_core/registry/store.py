@@ -115,9 +115,13 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        client.create_registered_model(
-            name, description="OPSD candidates (peft adapters on their base model); see each model card."
-        )
+        try:
+            client.create_registered_model(
+                name, description="OPSD candidates (peft adapters on their base model); see each model card."
+            )
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # created meanwhile by a racing pipeline
+                raise
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

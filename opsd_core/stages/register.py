@@ -1,8 +1,10 @@
 """``opsd register`` / ``opsd promote --rollback`` / ``opsd status`` over the MLflow registry.
 
 register: one MLflow run (params, per-step metrics, eval metrics, plots, model card, reports, the adapter
-under ``model/``), then - under the registry lock - gate against base and current champion, create the
-model version, move ``challenger`` (and ``champion`` if the gate says so). A failure anywhere marks the run
+under ``model/``), then - under the registry lock and the server-side promotion lease
+(:mod:`opsd_core.registry.promotion_lease`, which serialises pipelines on other machines sharing the
+tracking server) - re-read the current champion, gate against base and champion, create the model
+version, move ``challenger`` (and ``champion`` if the gate says so). A failure anywhere marks the run
 FAILED and leaves the registry's versions and aliases as they were. Keyed by the candidate's content hash:
 registering the same weights twice returns the existing version and logs nothing. Under the Prefect
 flow, ``$OPSD_MLFLOW_RUN_ID`` names the pipeline's run: register logs into it and leaves closing it to
@@ -21,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from opsd_core.config import Params
 from opsd_core.io import write_json
 from opsd_core.registry import card, decision, leases, lineage
-from opsd_core.registry.audit import champion_stack, move_alias, read_audit, registry_lock
+from opsd_core.registry.audit import actor, champion_stack, move_alias, read_audit, registry_lock
 from opsd_core.registry.gate import ChampionEvidence, decide
+from opsd_core.registry.promotion_lease import PromotionLease, promotion_lease
 from opsd_core.registry.store import (
     RegistryError,
     Store,
@@ -210,14 +213,14 @@ def _existing(client: MlflowClient, store: Store, params: Params, mv: ModelVersi
 
 
 def _undo(client: MlflowClient, store: Store, name: str, version: str, before: dict[str, str | None],
-          run_id: str) -> None:
+          run_id: str, lease: PromotionLease) -> None:
     """Best effort after a failure mid-registration: aliases back where they were, version deleted."""
     try:
         for alias, prev in before.items():
             cur = version_by_alias(client, name, alias)
             if cur is not None and str(cur.version) == version:
                 move_alias(client, store.state_dir, name, alias, prev, "revert",
-                           f"registration of v{version} failed", run_id)
+                           f"registration of v{version} failed", run_id, lease)
         client.delete_model_version(name, version)
     except Exception:  # noqa: BLE001 - the original error is the one to report
         pass
@@ -225,9 +228,10 @@ def _undo(client: MlflowClient, store: Store, name: str, version: str, before: d
 
 def _register_locked(
     client: MlflowClient, store: Store, params: Params, root: Path, inp: dict[str, Any],
-    run: Any, lin: dict[str, Any], tmp: Path,
+    run: Any, lin: dict[str, Any], tmp: Path, lease: PromotionLease,
 ) -> dict[str, Any]:
-    """Gate + version + aliases; the caller holds the registry lock."""
+    """Gate + version + aliases; the caller holds the registry lock and the promotion lease, so the
+    champion read here is the one the aliases are moved from."""
     cfg, run_id, content_hash = params.registry, run.info.run_id, inp["meta"]["content_hash"]
     dup = find_by_content_hash(client, cfg.model_name, content_hash)
     if dup is not None:  # a racing run registered the same weights first
@@ -256,12 +260,12 @@ def _register_locked(
     moves = []
     try:
         moves.append(move_alias(client, store.state_dir, cfg.model_name, "challenger", version, "register",
-                                f"registered candidate {content_hash[:16]}", run_id))
+                                f"registered candidate {content_hash[:16]}", run_id, lease))
         if verdict["promote"]:
             moves.append(move_alias(client, store.state_dir, cfg.model_name, "champion", version, "promote",
-                                    "gate passed: " + "; ".join(verdict["reasons"]), run_id))
+                                    "gate passed: " + "; ".join(verdict["reasons"]), run_id, lease))
     except BaseException:
-        _undo(client, store, cfg.model_name, version, before, run_id)
+        _undo(client, store, cfg.model_name, version, before, run_id, lease)
         raise
     champ = version_by_alias(client, cfg.model_name, "champion")
     return {"model_name": cfg.model_name, "version": version, "run_id": run_id, "already_registered": False,
@@ -328,8 +332,8 @@ def _register(params: Params, root: Path) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="opsd-register-") as tmp:
             _log_run(client, run.info.run_id, inp, params, Path(tmp))
-            with registry_lock(store.state_dir):
-                result = _register_locked(client, store, params, root, inp, run, lin, Path(tmp))
+            with registry_lock(store.state_dir), promotion_lease(client, cfg.model_name, actor()) as lease:
+                result = _register_locked(client, store, params, root, inp, run, lin, Path(tmp), lease)
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
@@ -345,7 +349,7 @@ def rollback(params: Params, root: Path) -> dict[str, Any]:
     if not store.exists():  # reading must not create an empty database
         raise RegistryError(f"no registry at {store.tracking_uri} yet: nothing to roll back")
     client = open_client(store)
-    with registry_lock(store.state_dir):
+    with registry_lock(store.state_dir), promotion_lease(client, cfg.model_name, actor()) as lease:
         current = version_by_alias(client, cfg.model_name, "champion")
         if current is None:
             raise RegistryError(f"{cfg.model_name} has no champion to roll back")
@@ -358,7 +362,7 @@ def rollback(params: Params, root: Path) -> dict[str, Any]:
         target = stack[-2]
         client.get_model_version(cfg.model_name, target)  # raises if it was deleted
         entry = move_alias(client, store.state_dir, cfg.model_name, "champion", target, "rollback",
-                           f"rollback from v{str(current.version)} to v{target}")
+                           f"rollback from v{str(current.version)} to v{target}", lease=lease)
         client.set_model_version_tag(cfg.model_name, str(current.version), "rolled_back_at", entry["time"] if entry else "")
     return {"model_name": cfg.model_name, "champion": target, "previous": str(current.version), "alias_moves": [entry]}
 
