@@ -20,22 +20,16 @@ from prefect.runtime import flow_run
 
 from flows import artifacts, tracking
 from flows.bootstrap import bootstrap, print_next_steps
-from flows.dvc import dvc, has_remote, pending_stages, stage_names
+from flows.dvc import dvc, pending_stages, stage_names
+from flows.ingest import ingest_and_track
 from flows.locks import training_slot
 from opsd_core.config import load_params
-from opsd_core.data import ingest as ingest_mod
 
 
 @task(name="ingest")
 def ingest_task(params_path: str, root: str) -> dict[str, Any]:
-    params = load_params(params_path)
-    result = ingest_mod.ingest(params, Path(root))
-    if result["added"]:
-        dvc(["add", params.data.raw_dir], Path(root))
-        if has_remote(Path(root)) or params.flow.dvc_remote:
-            remote = ["-r", params.flow.dvc_remote] if params.flow.dvc_remote else []
-            dvc(["push", *remote, f"{params.data.raw_dir}.dvc"], Path(root))
-            result["pushed"] = True
+    # an interrupted ingest (killed during `dvc add` or `dvc push`) is finished by the next run
+    result = ingest_and_track(load_params(params_path), Path(root))
     get_run_logger().info("ingest: %s", result)
     return result
 

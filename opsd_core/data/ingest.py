@@ -8,6 +8,7 @@ reported by the prepare stage (``reports/rejected.jsonl``), so nothing is lost e
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,11 @@ def ingest(params: Params, root: Path) -> dict[str, Any]:
             skipped.append(path.name)
         else:
             dest.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, out)
+            # copied under a temporary name, then renamed: a crash mid-copy must not leave a truncated file
+            # under the final name, which the next run would take for this content already ingested
+            tmp = dest / f".{out.name}.{os.getpid()}.tmp"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, out)
             added.append({"file": path.name, "as": out.relative_to(root).as_posix(), "valid_rows": valid,
                           "row_problems": len(problems)})
         done = source / "processed" / path.name

@@ -8,6 +8,10 @@ hook in opsd itself. With ``OPSD_TEST_KILL_ONCE_MARKER=PATH`` as well, only the 
 
 The trainer is patched when a process imports it, so the other processes that inherit the environment
 (``dvc``, the evaluation and registry stages) start as fast as ever.
+
+With ``OPSD_TEST_KILL_DVC_UNDER=DIR`` and ``OPSD_TEST_KILL_DVC_AFTER=N``, a ``dvc`` process SIGKILLs itself right
+after its N-th rename of a file into DIR (DVC moves every cache or remote object into place by renaming a
+temporary file): a crash in the middle of a ``dvc add`` or ``dvc push``.
 """
 
 import os
@@ -60,3 +64,28 @@ if _STEP:
             return spec
 
     sys.meta_path.insert(0, _PatchOnImport())
+
+
+_DVC_UNDER = os.environ.get("OPSD_TEST_KILL_DVC_UNDER")
+_DVC_AFTER = os.environ.get("OPSD_TEST_KILL_DVC_AFTER")
+
+if _DVC_UNDER and _DVC_AFTER and __import__("sys").orig_argv[1:3] == ["-m", "dvc"]:
+    import signal
+    import threading
+
+    _renames = [0]
+    _count_lock = threading.Lock()  # DVC transfers objects from a thread pool
+
+    def _counting(real):  # type: ignore[no-untyped-def]
+        def rename(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+            real(src, dst, *args, **kwargs)
+            if os.path.abspath(os.fsdecode(dst)).startswith(_DVC_UNDER + os.sep):
+                with _count_lock:
+                    _renames[0] += 1
+                    if _renames[0] >= int(_DVC_AFTER):
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+        return rename
+
+    os.rename = _counting(os.rename)
+    os.replace = _counting(os.replace)
