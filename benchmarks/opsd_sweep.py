@@ -10,6 +10,10 @@ the mean log-probability per token of the verified solution behind exactly the s
     python -m benchmarks.opsd_sweep --project DIR [--profile P] [--set k=v ...] \\
         --variant 'clip-none:opsd.clip=none' --variant 'shuffled:opsd.teacher_context=shuffled' ...
 
+A variant may also set ``@instruction=plain|bare`` (an experiment, not a setting): the teacher's
+instruction after the reference solution becomes "A verified reference solution is given between the
+tags above." (``plain``: no "do not copy it ... in your own words") or nothing (``bare``).
+
 ``DIR`` is a project after ``opsd data generate`` and ``opsd prepare``; candidates and reports go to
 ``DIR/sweep/<variant>``; results are printed as a table and written to ``--out`` (JSON).
 """
@@ -24,21 +28,13 @@ from typing import Any
 
 import torch
 
+from opsd_core.algorithm import prompts
 from opsd_core.algorithm.prompts import student_prompt_ids
 from opsd_core.config import Params, load_params
 from opsd_core.evaluation.bootstrap import paired_bootstrap
+from opsd_core.evaluation.tasks import answer_split
 from opsd_core.models.sources import load_candidate, load_model_and_tokenizer, resolve_base_dir
 from opsd_core.offline import apply_offline_defaults
-
-
-def answer_split(solution: str) -> tuple[str, str]:
-    """(everything before the final ``####`` line, that line): the answer line is scored behind the rest."""
-    text = solution.strip()
-    cut = text.rfind("####")
-    if cut < 0:
-        raise ValueError(f"solution has no '####' answer line: {text[-80:]!r}")
-    start = text.rfind("\n", 0, cut) + 1
-    return text[:start], text[start:]
 
 
 @torch.no_grad()
@@ -70,6 +66,9 @@ def compare(base: dict[str, list[float]], cand: dict[str, list[float]], seed: in
                        "diff": boot["mean_diff"], "ci": [boot["ci_low"], boot["ci_high"]],
                        "improved": improved, "problems": len(base[key])}
     return result
+
+
+INSTRUCTIONS = {"plain": "A verified reference solution is given between the tags above.", "bare": ""}
 
 
 def run_variant(root: Path, params: Params, rows: list[dict[str, Any]], base_scores: dict[str, list[float]],
@@ -112,13 +111,17 @@ def main() -> None:
     base_scores = score(base_model, tok, rows, common.model.thinking)
     del base_model
     results = []
+    default_instruction = prompts.TEACHER_INSTRUCTION
     for spec in args.variant or ["default"]:
         name, _, sets = spec.partition(":")
-        overrides = [*args.sets, *(s for s in sets.split(",") if s),
+        items = [s for s in sets.split(",") if s]
+        instruction = next((s.split("=", 1)[1] for s in items if s.startswith("@instruction=")), None)
+        prompts.TEACHER_INSTRUCTION = INSTRUCTIONS[instruction] if instruction else default_instruction
+        overrides = [*args.sets, *(s for s in items if not s.startswith("@")),
                      f"train.output_dir=sweep/{name}/candidate", f"train.reports_dir=sweep/{name}/reports"]
         params = load_params(root / "params.yaml", args.profile, overrides)
         res = run_variant(root, params, rows, base_scores, name)
-        res["overrides"] = overrides[:len(overrides) - 2]
+        res["overrides"] = overrides[:len(overrides) - 2] + ([f"@instruction={instruction}"] if instruction else [])
         results.append(res)
         s, a = res["solution"], res["answer"]
         print(f"{name:24s} solution {s['diff']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] {s['improved']}/"
