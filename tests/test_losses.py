@@ -157,6 +157,29 @@ def test_token_clip_clamps_per_token_sum() -> None:
     torch.testing.assert_close(out.clipped, (kl > c).to(D64))
 
 
+def test_pointwise_clip_can_push_the_teachers_favourite_down_and_the_token_clip_cannot() -> None:
+    """Issue 13's example: p_T = (.6, .3, .05, .05), p_S = (.1, .5, .2, .2). Forward KL's gradient on the
+    student logits is p_S - p_T = (-.5, .2, .15, .15): descent raises the teacher's favourite. The pointwise
+    clip at 0.05 (the reference implementation's clamp of every vocabulary term) clips that token's term
+    (.6 log 6 = 1.08) and leaves a gradient of +.04 there: descent *lowers* it. The token clip either keeps
+    the whole gradient (KL under the clip) or drops the token; it never reverses a direction."""
+    p_t, p_s = torch.tensor([[0.6, 0.3, 0.05, 0.05]], dtype=D64), torch.tensor([[0.1, 0.5, 0.2, 0.2]], dtype=D64)
+
+    def grad(clip: str, value: float) -> torch.Tensor:
+        s = p_s.log().clone().requires_grad_(True)
+        token_divergence(s, p_t.log(), DivergenceSpec(clip=clip, clip_value=value)).loss.sum().backward()
+        assert s.grad is not None
+        return s.grad[0]
+
+    torch.testing.assert_close(grad("none", 0.05), (p_s - p_t)[0])
+    pointwise = grad("pointwise", 0.05)
+    torch.testing.assert_close(pointwise, torch.tensor([0.04, -0.10, 0.03, 0.03], dtype=D64), atol=1e-12, rtol=0)
+    assert pointwise[0] > 0 > (p_s - p_t)[0, 0]  # the wrong way on the teacher's favourite
+    kl = float((p_t * (p_t.log() - p_s.log())).sum())  # 0.88
+    torch.testing.assert_close(grad("token", 0.05), torch.zeros(4, dtype=D64))  # clipped: dropped
+    torch.testing.assert_close(grad("token", kl + 0.01), (p_s - p_t)[0])  # under the clip: whole
+
+
 @pytest.mark.parametrize("support", ["full", "topk", "sampled"])
 @pytest.mark.parametrize("clip", ["pointwise", "token"])
 def test_huge_clip_value_equals_no_clip(support: str, clip: str) -> None:
