@@ -37,6 +37,11 @@ Limits:
 - It serialises opsd's own moves; a person moving ``champion`` in the MLflow UI meanwhile is not stopped
   (the next promotion re-reads the champion and decides against it; the audit logs do not show that move).
 - Waiting is first come, first served; a holder that dies delays the queue by one TTL.
+- A holder that takes more than half a TTL between two beats (the gate and the version's creation run
+  between them: seconds on a healthy server) fails safe: :class:`LeaseLostError`, nothing moved, rerun.
+  ``$OPSD_PROMOTION_LEASE_TTL_S`` and ``$OPSD_PROMOTION_LEASE_WAIT_S`` change the TTL and the longest wait.
+- The rule needs a database that enforces the ``(name, version)`` primary key (every SQL store MLflow
+  supports does); MLflow's deprecated file store does not, and is not protected.
 """
 
 from __future__ import annotations
