@@ -96,6 +96,26 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     return final
 
 
+def prune_other_runs(run_dir: Path, started: float) -> list[Path]:
+    """Remove the checkpoint folders of other trainings beside ``run_dir``; returns what was removed.
+
+    Called when the training in ``run_dir`` has finished and written its candidate. ``keep_checkpoints``
+    bounds one training's folder, but every new data version or setting trains under a new run key, so
+    without this the checkpoints of every past training would stay for good (one training's worth per
+    scheduled run). The finished training keeps its own (a rerun of it is still instant); a folder written
+    since ``started`` (a time.time()) belongs to a training running beside this one and is left alone.
+    """
+    removed = []
+    for other in sorted(run_dir.parent.iterdir()) if run_dir.parent.is_dir() else []:
+        if other == run_dir or not other.is_dir():
+            continue
+        newest = max((p.stat().st_mtime for p in other.rglob("*")), default=other.stat().st_mtime)
+        if newest < started:
+            shutil.rmtree(other, ignore_errors=True)
+            removed.append(other)
+    return removed
+
+
 def load(ckpt: Checkpoint) -> dict[str, Any]:
     """The state saved at ``ckpt``; :class:`CheckpointError` for a file that is corrupt, not ours or unsafe."""
     path = ckpt.path / "state.pt"

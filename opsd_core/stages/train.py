@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from opsd_core import checkpoint as ckpt
 from opsd_core.algorithm.losses import DivergenceSpec
 from opsd_core.algorithm.optim import build_optimizer
 from opsd_core.algorithm.teacher import make_teacher
@@ -191,7 +192,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     world = distributed.init(dev)
     for warning in [*plan.warnings, *params.opsd.advice()] if world.main else ():
         print(f"opsd train: warning: {warning}", file=sys.stderr)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     model, tokenizer, base_path = build_policy(params, root, plan)
     problems = load_problems(train_file, tokenizer, thinking=params.model.thinking,
                              context=params.opsd.teacher_context, seed=params.train.seed)
@@ -210,6 +211,8 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     reports = root / params.train.reports_dir
     _write_curve(reports / "train_curve.csv", state.curve)
     meta = save_candidate(params, root, model, tokenizer, base_path, data_hash, dev)
+    for old in ckpt.prune_other_runs(run_dir, started_at):  # retention across trainings, not only within one
+        log(f"removed the checkpoints of an earlier training: {old.name}")
     curve = state.curve
     sample_s = sum(r.get("sample_s", 0.0) for r in curve)
     train_s = sum(r.get("train_s", 0.0) for r in curve)
