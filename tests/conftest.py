@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
+from typing import Any
 
 _STATE = tempfile.mkdtemp(prefix="opsd-tests-")
 for key, value in {
@@ -34,3 +36,20 @@ def prefect_harness():
     with prefect_test_harness(server_startup_timeout=180):
         yield
 
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A committed fresh smoke project; ``smoke_first_run`` reproduces it. Shared by the session: the tests
+    that would leave it unreproduced work on a copy (tests/projects.py: copy_project)."""
+    from tests.projects import committed_smoke_project
+
+    return committed_smoke_project(tmp_path_factory.mktemp("pipeline") / "repo", tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def smoke_first_run(smoke_project: Path, prefect_harness: None) -> dict[str, Any]:
+    """The first pipeline run on ``smoke_project``: every stage once, a version registered (~45-60 s)."""
+    from tests.projects import first_pipeline_run
+
+    return first_pipeline_run(smoke_project)

@@ -1,10 +1,10 @@
 """The pipeline end to end on the smoke profile, with real DVC, MLflow (SQLite) and Prefect.
 
-One temporary git repository per module, on which the first pipeline run (`first_run`) reproduces every
-stage and registers a version; each test needs only that fixture (any one passes alone). The tests that
-would leave the project unreproduced work on a copy of it: a forced retrain, a failure in evaluate, a
-SIGTERM, a killed training that Prefect retries. Ingesting new traces changes the project itself but
-leaves it reproduced.
+One temporary git repository per test session (conftest.py: smoke_project, shared with tests/test_schedule.py),
+on which the first pipeline run (`first_run`) reproduces every stage and registers a version; each test needs
+only that fixture (any one passes alone). The tests that would leave the project unreproduced work on a copy
+of it: a forced retrain, a failure in evaluate, a SIGTERM, a killed training that Prefect retries. Ingesting
+new traces changes the project itself but leaves it reproduced.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import yaml
 
 from flows.dvc import StageError
 from tests.faults import kill_once_after_checkpoint
+from tests.projects import content_hash, copy_project, registry_state
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -50,65 +51,15 @@ def set_param(project: Path, dotted: str, value: object) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("pipeline") / "repo"
-    path.mkdir()
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, path / name)
-    shutil.copytree(ROOT / ".dvc", path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    set_param(path, "profile", "smoke")
-    set_param(path, "model.cache_dir", str(tmp_path_factory.mktemp("models")))
-    sh(["git", "init", "-q"], path)
-    from flows.bootstrap import bootstrap
-    from opsd_core.config import load_params
-
-    bootstrap(load_params(path / "params.yaml"), path)  # what `opsd run` does first: data + `dvc add`
-    assert (path / "data/raw.dvc").is_file()
-    sh(["git", "add", "-A"], path)
-    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"], path)
-    return path
-
-
-def registry_state(project: Path) -> dict:
-    from opsd_core.config import load_params
-    from opsd_core.registry.store import all_versions, open_client, resolve_store, version_by_alias
-
-    params = load_params(project / "params.yaml")
-    client = open_client(resolve_store(params, project))
-    name = params.registry.model_name
-    try:
-        versions = all_versions(client, name)
-    except Exception:  # noqa: BLE001 - no registered model yet
-        versions = []
-    champion = version_by_alias(client, name, "champion") if versions else None
-    challenger = version_by_alias(client, name, "challenger") if versions else None
-    return {
-        "versions": versions,
-        "champion": champion.version if champion else None,
-        "challenger": challenger.version if challenger else None,
-        "client": client,
-        "params": params,
-    }
+def project(smoke_project: Path) -> Path:
+    """The session's committed smoke project (conftest.py), shared with other test files."""
+    return smoke_project
 
 
 def run_flow(project: Path) -> dict:
     from flows.retrain import retrain
 
     return retrain(str(project / "params.yaml"))
-
-
-def git_head(project: Path) -> str:
-    return sh(["git", "rev-parse", "HEAD"], project).stdout.strip()
-
-
-def content_hash(project: Path) -> str:
-    return json.loads((project / "models/candidate/opsd_candidate.json").read_text())["content_hash"]
-
-
-def copy_project(project: Path, dst: Path) -> Path:
-    """A copy of the reproduced project (git, DVC cache, MLflow store, checkpoints) to change freely."""
-    shutil.copytree(project, dst, symlinks=True)
-    return dst
 
 
 def latest_pipeline_run(state: dict) -> Any:
@@ -118,24 +69,10 @@ def latest_pipeline_run(state: dict) -> Any:
 
 
 @pytest.fixture(scope="module")
-def first_run(project: Path, prefect_harness: None) -> dict[str, Any]:
-    """The retrain flow on the fresh project, with what the tests check it against, taken at the time."""
-    from flows.retrain import retrain
-    from opsd_core.config import load_params
-
-    flow_state = retrain(str(project / "params.yaml"), return_state=True)
-    registry = registry_state(project)
-    return {
-        "summary": flow_state.result(),
-        "flow_run_id": str(flow_state.state_details.flow_run_id),
-        "versions": [str(v.version) for v in registry["versions"]],
-        "challenger": str(registry["challenger"]),
-        "content_hash": content_hash(project),
-        "raw_md5": yaml.safe_load((project / "data/raw.dvc").read_text())["outs"][0]["md5"],
-        "params_hash": load_params(project / "params.yaml").hash(),
-        "data_hash": json.loads((project / "reports/data.json").read_text())["data_hash"],
-        "git_commit": git_head(project),
-    }
+def first_run(smoke_first_run: dict[str, Any]) -> dict[str, Any]:
+    """The retrain flow on the fresh project (conftest.py: smoke_first_run), with what the tests check it
+    against, taken at the time."""
+    return smoke_first_run
 
 
 def test_run_registers_a_challenger_with_lineage(project: Path, first_run: dict[str, Any]) -> None:

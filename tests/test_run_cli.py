@@ -1,12 +1,15 @@
-"""`opsd run` as a user runs it: a fresh clone, the main job twice (the second a no-op), `opsd status`."""
+"""`opsd run` as a user runs it: a fresh clone, a first run killed, `opsd status`, the main job twice (the second
+a no-op)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,17 +22,55 @@ def opsd(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=900)
 
 
-def test_main_job_on_a_fresh_clone_then_a_no_op_rerun(tmp_path: Path) -> None:
+def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_path: Path) -> None:
+    """The main job as a user meets it, crash accounting included (one clone and one pipeline for both: each
+    costs ~60 s): the first `opsd run` dies (SIGKILL, OOM, power loss) once its pipeline run has started; the
+    next `opsd status` marks that run FAILED; the next `opsd run` reproduces everything and registers once, and
+    a rerun is a no-op."""
+    from mlflow.tracking import MlflowClient
+
+    from opsd_core.config import load_params
+    from opsd_core.registry import leases
+    from opsd_core.registry.store import resolve_store
     from tests.projects import fresh_smoke_clone
 
     project = fresh_smoke_clone(tmp_path / "clone", tmp_path / "models", with_dvc_config=True)
+    params = load_params(project / "params.yaml")
+    store = resolve_store(params, project)
 
     refused = opsd(project, "run", "--profile", "gpu")
     assert refused.returncode == 2 and "params.yaml" in refused.stderr
 
+    env = {**os.environ, "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
+    env.pop("PREFECT_HOME")  # the default: Prefect's history inside the project, not in ~/.prefect
+    killed_log = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would stall the flow
+    with killed_log.open("w") as out:
+        flow = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=project, env=env,
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not list(leases.lease_dir(store.state_dir).glob("*.lease")):  # the pipeline run has started
+        assert flow.poll() is None, f"the flow ended before its pipeline run started:\n{killed_log.read_text()}"
+        assert time.monotonic() < deadline, "no pipeline run started within 300 s"
+        time.sleep(0.2)
+    os.killpg(flow.pid, signal.SIGKILL)  # the flow and everything it started, with no cleanup
+    flow.wait(timeout=60)
+    assert "generated the bundled dataset" in killed_log.read_text()  # the first run on a fresh clone
+    client = MlflowClient(store.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["RUNNING"]  # what a crash leaves behind
+    assert (project / ".opsd" / "prefect" / "prefect.db").is_file()
+
+    status = opsd(project, "status")
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert f"pipeline run {runs[0].info.run_id} marked FAILED" in status.stdout
+    assert client.get_run(runs[0].info.run_id).info.status == "FAILED"
+
     first = opsd(project, "run")
     assert first.returncode == 0, first.stderr[-4000:]
-    assert "generated the bundled dataset" in first.stderr
+    # the killed run registered nothing; this one registered its candidate once
+    assert len(client.search_model_versions(f"name='{params.registry.model_name}'")) == 1
+    statuses = sorted(r.info.status for r in client.search_runs(runs[0].info.experiment_id))
+    assert statuses == ["FAILED", "FINISHED"]
     # each stage's lines arrive while it runs, through the Prefect log: the trainer's per-step line too
     assert "train | step 1/4 loss=" in first.stdout + first.stderr
     assert "prepare: done in" in first.stdout + first.stderr

@@ -1,5 +1,6 @@
 """Scheduled retraining for real: `opsd deploy` with a one-minute cron starts the project's own Prefect
-server (with its scheduler), serves the retrain flow, and a scheduled run fires and completes."""
+server (with its scheduler), serves the retrain flow, and a scheduled run fires and completes; the server's
+start, status and stop (`opsd server ...`) are checked on that same server."""
 
 from __future__ import annotations
 
@@ -9,62 +10,71 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import server
-from tests.projects import fresh_smoke_clone
-from tests.test_run_cli import BIN, opsd
+from tests.projects import copy_project
+from tests.test_run_cli import BIN
 
 
-def test_server_start_status_stop(tmp_path: Path) -> None:
-    state = tmp_path / "state"
+def test_a_minutely_deployment_fires_and_completes(tmp_path: Path, smoke_project: Path,
+                                                  smoke_first_run: dict[str, Any]) -> None:
+    # the session's reproduced pipeline (conftest.py) with the register stage's report gone: the scheduled run
+    # has real DVC work to do (`dvc repro` running `opsd register` from the served flow) without training and
+    # evaluating again, which tests/test_pipeline.py and test_run_cli.py prove; the schedule is what this proves
+    project = copy_project(smoke_project, tmp_path / "p")
+    (project / "reports" / "registry.json").unlink()
+    state = project / ".opsd"
     assert server.status(state) is None
-    record = server.start(state)
-    try:
-        assert not record["already_running"] and record["url"].startswith("http://127.0.0.1:")
-        assert server.healthy(record["url"]) and server.status(state)["pid"] == record["pid"]
-        assert server.start(state)["already_running"] is True  # found again, not started twice
-        assert (state / "prefect" / "prefect.db").is_file()  # its history lives in the project
-    finally:
-        assert server.stop(state)["url"] == record["url"]
-    assert not server.healthy(record["url"]) and server.status(state) is None
-    assert server.stop(state) is None
-
-
-def test_a_minutely_deployment_fires_and_completes(tmp_path: Path) -> None:
-    project = fresh_smoke_clone(tmp_path / "p", tmp_path / "models")
-    generated = opsd(project, "data", "generate")
-    assert generated.returncode == 0, generated.stderr[-2000:]
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
 
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
     env["PATH"] = os.pathsep.join([BIN, env.get("PATH", "")])
     served = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", "--cron", "* * * * *", "--name", "minutely"],
                               cwd=project, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "deploy.log", "w"))  # noqa: SIM115
-    state = project / ".opsd"
     try:
         deadline = time.monotonic() + 420
-        completed = None
+        completed, tasks = None, []
         while completed is None:
             assert served.poll() is None, (tmp_path / "deploy.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (tmp_path / "deploy.log").read_text()[-3000:]
-            record = server.status(state)
-            if record is not None:
-                with temporary_settings(updates={PREFECT_API_URL: record["api_url"]}), \
-                        get_client(sync_client=True) as client:
-                    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
-                        name=DeploymentFilterName(any_=["minutely"])))
-                assert not any(r.state and r.state.is_failed() for r in runs), [r.state for r in runs]
-                completed = next((r for r in runs if r.state and r.state.is_completed()), None)
             time.sleep(2)  # polling the server for the scheduled run's state
+            record = server.status(state)
+            if record is None:
+                continue
+            with temporary_settings(updates={PREFECT_API_URL: record["api_url"]}), \
+                    get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=["minutely"])))
+                completed = next((r for r in runs if r.state and r.state.is_completed()), None)
+                if completed is not None:
+                    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[completed.id])))
+            assert not any(r.state and r.state.is_failed() for r in runs), [r.state for r in runs]
         assert completed.auto_scheduled  # created by the scheduler from the cron, not by hand
-        assert (project / "reports" / "registry.json").is_file()  # the whole pipeline ran
+        # the flow ran the stale stage through DVC and `opsd register`, which wrote its report again
+        assert [t.name.split("-")[0] for t in tasks if t.state and t.state.is_completed()].count("register") == 1
+        assert (project / "reports" / "registry.json").is_file()
+
+        # `opsd server start|status|stop` manage the server deploy started (checked here, where a server is
+        # started anyway: each start costs ~8 s): found again, not started twice, its history in the project
+        log = (tmp_path / "deploy.log").read_text()
+        assert f"Prefect server at {record['url']} (started; " in log, log[-3000:]  # none was running before
+        assert record["url"].startswith("http://127.0.0.1:") and server.healthy(record["url"])
+        again = server.start(state)
+        assert again["already_running"] is True and again["pid"] == record["pid"]
+        assert (state / "prefect" / "prefect.db").is_file()
     finally:
         os.killpg(served.pid, signal.SIGTERM)
         served.wait(timeout=60)
         stopped = server.stop(state)
-    assert stopped is not None and not server.healthy(stopped["url"])
+    assert stopped is not None and stopped["url"] == record["url"] and not server.healthy(stopped["url"])
+    assert server.status(state) is None and server.stop(state) is None
