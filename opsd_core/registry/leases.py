@@ -75,6 +75,20 @@ def dead_leases(state: Path) -> list[dict[str, Any]]:
     return found
 
 
+def any_dead(state: Path) -> bool:
+    """Whether a lease no live process holds is there, left in place for :func:`reap` (which needs MLflow:
+    ``opsd status`` imports it only then)."""
+    folder = lease_dir(state)
+    for path in folder.glob("*.lease") if folder.is_dir() else []:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when closed
+        except (BlockingIOError, FileNotFoundError):  # its pipeline is alive, or it just ended
+            continue
+        return True
+    return False
+
+
 def reap(state: Path, client: Any) -> list[dict[str, Any]]:
     """Mark every pipeline run whose process died as FAILED (tag ``opsd.failure`` says why); returns them.
 
