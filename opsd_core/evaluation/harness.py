@@ -7,6 +7,7 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ from opsd_core.evaluation.tasks import (
 )
 
 log = logging.getLogger(__name__)
+
+# the two kinds of task group lm-eval runs per model (one simple_evaluate each): their costs per problem
+# differ by orders of magnitude, so evaluation/progress.py estimates each kind from its own kind's timings
+GENERATION_GROUP = "generation"
+LL_GROUP = "log-likelihood"
 
 
 @dataclass
@@ -64,6 +70,7 @@ class ModelEval:
     model: dict[str, str | None]
     tasks: dict[str, TaskEval]
     elapsed_s: float
+    group_s: dict[str, float] = field(default_factory=dict)  # seconds per task group (kind), as run
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -234,14 +241,23 @@ def model_args(model_path: str, adapter: str | None, cfg: EvalConfig, device: st
     return args
 
 
+def task_groups(tasks: list[str]) -> list[tuple[str, list[str]]]:
+    """(kind, task names) of each group :func:`evaluate_model` runs, in its order; empty groups left out."""
+    names = list(dict.fromkeys(tasks))
+    groups = [(GENERATION_GROUP, [n for n in names if n not in LL_TASKS]),
+              (LL_GROUP, [n for n in names if n in LL_TASKS])]
+    return [(kind, group) for kind, group in groups if group]
+
+
 def evaluate_model(
     model_path: str, adapter: str | None, tasks: list[str], cfg: EvalConfig, tasks_dir: Path,
-    device: str = "cpu", thinking: bool | None = None,
+    device: str = "cpu", thinking: bool | None = None, on_group: Callable[[str, float], None] | None = None,
 ) -> ModelEval:
     """Evaluate one model on ``tasks`` with lm-eval (chat template on, per-sample results kept).
 
     ``adapter`` is a PEFT adapter directory loaded on top of ``model_path`` (the candidate), or None.
-    Seeds come from ``cfg.seed`` so base and candidate draw the same random streams.
+    Seeds come from ``cfg.seed`` so base and candidate draw the same random streams. ``on_group(kind,
+    seconds)`` is called as each group of tasks ends (the stage's progress line).
     """
     import lm_eval
 
@@ -259,13 +275,12 @@ def evaluate_model(
 
     # one model for both groups: the log-likelihood tasks take their own limit (cheap: no generation)
     lm = HFLM(**model_args(model_path, adapter, cfg, device, thinking))
-    groups = [({n: t for n, t in loaded.items() if n not in LL_TASKS}, cfg.limit),
-              ({n: t for n, t in loaded.items() if n in LL_TASKS}, cfg.ll_limit)]
     results: dict[str, Any] = {"results": {}, "samples": {}}
+    group_s: dict[str, float] = {}
     with torch.inference_mode():
-        for group, limit in groups:
-            if not group:
-                continue
+        for kind, group_names in task_groups(list(loaded)):
+            group = {n: loaded[n] for n in group_names}
+            limit = cfg.ll_limit if kind == LL_GROUP else cfg.limit
             began = time.perf_counter()
             names = ", ".join(sorted(group))
             print(f"evaluating {'base + adapter' if adapter else Path(model_path).name}: {names} "
@@ -288,7 +303,10 @@ def evaluate_model(
                 raise RuntimeError("lm-eval returned no results")
             results["results"].update(part.get("results", {}))
             results["samples"].update(part.get("samples", {}))
-            print(f"evaluated {names} in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+            group_s[kind] = round(time.perf_counter() - began, 3)
+            print(f"evaluated {names} in {group_s[kind]:.0f} s", file=sys.stderr, flush=True)
+            if on_group is not None:
+                on_group(kind, group_s[kind])
     elapsed = time.perf_counter() - start
     out: dict[str, TaskEval] = {}
     tokenizer = None
@@ -306,4 +324,4 @@ def evaluate_model(
         else:
             out[name] = _standard_task_eval(task, logged, agg)
     return ModelEval(model={"pretrained": str(model_path), "adapter": str(adapter) if adapter else None},
-                     tasks=out, elapsed_s=round(elapsed, 3))
+                     tasks=out, elapsed_s=round(elapsed, 3), group_s=group_s)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from opsd_core.backends.runtime import configure_threads
 from opsd_core.config import Params
 from opsd_core.evaluation.bootstrap import compare_samples
 from opsd_core.evaluation.errors import EvalError
-from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model
+from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model, task_groups
+from opsd_core.evaluation.progress import EvalProgress
 from opsd_core.evaluation.summary import task_summary
 from opsd_core.evaluation.tasks import (
     GSM8K_ANSWER_TASK,
@@ -107,16 +110,34 @@ def _settings_block(values: dict[str, Any], digest: str) -> dict[str, Any]:
     return {"settings_hash": digest, **values}
 
 
+def _progress(stage: str, models: list[str], tasks: list[str],
+              prior: dict[str, float] | None = None) -> EvalProgress:
+    """The stage's groups of tasks, model by model, with a progress line printed before (when it can be
+    estimated already) and after each group."""
+    steps = [(model, kind) for model in models for kind, _ in task_groups(tasks)]
+    progress = EvalProgress(stage, steps, dict(prior or {}))
+    if (line := progress.opening()) is not None:
+        print(line, file=sys.stderr, flush=True)
+    return progress
+
+
+def _on_group(progress: EvalProgress, model: str) -> Callable[[str, float], None]:
+    return lambda kind, seconds: print(progress.record(model, kind, seconds), file=sys.stderr, flush=True)
+
+
 def evaluate_base(params: Params, root: Path) -> dict[str, Any]:
     """Evaluate the base model and write ``reports/eval_base.json``; returns the report."""
     root = Path(root)
     values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
+    progress = _progress("evaluate_base", ["base"], tasks)
     result = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"],
-                            thinking=params.model.thinking)
+                            thinking=params.model.thinking, on_group=_on_group(progress, "base"))
     report = {
         "settings": _settings_block(values, digest),
         "model": {"base": _rel(base_dir, root)},
         "elapsed_s": result.elapsed_s,
+        # how long each group of tasks took: the candidate stage's estimate of its own time (same settings)
+        "group_s": result.group_s,
         "tasks": {name: t.to_dict() for name, t in result.tasks.items()},
     }
     write_json(root / params.train.reports_dir / BASE_REPORT, report)
@@ -141,7 +162,9 @@ def read_candidate(params: Params, root: Path, base_dir: str) -> tuple[str, str 
     return str(cand_dir), None, meta
 
 
-def _cached_base(path: Path, digest: str, tasks: list[str]) -> dict[str, TaskEval] | None:
+def _cached_base(path: Path, digest: str,
+                 tasks: list[str]) -> tuple[dict[str, TaskEval], dict[str, float]] | None:
+    """The base's results and its seconds per group of tasks (empty from a report older than them)."""
     if not path.is_file():
         return None
     try:
@@ -149,8 +172,9 @@ def _cached_base(path: Path, digest: str, tasks: list[str]) -> dict[str, TaskEva
         names = with_flexible(tasks)
         if report["settings"]["settings_hash"] != digest or not set(names) <= set(report["tasks"]):
             return None
-        return {name: TaskEval.from_dict(report["tasks"][name]) for name in names}
-    except (KeyError, TypeError, ValueError):
+        timings = {str(k): float(v) for k, v in report.get("group_s", {}).items()}
+        return {name: TaskEval.from_dict(report["tasks"][name]) for name in names}, timings
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None  # an unreadable cache is re-evaluated, never trusted
 
 
@@ -179,14 +203,17 @@ def evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
     values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
     pretrained, adapter, meta = read_candidate(params, root, base_dir)
     reports = root / params.train.reports_dir
-    base = _cached_base(reports / BASE_REPORT, digest, tasks)
-    base_source = "cache"
-    if base is None:
+    cached = _cached_base(reports / BASE_REPORT, digest, tasks)
+    progress = _progress("evaluate", ["candidate"] if cached else ["base", "candidate"], tasks,
+                         cached[1] if cached else None)
+    if cached is not None:
+        base, base_source = cached[0], "cache"
+    else:
         base = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"],
-                            thinking=params.model.thinking).tasks
+                              thinking=params.model.thinking, on_group=_on_group(progress, "base")).tasks
         base_source = "evaluated"
     cand = evaluate_model(pretrained, adapter, tasks, params.eval, tasks_dir, device=values["device"],
-                            thinking=params.model.thinking)
+                          thinking=params.model.thinking, on_group=_on_group(progress, "candidate"))
     report = {
         "settings": _settings_block(values, digest),
         "models": {
