@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,14 @@ def main() -> None:
         instruction = next((s.split("=", 1)[1] for s in items if s.startswith("@instruction=")), None)
         prompts.TEACHER_INSTRUCTION = INSTRUCTIONS[instruction] if instruction else default_instruction
         overrides = [*args.sets, *(s for s in items if not s.startswith("@")),
-                     f"train.output_dir=sweep/{name}/candidate", f"train.reports_dir=sweep/{name}/reports"]
+                     f"train.output_dir=sweep/{name}/candidate", f"train.reports_dir=sweep/{name}/reports",
+                     # its own checkpoints: the teacher's instruction is not part of the run key, and a
+                     # finished training removes other run keys' checkpoints
+                     f"train.checkpoint_dir=sweep/{name}/checkpoints"]
         params = load_params(root / "params.yaml", args.profile, overrides)
+        shutil.rmtree(root / params.train.checkpoint_dir, ignore_errors=True)  # train from scratch, always
         res = run_variant(root, params, rows, base_scores, name)
-        res["overrides"] = overrides[:len(overrides) - 2] + ([f"@instruction={instruction}"] if instruction else [])
+        res["overrides"] = overrides[:len(overrides) - 3] + ([f"@instruction={instruction}"] if instruction else [])
         results.append(res)
         s, a = res["solution"], res["answer"]
         print(f"{name:24s} solution {s['diff']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] {s['improved']}/"
