@@ -115,14 +115,19 @@ def _losses(out: Path) -> list[float]:
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "output_dir" / "adapter_model.safetensors")
+    """The candidate's tensors: the adapter (LoRA) or the whole model (full fine-tuning)."""
+    adapter = out / "output_dir" / "adapter_model.safetensors"
+    return load_file(adapter if adapter.is_file() else out / "output_dir" / "model.safetensors")
+
+
+def _gap(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor]) -> float:
+    assert wa.keys() == wb.keys()
+    return max(float((wa[n] - wb[n]).norm() / wa[n].norm()) for n in wa)
 
 
 def _weight_gap(a: Path, b: Path) -> float:
-    """The largest relative (Frobenius) difference between two runs' adapter tensors."""
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    return max(float((wa[n] - wb[n]).norm() / wa[n].norm()) for n in wa)
+    """The largest relative (Frobenius) difference between two runs' candidate tensors."""
+    return _gap(_weights(a), _weights(b))
 
 
 # Summation order differs between 1 and 2 processes (gradients of rows 0+1+2+3 vs (0+2)+(1+3)). On the
@@ -144,6 +149,7 @@ def test_two_ranks_on_gloo_train_what_one_process_trains(project: Path) -> None:
     two = _train(project, "two", 2)
     report = json.loads((two / "reports_dir" / "train.json").read_text())
     assert report["world_size"] == 2 and report["rollouts_per_rank"] == [2, 2]
+    assert report["execution"]["data_parallel"] == "ddp" and "ddp" in report["execution"]["why"]["data_parallel"]
     assert json.loads((one / "reports_dir" / "train.json").read_text())["world_size"] == 1
     assert len(_losses(one)) == 4 and _losses(one)[0] > 0
     _assert_same_training(one, two)
@@ -157,3 +163,58 @@ def test_a_killed_two_rank_run_resumes_in_one_process(project: Path) -> None:
     assert not (killed / "output_dir").exists() and any((killed / "checkpoint_dir").rglob("step-*"))
     resumed = _train(project, "killed", 1)
     _assert_same_training(project / "one" if (project / "one").exists() else _train(project, "one", 1), resumed)
+
+
+# -- full fine-tuning: FSDP2 ------------------------------------------------------------------------------
+# 3 rollouts a step, one per micro-batch: rank 0 scores 2 rows, rank 1 one row and then an idle pass (every
+# pass of a sharded model is a collective of all ranks, so a rank short of rows must still join).
+FULL = ("lora.enabled=false", "train.rollouts_per_step=3", "train.micro_batch_size=1")
+# Measured gap between 1 and 2 ranks on the whole model: ~3e-7 relative (reduction order only); training
+# itself moves the weights by ~1e-2 relative (asserted below, so the bound is not vacuous).
+FULL_SAME = 1e-4
+
+
+def _base_weights(out: Path) -> dict[str, torch.Tensor]:
+    meta = json.loads((out / "output_dir" / "opsd_candidate.json").read_text())
+    return load_file(Path(meta["base_path"]) / "model.safetensors")
+
+
+def _full_one(project: Path) -> Path:
+    """The 1-process full fine-tuning both FSDP2 tests compare with (trained once per module)."""
+    one = project / "full-one"
+    return one if (one / "output_dir").exists() else _train(project, "full-one", 1, *FULL)
+
+
+def test_fsdp2_two_ranks_train_what_one_process_trains_with_sharded_weights(project: Path) -> None:
+    one = _full_one(project)
+    two = _train(project, "full-two", 2, *FULL)
+    report = json.loads((two / "reports_dir" / "train.json").read_text())
+    alone = json.loads((one / "reports_dir" / "train.json").read_text())
+    assert report["world_size"] == 2 and report["rollouts_per_rank"] == [2, 1]
+    assert report["execution"]["data_parallel"] == "fsdp2" and "fsdp2" in report["execution"]["why"]["data_parallel"]
+    assert alone["execution"]["data_parallel"] == "none"
+    # each rank stored a part of every trained tensor during training: the parts add up to the whole model
+    (total,), shards = alone["execution"]["params_per_rank"], report["execution"]["params_per_rank"]
+    assert sum(shards) == total and max(shards) <= total * 0.6
+    # the same training: per-step losses, gradient norms and the whole model's weights
+    torch.testing.assert_close(torch.tensor(_losses(one)), torch.tensor(_losses(two)), atol=0, rtol=1e-4)
+    with (one / "reports_dir" / "train_curve.csv").open() as fa, (two / "reports_dir" / "train_curve.csv").open() as fb:
+        norms = [[float(r["grad_norm"]) for r in csv.DictReader(f)] for f in (fa, fb)]
+    torch.testing.assert_close(torch.tensor(norms[0]), torch.tensor(norms[1]), atol=0, rtol=1e-4)
+    assert _weight_gap(one, two) < FULL_SAME
+    assert _gap(_weights(one), _base_weights(one)) > 100 * FULL_SAME  # training moved the weights
+    # rank 0 wrote the candidate as one process writes it: the same files, tensor names, dtypes and shapes
+    assert sorted(p.name for p in (one / "output_dir").iterdir()) == sorted(p.name for p in (two / "output_dir").iterdir())
+    wa, wb = _weights(one), _weights(two)
+    assert {n: (t.dtype, t.shape) for n, t in wa.items()} == {n: (t.dtype, t.shape) for n, t in wb.items()}
+
+
+def test_a_killed_fsdp2_run_resumes_in_one_process(project: Path) -> None:
+    """SIGKILL right after the step-2 checkpoint of a 2-rank FSDP2 run; one process resumes its (whole)
+    weights and AdamW moments and finishes the same training."""
+    killed = _train(project, "full-killed", 2, *FULL, env=kill_after_checkpoint(2), check=False)
+    assert not (killed / "output_dir").exists() and any((killed / "checkpoint_dir").rglob("step-*"))
+    resumed = _train(project, "full-killed", 1, *FULL)
+    one = _full_one(project)
+    torch.testing.assert_close(torch.tensor(_losses(one)), torch.tensor(_losses(resumed)), atol=0, rtol=1e-4)
+    assert _weight_gap(one, resumed) < FULL_SAME

@@ -14,7 +14,7 @@ import pytest
 
 from opsd_core.backends.capabilities import Capabilities, CapabilityError
 from opsd_core.backends.plan import MIN_PACK_SPEEDUP, make_plan
-from opsd_core.config import Params, load_params
+from opsd_core.config import ConfigError, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,3 +135,16 @@ def test_the_plan_record_is_plain_json(default: Params) -> None:
     record = make_plan(default, AVX2).as_dict()
     assert json.loads(json.dumps(record)) == record
     assert {"device", "precision", "sampling_dtype", "packs", "pack_dtypes", "allocator", "why"} <= set(record)
+
+
+def test_several_ranks_replicate_lora_and_shard_full_fine_tuning(default: Params) -> None:
+    assert make_plan(default, H100).data_parallel == "none"  # train.nproc: 1
+    lora = make_plan(default, H100, world_size=4)
+    assert lora.data_parallel == "ddp" and "all-reduce" in lora.why["data_parallel"]
+    assert make_plan(_with(default, "train.nproc=2"), AVX2).data_parallel == "ddp"  # the setting's world size
+    full = make_plan(_with(default, "lora.enabled=false"), H100, world_size=4)
+    assert full.data_parallel == "fsdp2" and "sharded" in full.why["data_parallel"]
+    assert make_plan(_with(default, "lora.enabled=false"), H100, world_size=1).data_parallel == "none"
+    for teacher in ("ema", "live"):  # not made to work on shards: refused before any work, in one line
+        with pytest.raises(ConfigError, match=f"opsd.teacher={teacher} with full fine-tuning"):
+            make_plan(_with(default, "lora.enabled=false", f"opsd.teacher={teacher}"), H100, world_size=2)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from opsd_core.algorithm.rollout import left_pad
 from opsd_core.backends.engine import DecoderEngine, unwrap
+from opsd_core.backends.fsdp import decoder_call
 
 
 @dataclass
@@ -59,16 +60,15 @@ def lm_head(model: nn.Module) -> nn.Module:
 def completion_hidden(model: nn.Module, batch: ScoringBatch) -> Tensor:
     """Final hidden states that predict the completion tokens: [B, L, H].
 
-    Runs the decoder only (no lm head), so logits are never formed for prompt positions.
+    Runs the decoder only (no lm head), so logits are never formed for prompt positions (through the
+    root's FSDP hooks when ``model`` is sharded: :func:`~opsd_core.backends.fsdp.decoder_call`).
     """
-    decoder = unwrap(model).get_decoder()
-    out = decoder(
+    hidden = decoder_call(model)(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
     )
-    hidden = out.last_hidden_state
     start = batch.prompt_width - 1
     return hidden[:, start:start + batch.completion_len]
 

@@ -35,6 +35,7 @@ from opsd_core.algorithm.scoring import (
 )
 from opsd_core.algorithm.teacher import Teacher
 from opsd_core.backends import distributed as dist
+from opsd_core.backends import fsdp
 from opsd_core.backends.base import Backend
 from opsd_core.config import Params
 from opsd_core.errors import OpsdError
@@ -153,24 +154,30 @@ class OPSDTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # FSDP2 (full fine-tuning on several ranks): every rank holds a shard of each trained tensor
+        self.sharded = fsdp.is_sharded(model)
         self.state = TrainState()
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
+        """Whole tensors, whatever the sharding (the layout one process writes): any world size resumes it.
+        Sharded, every rank must call it (the shards are gathered)."""
         return {
             "step": self.state.step,
             "curve": self.state.curve,
-            "trainable": {n: p.detach().cpu().clone() for n, p in self.trainable.items()},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": {n: fsdp.full(p.detach()).cpu().clone() for n, p in self.trainable.items()},
+            "optimizer": fsdp.full_optimizer_state(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "teacher": self.teacher.state_dict(),
             "rng": ckpt.rng_state(),
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes (every rank holds the same weights and optimizer state); the others wait for it."""
-        path = ckpt.save(self.run_dir, self.state.step, self._state(), self.cfg.keep_checkpoints) \
-            if self.world.main else None
+        """Rank 0 writes (every rank holds the same weights and optimizer state, or gathers them with the
+        others when sharded); the others wait for it."""
+        state = self._state() if self.world.main or self.sharded else None
+        path = ckpt.save(self.run_dir, self.state.step, state, self.cfg.keep_checkpoints) \
+            if state is not None and self.world.main else None
         dist.barrier(self.world)
         return path
 
@@ -191,9 +198,10 @@ class OPSDTrainer:
         if missing:
             raise TrainingError(f"checkpoint {found.path} does not match the model: {sorted(missing)[:3]}")
         with torch.no_grad():
-            for name, p in self.trainable.items():
-                p.copy_(state["trainable"][name].to(p.device, p.dtype))
+            for name, p in self.trainable.items():  # sharded: this rank's piece of the whole tensor
+                p.copy_(fsdp.shard_like(state["trainable"][name].to(p.device, p.dtype), p))
         self.optimizer.load_state_dict(state["optimizer"])
+        fsdp.reshard_optimizer_state(self.optimizer)  # whole moments in the file, shards in the optimizer
         self.scheduler.load_state_dict(state["scheduler"])
         self.teacher.load_state_dict(state["teacher"])
         ckpt.set_rng_state(state["rng"])
@@ -235,6 +243,10 @@ class OPSDTrainer:
         # micro-batches of similar total length, each cut to its longest completion: padding is
         # compute spent on nothing, and the loss is a sum over tokens, so grouping does not change it
         order = sorted(range(len(batch)), key=lambda i: (len(batch[i].student_ids) + int(lengths[i]), i))
+        passes = math.ceil(len(batch) / mb)
+        # sharded, every pass is a collective of all ranks: a rank with fewer rows joins the others' extra
+        # passes idly (counted before the first pass, since counting is a collective too)
+        idle = int(dist.all_max(float(passes), self.world, self.device)) - passes if self.sharded else 0
         for lo in range(0, len(batch), mb):
             rows = order[lo:lo + mb]
             part = [batch[i] for i in rows]
@@ -260,13 +272,27 @@ class OPSDTrainer:
             clipped_sum += float(metrics["clipped_sum"])
             if bar is not None:
                 bar.update(len(part))
+        for _ in range(idle):
+            self._idle_pass()
         loss_sum, kl_sum, clipped_sum = dist.all_sum([loss_sum, kl_sum, clipped_sum], self.world, self.device)
         return {"loss": loss_sum, "kl": kl_sum / total, "clipped_frac": clipped_sum / total}
 
+    def _idle_pass(self) -> None:
+        """A student forward and backward of one pad token with zero loss: the all-gathers and (zero)
+        reduce-scatters a sharded model's pass makes, for a rank that has no rows left this step."""
+        ids = torch.tensor([[self.pad_id]])
+        hidden = self.student_hidden(build_scoring_batch([[self.pad_id]], ids, torch.ones_like(ids),
+                                                         self.pad_id).to(self.device))
+        # the head's weight too: a parameter with a gradient on one rank must have one on all (the fixed
+        # teacher, the only one FSDP2 runs with, is a separate copy: no collective to join there)
+        ((hidden.sum() + lm_head(self.model).weight.sum()) * 0.0).backward()
+
     def optimizer_step(self) -> dict[str, float]:
-        dist.sum_gradients(self.trainable.values(), self.world)  # each rank's share of the global token mean
+        if not self.sharded:  # FSDP2 sums the shards' gradients in its reduce-scatter (backends/fsdp.py)
+            dist.sum_gradients(self.trainable.values(), self.world)  # each rank's share of the global token mean
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), clip))
+        # over shards, the norm is the global one (the squares are summed over ranks) and every rank gets it
+        grad_norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), clip)))
         if not math.isfinite(grad_norm):
             raise TrainingError("non-finite gradient norm; stopping, no candidate is written")
         lr = self.scheduler.get_last_lr()[0]

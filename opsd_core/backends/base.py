@@ -27,10 +27,12 @@ class Backend:
     name = "torch"
 
     def __init__(self, model: nn.Module, sampling_dtype: torch.dtype, sampler: str = "engine",
-                 log: Callable[[str], None] = lambda _msg: None, sampler_packs: LinearPacks | None = None) -> None:
+                 log: Callable[[str], None] = lambda _msg: None, sampler_packs: LinearPacks | None = None,
+                 full_copy: bool = False) -> None:
         """``sampler``: the plan's sampler (engine, generate or static); ``sampler_packs``: oneDNN packs
-        for the sampler copy's frozen linears (CPU only)."""
-        self.sampler = PolicySampler(model, sampling_dtype, sampler, log, sampler_packs)
+        for the sampler copy's frozen linears (CPU only); ``full_copy``: sample from a whole copy even when
+        the policy itself would do (made before ``model`` is sharded, see :class:`PolicySampler`)."""
+        self.sampler = PolicySampler(model, sampling_dtype, sampler, log, sampler_packs, full_copy)
 
     #: packs of the frozen base weights shared by the student's pass and the fixed teacher (CPU only)
     packs: LinearPacks | None = None

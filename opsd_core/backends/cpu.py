@@ -27,10 +27,10 @@ class CpuBackend(Backend):
 
     def __init__(self, model: nn.Module, sampling_dtype: torch.dtype, sampler: str = "engine",
                  log: Callable[[str], None] = lambda _msg: None, packs: LinearPacks | None = None,
-                 sampler_packs: LinearPacks | None = None) -> None:
+                 sampler_packs: LinearPacks | None = None, full_copy: bool = False) -> None:
         """``packs``: for the frozen base weights in the training dtype (None: plain ``F.linear``);
-        ``sampler_packs``: for the sampler's copy, whose dtype is its own."""
-        super().__init__(model, sampling_dtype, sampler, log, sampler_packs)
+        ``sampler_packs``: for the sampler's copy, whose dtype is its own; ``full_copy``: see :class:`Backend`."""
+        super().__init__(model, sampling_dtype, sampler, log, sampler_packs, full_copy)
         self.packs = packs
 
     def student_pass(self, model: nn.Module) -> AbstractContextManager[None]:

@@ -62,14 +62,14 @@ def versions() -> dict[str, str | None]:
 
 
 def report(params: Params) -> dict[str, Any]:
-    """The whole record; an impossible explicit setting is reported, not raised (``plan_error``)."""
-    from opsd_core.backends.capabilities import CapabilityError
+    """The whole record; an impossible explicit setting (or combination) is reported, not raised (``plan_error``)."""
+    from opsd_core.errors import SettingError
 
     caps = probe()
     out: dict[str, Any] = {"machine": caps.as_dict(), "versions": versions(), "profile": params.profile}
     try:
         out["execution"] = make_plan(params, caps).as_dict()
-    except CapabilityError as err:
+    except SettingError as err:  # CapabilityError, or the ConfigError of a combination opsd does not run
         out["plan_error"] = str(err)
     return out
 
@@ -112,6 +112,8 @@ def _plan_lines(plan: ExecutionPlan) -> list[str]:
         ("student pass", plan.student_pass, ""),
         ("allocator", plan.allocator, plan.why.get("allocator", "")),
     ]
+    if plan.data_parallel != "none":
+        rows.append(("parallelism", plan.data_parallel, plan.why.get("data_parallel", "")))
     lines = [f"  {k:13s}{v}" + (f"  [{why}]" if why and why != "set" else "") for k, v, why in rows]
     lines += [f"  warning: {w}" for w in plan.warnings]
     return lines

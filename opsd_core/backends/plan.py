@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from opsd_core.backends.capabilities import Capabilities, CapabilityError
-from opsd_core.config import Params
+from opsd_core.config import ConfigError, Params
 
 PackMode = Literal["off", "large", "all"]
+DataParallel = Literal["none", "ddp", "fsdp2"]
 # packs must beat F.linear by this much on the probe to be chosen where the architecture cannot tell
 MIN_PACK_SPEEDUP = 1.1
 _ONEDNN_BF16_NEEDS = "AVX-512 BW/VL/DQ or AVX-NE-CONVERT"
@@ -45,6 +46,8 @@ class ExecutionPlan:
     student_pass: str
     why: dict[str, str]
     warnings: tuple[str, ...] = ()
+    # several ranks: "ddp" (replicated weights, gradients all-reduced) or "fsdp2" (sharded); one: "none"
+    data_parallel: DataParallel = "none"
 
     def packable(self, dtype: str) -> bool:
         return self.packs != "off" and dtype in self.pack_dtypes
@@ -198,10 +201,29 @@ def _sampler(setting: str, device: str, n: _Notes) -> str:
     return "generate"
 
 
-def make_plan(params: Params, caps: Capabilities) -> ExecutionPlan:
-    """The paths ``params`` asks for on a machine with ``caps``; raises :class:`CapabilityError`."""
+def _data_parallel(world_size: int, lora: bool, teacher: str, n: _Notes) -> DataParallel:
+    if world_size <= 1:
+        return "none"
+    if lora:
+        n.why["data_parallel"] = (f"ddp over {world_size} ranks: LoRA trains a few adapter weights, so every rank "
+                                  "keeps the frozen base and the adapter's gradients are summed (all-reduce)")
+        return "ddp"
+    if teacher != "fixed":
+        # the EMA teacher swaps averaged weights into the policy's parameters, and the live teacher scores
+        # through the policy: neither has been made to work on parameters that are FSDP shards
+        raise ConfigError(f"opsd.teacher={teacher} with full fine-tuning (lora.enabled: false) on {world_size} ranks "
+                          "(FSDP2) is not supported: use opsd.teacher=fixed, LoRA, or one process (train.nproc=1)")
+    n.why["data_parallel"] = (f"fsdp2 over {world_size} ranks: full fine-tuning; weights, gradients and AdamW "
+                              f"state are sharded (1/{world_size} on each rank) instead of replicated")
+    return "fsdp2"
+
+
+def make_plan(params: Params, caps: Capabilities, world_size: int | None = None) -> ExecutionPlan:
+    """The paths ``params`` asks for on a machine with ``caps``, trained by ``world_size`` processes (default
+    ``train.nproc``); raises :class:`CapabilityError` (or :class:`ConfigError` for a combination opsd lacks)."""
     train, opsd = params.train, params.opsd
     n = _Notes()
+    data_parallel = _data_parallel(world_size or train.nproc, params.lora.enabled, opsd.teacher, n)
     device = _device(train.device, caps, n)
     precision = _precision(train.precision, device, caps, n)
     packs = _packs(train.packed_weights, device, caps, n)
@@ -224,5 +246,5 @@ def make_plan(params: Params, caps: Capabilities) -> ExecutionPlan:
         packs=packs,
         pack_dtypes=pack_dtypes if packs != "off" else (), frozen_dtype=frozen,
         allocator=_allocator(train.cpu_allocator, device, caps, n), student_pass=student, why=n.why,
-        warnings=tuple(n.warnings),
+        warnings=tuple(n.warnings), data_parallel=data_parallel,
     )

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from opsd_core.backends.engine import DecoderEngine, supports
+from opsd_core.backends.fsdp import full
 from opsd_core.backends.packs import LinearPacks
 from opsd_core.models.lora import is_peft, iter_effective_weights
 
@@ -27,6 +28,10 @@ class PolicySampler:
     itself. ``"static"`` always makes the copy and decodes it with ``generate`` over transformers' static
     KV cache, which transformers compiles on a GPU; prompts are left-padded to a multiple of
     :data:`PROMPT_BUCKET` tokens so the cache's shapes, and so the compiled graphs, repeat across steps.
+
+    ``full_copy``: always decode a copy, for a policy that will be sharded (FSDP2): each rank samples its
+    own rows, a different number of tokens, so it cannot decode through a module whose every forward is a
+    collective of all ranks; ``sync`` gathers the shards into the copy (every rank calls it, each step).
     """
 
     PROMPT_BUCKET = 64
@@ -34,7 +39,8 @@ class PolicySampler:
     _PEFT_PREFIX = "base_model.model."
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, backend: str = "engine",
-                 log: Callable[[str], None] = lambda _msg: None, packs: LinearPacks | None = None) -> None:
+                 log: Callable[[str], None] = lambda _msg: None, packs: LinearPacks | None = None,
+                 full_copy: bool = False) -> None:
         self.model = model
         self.copy: nn.Module | None = None
         self.engine: DecoderEngine | None = None
@@ -48,7 +54,7 @@ class PolicySampler:
             if reason is not None:
                 log(f"sampling: engine unavailable ({reason}); using transformers generate")
                 use_engine = False
-        if not use_engine and backend != "static" and dtype == next(model.parameters()).dtype:
+        if not use_engine and backend != "static" and not full_copy and dtype == next(model.parameters()).dtype:
             return
         plain = copy.deepcopy(model)
         if self.lora:
@@ -66,7 +72,7 @@ class PolicySampler:
                 target = self.copy.get_submodule(name.removeprefix(self._PEFT_PREFIX)).weight
             else:
                 target = self.copy.get_parameter(name)
-            target.copy_(weight)  # in place: the engine's packed matrices are this storage
+            target.copy_(full(weight))  # in place: the engine's packed matrices are this storage
         if self.engine is not None:
             self.engine.refresh()
 

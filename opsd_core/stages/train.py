@@ -31,7 +31,7 @@ from opsd_core.algorithm.trainer import (
     load_problems,
     run_key,
 )
-from opsd_core.backends import distributed
+from opsd_core.backends import distributed, fsdp
 from opsd_core.backends.base import Backend
 from opsd_core.backends.capabilities import probe
 from opsd_core.backends.cpu import CpuBackend
@@ -43,9 +43,11 @@ from opsd_core.config import Params
 from opsd_core.io import file_hash, write_json, write_metrics
 
 
-def execution_plan(params: Params) -> ExecutionPlan:
-    """This machine's paths for ``params``; an impossible explicit setting fails here, before any work."""
-    return make_plan(params, probe())
+def execution_plan(params: Params, world_size: int | None = None) -> ExecutionPlan:
+    """This machine's paths for ``params``; an impossible explicit setting fails here, before any work.
+    ``world_size``: the processes training (default: torchrun's when launched by it, else ``train.nproc``)."""
+    launched = distributed.launched_size()
+    return make_plan(params, probe(), world_size=world_size or (launched if launched > 1 else params.train.nproc))
 
 
 def _data_hash(params: Params, root: Path) -> str:
@@ -76,18 +78,28 @@ def build_backend(params: Params, model: torch.nn.Module, plan: ExecutionPlan, d
                   log: Callable[[str], None]) -> Backend:
     """The back-end the plan chose for this device."""
     sampling_dtype = getattr(torch, plan.sampling_dtype)
+    full_copy = plan.data_parallel == "fsdp2"  # a sharded policy cannot decode rank by rank: see PolicySampler
     if device.type == "cpu":
         return CpuBackend(model, sampling_dtype, plan.sampler, log, packs=for_plan(plan),
-                          sampler_packs=for_plan(plan, frozen_dtype=False))
-    return Backend(model, sampling_dtype, plan.sampler, log)
+                          sampler_packs=for_plan(plan, frozen_dtype=False), full_copy=full_copy)
+    return Backend(model, sampling_dtype, plan.sampler, log, full_copy=full_copy)
 
 
 def build_parts(params: Params, model: torch.nn.Module, plan: ExecutionPlan, device: torch.device,
                 log: Callable[[str], None] = lambda _msg: None) -> TrainerParts:
-    """The trainer's parts for ``params``: back-end, teacher, loss spec, optimizer and schedule."""
+    """The trainer's parts for ``params``: back-end, teacher, loss spec, optimizer and schedule.
+
+    With the plan's ``fsdp2`` the model is sharded here (under torchrun), after the parts that copy its
+    whole weights and before the optimizer, which must hold the shards.
+    """
     backend = build_backend(params, model, plan, device, log)
     teacher_dtype = getattr(torch, plan.teacher_dtype) if plan.teacher_dtype else None
+    # full fine-tuning's fixed teacher is a frozen whole copy made now, from the unsharded weights: one more
+    # copy of the weights on every rank (3.4 GB for 1.7B in bf16), well below what sharding saves there
+    # (the replicated gradients and two AdamW moments: three times the weights' bytes, or more)
     teacher = make_teacher(params.opsd.teacher, model, params.opsd.ema_decay, teacher_dtype, backend)
+    if plan.data_parallel == "fsdp2":
+        fsdp.shard(model)
     spec = DivergenceSpec.from_config(params.opsd, params.opsd.sampling.temperature)
     optimizer, scheduler = build_optimizer(model, params.train)
     return TrainerParts(teacher=teacher, backend=backend, spec=spec, optimizer=optimizer, scheduler=scheduler)
@@ -109,6 +121,24 @@ def execution_record(plan: ExecutionPlan, trainer: OPSDTrainer) -> dict[str, Any
     record["sampler"] = trainer.backend.describe_sampler()
     record["teacher_pass"] = f"{trainer.params.opsd.teacher}: {trainer.teacher.describe()}"
     return record
+
+
+def params_per_rank(model: torch.nn.Module, world: distributed.World, device: torch.device) -> list[int]:
+    """Trained parameter elements each rank stores (collective): the whole model on each, except under FSDP2."""
+    mine = fsdp.local_numel(p for p in model.parameters() if p.requires_grad)
+    return [int(n) for n in distributed.all_sum([float(mine) if r == world.rank else 0.0 for r in range(world.size)],
+                                                world, device)]
+
+
+def whole_policy(params: Params, root: Path, plan: ExecutionPlan, weights: dict[str, torch.Tensor]
+                 ) -> torch.nn.Module:
+    """A plain (unsharded) policy holding ``weights`` (trained parameters by name): what rank 0 saves after
+    an FSDP2 run, so the candidate is written exactly as one process writes it."""
+    model, _, _ = build_policy(params, root, plan)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    return model
 
 
 def _probe_logits(model: torch.nn.Module, tokenizer: Any, dev: torch.device) -> torch.Tensor:
@@ -187,7 +217,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     size = distributed.launched_size()
     # ranks share the machine's cores: train.threads is the whole budget
     configure_threads(max(1, params.train.threads // size) if params.train.threads else None)
-    plan = execution_plan(params)
+    plan = execution_plan(params, world_size=size)  # the processes running now (one outside torchrun)
     dev = _device(plan)
     world = distributed.init(dev)
     for warning in [*plan.warnings, *params.opsd.advice()] if world.main else ():
@@ -203,11 +233,19 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         log("train.cpu_allocator: glibc's mallopt refused the settings; malloc left as it is")
     trainer = build_trainer(params, model, tokenizer, problems, dev, run_dir, plan=plan, world=world, log=log)
     try:
+        per_rank = params_per_rank(model, world, dev)
         state = trainer.run()
+        # gathered by every rank (a collective), kept by rank 0, which writes the candidate from them
+        final = {n: fsdp.full(p.detach()).cpu() for n, p in model.named_parameters()} \
+            if fsdp.is_sharded(model) else None
     finally:
         distributed.close(world)
     if not world.main:
         return None
+    execution = {**execution_record(plan, trainer), "params_per_rank": per_rank}
+    if final is not None:
+        del trainer, model
+        model = whole_policy(params, root, plan, final)
     reports = root / params.train.reports_dir
     _write_curve(reports / "train_curve.csv", state.curve)
     meta = save_candidate(params, root, model, tokenizer, base_path, data_hash, dev)
@@ -238,7 +276,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         "world_size": world.size,
         "rollouts_per_rank": [len(distributed.World(r, world.size).rows(params.train.rollouts_per_step))
                               for r in range(world.size)],
-        "execution": execution_record(plan, trainer),
+        "execution": execution,
         "machine": probe().as_dict(),
         "versions": versions(),
     }
