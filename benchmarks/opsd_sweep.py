@@ -10,7 +10,7 @@ the mean log-probability per token of the verified solution behind exactly the s
     python -m benchmarks.opsd_sweep --project DIR [--profile P] [--set k=v ...] \\
         --variant 'clip-none:opsd.clip=none' --variant 'shuffled:opsd.teacher_context=shuffled' ...
 
-A variant may also set ``@instruction=plain|bare`` (an experiment, not a setting): the teacher's
+A variant may also set ``@instruction=plain|bare``, short for ``opsd.teacher_instruction``: the teacher's
 instruction after the reference solution becomes "A verified reference solution is given between the
 tags above." (``plain``: no "do not copy it ... in your own words") or nothing (``bare``).
 
@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from opsd_core.algorithm import prompts
 from opsd_core.algorithm.prompts import student_prompt_ids
 from opsd_core.config import Params, load_params
 from opsd_core.evaluation.bootstrap import paired_bootstrap
@@ -112,13 +111,12 @@ def main() -> None:
     base_scores = score(base_model, tok, rows, common.model.thinking)
     del base_model
     results = []
-    default_instruction = prompts.TEACHER_INSTRUCTION
     for spec in args.variant or ["default"]:
         name, _, sets = spec.partition(":")
         items = [s for s in sets.split(",") if s]
-        instruction = next((s.split("=", 1)[1] for s in items if s.startswith("@instruction=")), None)
-        prompts.TEACHER_INSTRUCTION = INSTRUCTIONS[instruction] if instruction else default_instruction
-        overrides = [*args.sets, *(s for s in items if not s.startswith("@")),
+        items = [f"opsd.teacher_instruction={INSTRUCTIONS[s.split('=', 1)[1]]}" if s.startswith("@instruction=")
+                 else s for s in items]
+        overrides = [*args.sets, *items,
                      f"train.output_dir=sweep/{name}/candidate", f"train.reports_dir=sweep/{name}/reports",
                      # its own checkpoints: the teacher's instruction is not part of the run key, and a
                      # finished training removes other run keys' checkpoints
@@ -126,7 +124,7 @@ def main() -> None:
         params = load_params(root / "params.yaml", args.profile, overrides)
         shutil.rmtree(root / params.train.checkpoint_dir, ignore_errors=True)  # train from scratch, always
         res = run_variant(root, params, rows, base_scores, name)
-        res["overrides"] = overrides[:len(overrides) - 3] + ([f"@instruction={instruction}"] if instruction else [])
+        res["overrides"] = overrides[:len(overrides) - 3]
         results.append(res)
         s, a = res["solution"], res["answer"]
         print(f"{name:24s} solution {s['diff']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] {s['improved']}/"

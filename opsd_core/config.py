@@ -118,6 +118,9 @@ class OPSDConfig(_Section):
     # what privileged context the teacher sees: reference (the problem's verified solution), shuffled
     # (another problem's solution: the control), none (the student's prompt: no privileged context)
     teacher_context: Literal["reference", "shuffled", "none"] = "reference"
+    # the teacher's instruction between the reference solution and the answer instruction
+    # (null: opsd_core/algorithm/prompts.TEACHER_INSTRUCTION; "": none)
+    teacher_instruction: str | None = None
     # fixed teacher only: score with a frozen copy of the base in this dtype through the decoder
     # engine, without padding (None: the policy with its adapter disabled, no copy). bfloat16 makes
     # the teacher pass ~1.5x faster on CPUs with bf16 units (benchmarks.breakdown, oneDNN packs on), at bf16 precision.

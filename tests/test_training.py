@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from opsd_core.algorithm.optim import build_optimizer, lr_factor
-from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
+from opsd_core.algorithm.prompts import (
+    ANSWER_INSTRUCTION,
+    SOLUTION_END,
+    TEACHER_INSTRUCTION,
+    student_prompt_ids,
+    teacher_prompt_ids,
+)
 from opsd_core.algorithm.rollout import Rollouts, completion_mask_from_ids, eos_token_ids
 from opsd_core.algorithm.scoring import ScoringBatch, build_scoring_batch, completion_hidden, lm_head
 from opsd_core.algorithm.teacher import EmaTeacher, FixedTeacher, LiveTeacher
@@ -314,6 +320,14 @@ def test_load_problems_tokenizes_both_contexts(smoke: Params, tmp_path: Path) ->
     assert problem.student_ids == student_prompt_ids(tok, "1+1?")
     assert problem.teacher_ids == teacher_prompt_ids(tok, "1+1?", "#### 2")
     assert len(problem.teacher_ids) > len(problem.student_ids)
+    # opsd.teacher_instruction replaces the built-in instruction; "" leaves none
+    (plain,) = load_problems(path, tok, instruction="Use it.")
+    (bare,) = load_problems(path, tok, instruction="")
+    text = tok.decode(plain.teacher_ids)
+    assert "Use it.\n\n" + ANSWER_INSTRUCTION in text and TEACHER_INSTRUCTION not in text
+    assert TEACHER_INSTRUCTION in tok.decode(problem.teacher_ids)
+    assert SOLUTION_END + "\n\n" + ANSWER_INSTRUCTION in tok.decode(bare.teacher_ids)
+    assert plain.student_ids == bare.student_ids == problem.student_ids
 
 
 def _context_rows(path: Path, n: int) -> list[tuple[str, str]]:

@@ -28,11 +28,14 @@ def student_messages(problem: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{problem.strip()}\n\n{ANSWER_INSTRUCTION}"}]
 
 
-def teacher_messages(problem: str, solution: str) -> list[dict[str, str]]:
-    """The teacher context: problem, delimited reference solution, then the student's instruction."""
+def teacher_messages(problem: str, solution: str, instruction: str | None = None) -> list[dict[str, str]]:
+    """The teacher context: problem, delimited reference solution, the teacher's instruction
+    (``opsd.teacher_instruction``; None: :data:`TEACHER_INSTRUCTION`, empty: none), then the student's."""
+    instruction = TEACHER_INSTRUCTION if instruction is None else instruction.strip()
+    middle = f"{instruction}\n\n" if instruction else ""
     content = (
         f"{problem.strip()}\n\n{SOLUTION_BEGIN}\n{solution.strip()}\n{SOLUTION_END}\n\n"
-        f"{TEACHER_INSTRUCTION}\n\n{ANSWER_INSTRUCTION}"
+        f"{middle}{ANSWER_INSTRUCTION}"
     )
     return [{"role": "user", "content": content}]
 
@@ -64,5 +67,5 @@ def student_prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str, thinkin
 
 
 def teacher_prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str, solution: str,
-                       thinking: bool | None = None) -> list[int]:
-    return encode(tokenizer, teacher_messages(problem, solution), thinking)
+                       thinking: bool | None = None, instruction: str | None = None) -> list[int]:
+    return encode(tokenizer, teacher_messages(problem, solution, instruction), thinking)

@@ -65,13 +65,14 @@ class TrainState:
 
 
 def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None, context: str = "reference",
-                  seed: int = 0) -> list[Problem]:
+                  seed: int = 0, instruction: str | None = None) -> list[Problem]:
     """Tokenize both contexts of every prepared training row once (``thinking``: ``model.thinking``).
 
     ``context`` is ``opsd.teacher_context``, what privileged information the teacher gets:
     ``reference`` its own problem's verified solution; ``shuffled`` another problem's (see
     :func:`shuffled_partners`), the control for "the gain comes from the solution, not from the extra
     prompt or from training on its own samples"; ``none`` the student's own prompt (no privileged context).
+    ``instruction``: ``opsd.teacher_instruction`` (None: the built-in one).
     """
     rows = []
     with path.open(encoding="utf-8") as fh:
@@ -85,7 +86,7 @@ def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None, cont
     for i, row in enumerate(rows):
         student = student_prompt_ids(tokenizer, row["problem"], thinking)
         teacher = student if context == "none" else \
-            teacher_prompt_ids(tokenizer, row["problem"], rows[partner[i]]["solution"], thinking)
+            teacher_prompt_ids(tokenizer, row["problem"], rows[partner[i]]["solution"], thinking, instruction)
         problems.append(Problem(str(row["id"]), student, teacher))
     return problems
 
