@@ -17,18 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
 
 
-def opsd(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
+def opsd(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **(env or {}), "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
-def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_path: Path) -> None:
+def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_path: Path,
+                                                                         prefect_harness: None) -> None:
     """The main job as a user meets it, crash accounting included (one clone and one pipeline for both: each
     costs ~60 s): the first `opsd run` dies (SIGKILL, OOM, power loss) once its pipeline run has started; the
     next `opsd status` marks that run FAILED; the next `opsd run` reproduces everything and registers once, and
-    a rerun is a no-op."""
+    a rerun is a no-op. The first two start Prefect's temporary server, as a new user's do; the rerun goes to
+    the session's running server (`PREFECT_API_URL`, as a configured user's does) instead of starting a third."""
     from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_API_URL
 
     from opsd_core.config import load_params
     from opsd_core.registry import leases
@@ -106,7 +109,7 @@ def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_pat
     assert (encoding["x"]["field"], encoding["x"]["type"]) == ("candidate", "quantitative")  # scores on x
     assert (encoding["y"]["field"], encoding["y"]["type"]) == ("task", "nominal")  # one bar per task
 
-    second = opsd(project, "run")
+    second = opsd(project, "run", env={"PREFECT_API_URL": str(PREFECT_API_URL.value())})
     assert second.returncode == 0, second.stderr[-4000:]
     assert "nothing changed; no stage ran" in second.stdout
 
