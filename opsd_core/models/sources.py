@@ -17,7 +17,6 @@ import mmap
 import os
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -104,10 +103,6 @@ def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Pa
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         try:
             start = time.perf_counter()
-            # a conversion can take a minute on a first run: say what is happening (one time, then cached);
-            # no estimate of its length, which nothing measured before could give
-            print(f"model {source}: preparing it once into {target} (later runs reuse it) ...", file=sys.stderr,
-                  flush=True)
             build(tmp)
             (tmp / _MARKER).write_text(json.dumps({"source": source, "files": _file_digests(tmp)}, sort_keys=True)
                                        + "\n")
@@ -118,7 +113,7 @@ def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Pa
             except OSError:  # a racer without the lock (another filesystem view) won: keep its copy
                 if not _intact(target):
                     raise
-            print(f"model {source}: ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            log.info("materialised %s into %s in %.1f s", source, target, time.perf_counter() - start)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
