@@ -68,6 +68,8 @@ def test_aliases_and_tags_read_as_mlflow_reads_them(registry_db: Path, tmp_path:
             assert ours is not None, (name, alias)
             assert (ours.version, ours.run_id, ours.tags) == (str(theirs.version), theirs.run_id, theirs.tags)
     assert sqlite_read.version_by_alias(conn, "opsd-model", "challenger").tags["content_hash"] == "h4"
+    assert sqlite_read.read_aliases(uri, "opsd-model", ALIASES) == {  # what status calls: the same answers
+        alias: sqlite_read.version_by_alias(conn, "opsd-model", alias) for alias in ALIASES}
     with pytest.raises(sqlite3.OperationalError, match="readonly"):  # reading can never write the store
         conn.execute("DELETE FROM registered_model_aliases")
     conn.close()
@@ -80,6 +82,7 @@ def test_other_stores_and_schemas_are_left_to_mlflow(registry_db: Path, tmp_path
     for other in ("sqlite:///:memory:", "http://127.0.0.1:5000", f"file://{tmp_path}/mlruns",
                   f"sqlite:///{tmp_path / 'missing.db'}"):
         assert sqlite_read.open_store(other) is None, other
+        assert sqlite_read.read_aliases(other, "opsd-model", ALIASES) is None, other
     assert not (tmp_path / "missing.db").exists()  # asking created nothing
     moved = tmp_path / "moved.db"
     shutil.copy(registry_db, moved)

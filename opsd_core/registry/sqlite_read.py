@@ -48,7 +48,10 @@ def open_store(tracking_uri: str) -> sqlite3.Connection | None:
         return None
     if os.environ.get("MLFLOW_WORKSPACE") or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
         return None  # rows outside the default workspace: MLflow decides which ones a client sees
-    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:  # unreadable here (permissions, ...): MLflow says what is wrong
+        return None
     try:
         revision = conn.execute("SELECT version_num FROM alembic_version").fetchone()
     except sqlite3.Error:
@@ -57,6 +60,20 @@ def open_store(tracking_uri: str) -> sqlite3.Connection | None:
         conn.close()
         return None
     return conn
+
+
+def read_aliases(tracking_uri: str, name: str, aliases: tuple[str, ...]) -> dict[str, VersionRow | None] | None:
+    """Each alias's version (None: not set), or None when the store is not one to read here or a read
+    fails (a lock held past the timeout, ...): the caller asks MLflow, which reports it properly."""
+    conn = open_store(tracking_uri)
+    if conn is None:
+        return None
+    try:
+        return {alias: version_by_alias(conn, name, alias) for alias in aliases}
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def version_by_alias(conn: sqlite3.Connection, name: str, alias: str) -> VersionRow | None:

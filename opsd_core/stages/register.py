@@ -17,7 +17,6 @@ import json
 import os
 import tempfile
 import time
-from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -391,16 +390,14 @@ def status(params: Params, root: Path) -> dict[str, Any]:
     primary = cfg.primary_task
     # the common case (no dead pipeline run to mark, the embedded store): read the aliases without importing
     # MLflow, ~2 s of a ~2.2 s command; marking a dead run FAILED, or any other store, goes through MLflow
-    rows = None if leases.any_dead(store.state_dir) else sqlite_read.open_store(store.tracking_uri)
-    if rows is not None:
-        with closing(rows):
-            found = {alias: sqlite_read.version_by_alias(rows, cfg.model_name, alias)
-                     for alias in ("champion", "challenger")}
-        reaped: list[dict[str, Any]] = []
-    else:
+    aliases = ("champion", "challenger")
+    reaped: list[dict[str, Any]] = []
+    found = None if leases.any_dead(store.state_dir) else sqlite_read.read_aliases(store.tracking_uri,
+                                                                                  cfg.model_name, aliases)
+    if found is None:
         client = open_client(store)
         reaped = leases.reap(store.state_dir, client)
-        found = {alias: version_by_alias(client, cfg.model_name, alias) for alias in ("champion", "challenger")}
+        found = {alias: version_by_alias(client, cfg.model_name, alias) for alias in aliases}
     return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri, "reaped_runs": reaped,
             "champion": _describe(found["champion"], primary),
             "challenger": _describe(found["challenger"], primary),
