@@ -93,7 +93,7 @@ def test_an_invalid_choice_lists_the_valid_ones(tmp_path: Path) -> None:
 
 
 def test_doubtful_combinations_are_advised_not_refused() -> None:
-    p = load_params(ROOT / "params.yaml", "smoke", ["opsd.support=sampled"])
+    p = load_params(ROOT / "params.yaml", "smoke", ["opsd.support=sampled", "opsd.clip=pointwise"])
     assert len(p.opsd.advice()) == 1 and "opsd.clip=pointwise" in p.opsd.advice()[0]
     assert load_params(ROOT / "params.yaml", "smoke", ["opsd.support=sampled", "opsd.clip=none"]).opsd.advice() == []
     assert load_params(ROOT / "params.yaml", "smoke").opsd.advice() == []
