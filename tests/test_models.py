@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,21 @@ def test_a_failed_build_leaves_no_cache_entry(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"^model\.tiny\.hidden \(66\) must be a multiple of model\.tiny\.heads \(4\)$"):
             resolve_base_dir(cfg, root=tmp_path)
         assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_conversion_says_it_starts_and_how_long_it_took_once(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    def build(tmp: Path) -> None:
+        print("building", file=sys.stderr)
+        (tmp / "done").write_text("ok")
+
+    _materialise(tmp_path / "entry", build, "model.gguf")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("model model.gguf: preparing it once into ") and lines[1] == "building"
+    assert re.fullmatch(r"model model\.gguf: ready in \d+ s", lines[2])
+    _materialise(tmp_path / "entry", build, "model.gguf")  # cached: silent
+    _materialise(tmp_path / "tiny", build, "tiny")  # under a second: only its own output
+    assert capsys.readouterr().err.splitlines() == ["building"]
 
 
 def test_materialise_holds_the_lock_while_building_and_keeps_a_racers_entry(tmp_path: Path) -> None:

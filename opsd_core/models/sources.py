@@ -17,6 +17,7 @@ import mmap
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -101,8 +102,13 @@ def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Pa
         if _intact(target):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        # a conversion takes ~10 s to a minute on a first run: say what is happening (the tiny model builds in
+        # well under a second, and its setting errors must stay one line)
+        say = (lambda msg: print(f"model {source}: {msg}", file=sys.stderr, flush=True)) if source != "tiny" \
+            else (lambda _msg: None)
         try:
             start = time.perf_counter()
+            say(f"preparing it once into {target} (later runs reuse it) ...")
             build(tmp)
             (tmp / _MARKER).write_text(json.dumps({"source": source, "files": _file_digests(tmp)}, sort_keys=True)
                                        + "\n")
@@ -114,6 +120,7 @@ def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Pa
                 if not _intact(target):
                     raise
             log.info("materialised %s into %s in %.1f s", source, target, time.perf_counter() - start)
+            say(f"ready in {time.perf_counter() - start:.0f} s")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
