@@ -5,9 +5,9 @@ tests/test_run_cli.py (the main job's evaluate stages)."""
 
 from __future__ import annotations
 
-from opsd_core.evaluation.harness import GENERATION_GROUP, LL_GROUP, task_groups
+from opsd_core.evaluation.harness import ANSWER_GROUP, GENERATION_GROUP, LL_GROUP, task_groups
 from opsd_core.evaluation.progress import EvalProgress
-from opsd_core.evaluation.tasks import LL_TASKS, OWN_TASKS
+from opsd_core.evaluation.tasks import ANSWER_TASKS, LL_TASKS, OWN_TASKS
 
 
 class Clock:
@@ -21,9 +21,10 @@ class Clock:
 
 
 def test_groups_follow_the_harness_order_and_skip_empty_kinds() -> None:
-    ll = sorted(LL_TASKS)[0]
+    ll = next(name for name in sorted(LL_TASKS) if name not in ANSWER_TASKS)
+    answer = sorted(ANSWER_TASKS)[0]
     gen = next(name for name in OWN_TASKS if name not in LL_TASKS)
-    assert task_groups([ll, gen, gen]) == [(GENERATION_GROUP, [gen]), (LL_GROUP, [ll])]
+    assert task_groups([answer, ll, gen, gen]) == [(GENERATION_GROUP, [gen]), (LL_GROUP, [ll]), (ANSWER_GROUP, [answer])]
     assert task_groups([ll]) == [(LL_GROUP, [ll])]
 
 

@@ -387,17 +387,22 @@ def test_answer_task_scores_the_final_line_behind_the_prompt_and_the_rest_of_the
         project: tuple[Path, Params], tmp_path: Path) -> None:
     """opsd_val_answer_ll through a real lm-eval run equals the answer line's log-probability computed
     directly behind the student's prompt and the solution's earlier lines, per answer-line token (lm-eval moves
-    the newline before the line out of its context, so that newline is scored too)."""
+    the newline before the line out of its context, so that newline is scored too). Evaluated beside
+    opsd_val_ll, whose requests are the same tokens cut elsewhere: lm-eval shares one forward between equal
+    token sequences and reads each continuation at the first request's cut, so the harness must keep the two
+    kinds in separate runs (with them together every value here was ~15x too low)."""
     from opsd_core.algorithm.prompts import student_prompt_ids
     from opsd_core.evaluation.harness import LL_PER_TOKEN, evaluate_model
     from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
 
     root, params = project
-    cfg = params.eval.model_copy(update={"tasks": ["opsd_val_answer_ll"]})
+    tasks = ["opsd_val_ll", "opsd_val_answer_ll"]
+    cfg = params.eval.model_copy(update={"tasks": tasks})
     write_task_yamls(tmp_path, root / "data/prepared/val.jsonl", root / "data/eval/gsm8k100.jsonl", cfg)
     base = resolve_base_dir(params.model, root)
-    result = evaluate_model(str(base), None, ["opsd_val_answer_ll"], cfg, tmp_path).tasks["opsd_val_answer_ll"]
-    assert result.metric == LL_PER_TOKEN and result.n == 5
+    evaluated = evaluate_model(str(base), None, tasks, cfg, tmp_path).tasks
+    result = evaluated["opsd_val_answer_ll"]
+    assert result.metric == LL_PER_TOKEN and result.n == 5 and evaluated["opsd_val_ll"].n == 5
     # the solution's earlier lines open the assistant's turn, unclosed
     assert result.example["prompt"].endswith("<|im_start|>assistant\n" + answer_split(_row(0, {})["solution"])[0])
     model, tok = load_model_and_tokenizer(params.model, root)
