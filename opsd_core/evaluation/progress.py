@@ -60,6 +60,6 @@ class EvalProgress:
             return f"{head} in {elapsed:.0f} s"
         estimate, unknown = self.left()
         if estimate is None:
-            kinds = " and a ".join(unknown)
-            return f"{head}, elapsed {elapsed:.0f} s; no estimate of the rest until a {kinds} group is timed"
+            kinds = " and ".join(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}" for kind in unknown)
+            return f"{head}, elapsed {elapsed:.0f} s; no estimate of the rest until {kinds} group is timed"
         return f"{head}, elapsed {elapsed:.0f} s, about {estimate:.0f} s left"
