@@ -376,7 +376,7 @@ def test_teacher_context_none_with_the_fixed_teacher_leaves_the_base_unchanged(s
 
     row, none_moved = moved(model, lambda: trainer.step(0))
     assert row["kl"] == pytest.approx(0.0, abs=1e-7) and row["grad_norm"] < 1e-7
-    assert none_moved < 1e-3
+    assert none_moved < 0.02  # Adam-scaled rounding noise: 2e-4 on AVX-512, 2e-3 on AVX2 at smoke's lr 5e-3
     # the same step with the solution in the teacher's context learns: logits move far more
     model2, _ = _policy(smoke)
     reference = load_problems(tmp_path / "train.jsonl", tok, context="reference")
