@@ -273,8 +273,8 @@ def test_candidate_is_evaluated_with_its_adapter(reports: tuple[dict[str, Any], 
         assert entry["base"]["example"]["completion"] != entry["candidate"]["example"]["completion"]
 
 
-def test_settings_hash_changes_with_the_settings_and_only_with_them(project: tuple[Path, Params],
-                                                                   tmp_path: Path) -> None:
+def test_settings_hash_changes_with_the_settings_and_only_with_them(project: tuple[Path, Params], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from opsd_core.stages.evaluate import settings, settings_hash
 
     root, params = project
@@ -299,6 +299,10 @@ def test_settings_hash_changes_with_the_settings_and_only_with_them(project: tup
     shorter = params.model_copy(update={"eval": params.eval.model_copy(update={"max_new_tokens": 13})})
     assert settings_hash(settings(shorter, root, "cpu")) != digest
     assert settings_hash(settings(params, root, "cuda")) != digest
+    # another opsd scoring (a harness change) re-evaluates the cached base too
+    monkeypatch.setattr("opsd_core.stages.evaluate.SCORING_VERSION", -1)
+    assert settings_hash(settings(params, root, "cpu")) != digest
+    monkeypatch.undo()
     rows = (copy / "data/prepared/val.jsonl").read_text().splitlines()
     (copy / "data/prepared/val.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # one problem fewer
     assert settings_hash(settings(params, copy, "cpu")) != digest

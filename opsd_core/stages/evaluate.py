@@ -70,6 +70,12 @@ def data_paths(params: Params, root: Path) -> dict[str, Path]:
     }
 
 
+# raised whenever opsd's own scoring of a task changes (task configs, grouping, metrics), so a base evaluation
+# cached by an older opsd is re-run instead of compared with a candidate scored differently (2: the answer
+# lines in their own lm-eval pass, the flexible match)
+SCORING_VERSION = 2
+
+
 def settings(params: Params, root: Path, device: str) -> dict[str, Any]:
     """Everything that determines a model's scores apart from its weights."""
     paths = data_paths(params, root)
@@ -85,6 +91,7 @@ def settings(params: Params, root: Path, device: str) -> dict[str, Any]:
         "answer_instruction": ANSWER_INSTRUCTION,
         "device": device,
         "lm_eval": version("lm_eval"),
+        "scoring": SCORING_VERSION,
     }
 
 
