@@ -33,7 +33,10 @@ VAL_ANSWER_TASK = "opsd_val_answer_ll"
 GSM8K_ANSWER_TASK = "opsd_gsm8k100_answer_ll"
 ANSWER_TASKS: tuple[str, ...] = (VAL_ANSWER_TASK, GSM8K_ANSWER_TASK)
 LL_TASKS: tuple[str, ...] = (VAL_LL_TASK, GSM8K_LL_TASK, *ANSWER_TASKS)
-OWN_TASKS: tuple[str, ...] = (VAL_TASK, GSM8K_TASK, *LL_TASKS)
+GENERATION_TASKS: tuple[str, ...] = (VAL_TASK, GSM8K_TASK)
+OWN_TASKS: tuple[str, ...] = (*GENERATION_TASKS, *LL_TASKS)
+# the own tasks over the prepared val split; the others are over the bundled GSM8K set
+VAL_SPLIT_TASKS: tuple[str, ...] = (VAL_TASK, VAL_LL_TASK, VAL_ANSWER_TASK)
 # each generation task's report also holds, from the same completions, exact match on the last number
 FLEX_SUFFIX = "_flex"
 # lm-eval filter that keeps all k samples of a problem (its default keeps only the first).
@@ -151,7 +154,7 @@ def with_flexible(names: list[str]) -> list[str]:
     out: list[str] = []
     for name in names:
         out.append(name)
-        if name in (VAL_TASK, GSM8K_TASK):
+        if name in GENERATION_TASKS:
             out.append(name + FLEX_SUFFIX)
     return out
 
@@ -208,6 +211,11 @@ def sanitized_rows(task: str, path: Path, solution: bool = False) -> list[dict[s
     return rows
 
 
+def data_files(val_path: Path, gsm8k_path: Path) -> dict[str, Path]:
+    """Each own task's data file: the prepared val split or the bundled GSM8K set."""
+    return {name: Path(val_path) if name in VAL_SPLIT_TASKS else Path(gsm8k_path) for name in OWN_TASKS}
+
+
 def own_task_names(names: list[str]) -> list[str]:
     """The own tasks among ``names``; anything else must go to ``eval.extra_tasks``."""
     unknown = [n for n in names if n not in OWN_TASKS]
@@ -225,8 +233,7 @@ def write_task_yamls(tasks_dir: Path, val_path: Path, gsm8k_path: Path, cfg: Eva
     Returns the task names written. Raises :class:`EvalDataError` naming the task when its data
     file is missing, empty or malformed, and :class:`EvalTaskError` for names that are not own tasks.
     """
-    sources = {VAL_TASK: Path(val_path), GSM8K_TASK: Path(gsm8k_path), VAL_LL_TASK: Path(val_path),
-               GSM8K_LL_TASK: Path(gsm8k_path), VAL_ANSWER_TASK: Path(val_path), GSM8K_ANSWER_TASK: Path(gsm8k_path)}
+    sources = data_files(val_path, gsm8k_path)
     names = own_task_names(cfg.tasks)
     tasks_dir = Path(tasks_dir)
     tasks_dir.mkdir(parents=True, exist_ok=True)

@@ -25,16 +25,7 @@ from opsd_core.evaluation.errors import EvalError
 from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model, task_groups
 from opsd_core.evaluation.progress import EvalProgress
 from opsd_core.evaluation.summary import task_summary
-from opsd_core.evaluation.tasks import (
-    GSM8K_ANSWER_TASK,
-    GSM8K_LL_TASK,
-    GSM8K_TASK,
-    VAL_ANSWER_TASK,
-    VAL_LL_TASK,
-    VAL_TASK,
-    with_flexible,
-    write_task_yamls,
-)
+from opsd_core.evaluation.tasks import GSM8K_TASK, VAL_TASK, data_files, with_flexible, write_task_yamls
 from opsd_core.io import file_hash, json_hash, write_json, write_metrics
 
 BASE_REPORT = "eval_base.json"
@@ -60,14 +51,7 @@ def _rel(path: str | Path, root: Path) -> str:
 
 
 def data_paths(params: Params, root: Path) -> dict[str, Path]:
-    return {
-        VAL_TASK: root / params.data.prepared_dir / "val.jsonl",
-        GSM8K_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
-        VAL_LL_TASK: root / params.data.prepared_dir / "val.jsonl",
-        GSM8K_LL_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
-        VAL_ANSWER_TASK: root / params.data.prepared_dir / "val.jsonl",
-        GSM8K_ANSWER_TASK: root / params.data.eval_dir / "gsm8k100.jsonl",
-    }
+    return data_files(root / params.data.prepared_dir / "val.jsonl", root / params.data.eval_dir / "gsm8k100.jsonl")
 
 
 # raised whenever opsd's own scoring of a task changes (task configs, grouping, metrics), so a base evaluation
