@@ -54,7 +54,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from opsd_core.registry.store import RegistryError, all_versions
+from opsd_core.registry.store import RegistryError, all_versions, ensure_registered_model
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -134,23 +134,6 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
-def _ensure_lease_model(client: MlflowClient, name: str, model: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-        return
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-    try:
-        client.create_registered_model(name, description=f"opsd: tickets of the lease that serialises moves of "
-                                                         f"{model}'s aliases across machines; not a model")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another pipeline created it meanwhile
-            raise
-
-
 def _ttl_of(tags: dict[str, str], default_ms: int) -> int:
     try:
         return int(tags.get("ttl_ms", default_ms))
@@ -170,7 +153,8 @@ def acquire(client: MlflowClient, model: str, actor: str, ttl_s: float | None = 
     ttl_ms = int(1000 * (ttl_s if ttl_s is not None else _env_seconds(TTL_ENV, TTL_S)))
     wait = wait_s if wait_s is not None else _env_seconds(WAIT_ENV, WAIT_S)
     name = lease_model(model)
-    _ensure_lease_model(client, name, model)
+    ensure_registered_model(client, name, description=f"opsd: tickets of the lease that serialises moves of "
+                                                      f"{model}'s aliases across machines; not a model")
     lease = _take_ticket(client, name, actor, ttl_ms)
     deadline = time.monotonic() + wait
     try:

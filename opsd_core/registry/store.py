@@ -107,7 +107,10 @@ def ensure_experiment(client: MlflowClient, store: Store, name: str) -> str:
         return exp.experiment_id
 
 
-def ensure_registered_model(client: MlflowClient, name: str) -> None:
+def ensure_registered_model(client: MlflowClient, name: str,
+                            description: str = "OPSD candidates (peft adapters on their base model); see each "
+                                               "model card.") -> None:
+    """Create the registered model ``name`` unless it exists (or a racing pipeline creates it meanwhile)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -116,9 +119,7 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(
-                name, description="OPSD candidates (peft adapters on their base model); see each model card."
-            )
+            client.create_registered_model(name, description=description)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # created meanwhile by a racing pipeline
                 raise
