@@ -35,6 +35,7 @@ from opsd_core.evaluation.bootstrap import paired_bootstrap
 from opsd_core.evaluation.tasks import answer_split
 from opsd_core.models.sources import load_candidate, load_model_and_tokenizer, resolve_base_dir
 from opsd_core.offline import apply_offline_defaults
+from opsd_core.registry.card import read_curve
 
 
 @torch.no_grad()
@@ -81,16 +82,10 @@ def run_variant(root: Path, params: Params, rows: list[dict[str, Any]], base_sco
     base_dir = resolve_base_dir(params.model, root)
     model, tok = load_candidate(base_dir, root / params.train.output_dir)
     cand = score(model, tok, rows, params.model.thinking)
-    curve = [json.loads(json.dumps(r)) for r in _curve(root / params.train.reports_dir / "train_curve.csv")]
+    curve = read_curve(root / params.train.reports_dir / "train_curve.csv")
     return {"variant": name, "wall_s": time.perf_counter() - started, "first_loss": summary["first_loss"],
             "final_loss": summary["final_loss"], "clipped_frac": [r.get("clipped_frac") for r in curve],
             "kl": [r.get("kl") for r in curve], **compare(base_scores, cand, params.train.seed)}
-
-
-def _curve(path: Path) -> list[dict[str, float]]:
-    lines = path.read_text().splitlines()
-    head = lines[0].split(",")
-    return [dict(zip(head, map(float, line.split(",")), strict=True)) for line in lines[1:]]
 
 
 def main() -> None:

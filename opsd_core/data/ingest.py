@@ -49,8 +49,8 @@ def ingest(params: Params, root: Path) -> dict[str, Any]:
             continue
         digest = file_hash(path, 12)
         out = dest / f"{path.stem}-{digest}.jsonl"
-        # keyed on the content alone: the same bytes under another name are not added again
-        if out.exists() or any(dest.glob(f"*-{digest}.jsonl")):
+        # keyed on the content alone (``out`` included): the same bytes under another name are not added again
+        if any(dest.glob(f"*-{digest}.jsonl")):
             skipped.append(path.name)
         else:
             dest.mkdir(parents=True, exist_ok=True)
