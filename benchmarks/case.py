@@ -1,7 +1,9 @@
 """One benchmark case in its own process: ``python -m benchmarks.case KIND --spec JSON --json OUT``.
 
 Kinds: ``matmul`` (the machine's dense matmul limit), ``step`` (a training step: impl opsd | trl |
-naive), ``kernel`` (the loss alone: impl chunked | naive | trl). The process sets its thread count
+naive), ``kernel`` (the loss alone: impl chunked | naive | trl), ``sampling`` (rollouts alone, opsd's paths
+beside transformers' ``generate``: ``benchmarks.static_generate``), ``breakdown`` (an opsd step piece by
+piece, optionally under torch.profiler: ``benchmarks.breakdown``). The process sets its thread count
 before doing anything else and writes one JSON object; the parent never imports torch for a case.
 """
 
@@ -80,7 +82,7 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["matmul", "step", "kernel"])
+    parser.add_argument("kind", choices=["matmul", "step", "kernel", "sampling", "breakdown"])
     parser.add_argument("--spec", required=True, help="JSON object with the case's settings")
     parser.add_argument("--json", required=True, type=Path, help="where to write the result")
     args = parser.parse_args(argv)
@@ -97,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             result["result"] = run_matmul(spec)
         elif args.kind == "step":
             result["result"] = run_step(spec)
+        elif args.kind == "sampling":
+            from benchmarks.static_generate import measure as measure_sampling
+
+            result["result"] = measure_sampling(spec)
+        elif args.kind == "breakdown":
+            from benchmarks.breakdown import measure as measure_breakdown
+
+            result["result"] = measure_breakdown(spec)
         else:
             from benchmarks.kernel import run_kernel
 

@@ -2,7 +2,7 @@
 
 Run where reasoning-gym is installed, then copy ``.opsd/bench/problems`` to a machine without it (the GPU
 script's box); every case reads the same problems from there. ``--suite`` writes what that suite's step
-cases read (rollouts per step × steps, per step group, a larger model's included).
+and breakdown cases read (rollouts per step × steps, per step group, a larger model's included).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from benchmarks.suites import build_suite
 
 def suite_counts(name: str) -> list[int]:
     """The problem counts the step cases of suite ``name`` read."""
-    groups = build_suite(name, large_model="any-large-model").step_groups
-    return sorted({g["rollouts"] * (g["warmup"] + g["steps"]) for g in groups})
+    suite = build_suite(name, large_model="any-large-model")
+    return sorted({g["rollouts"] * (g["warmup"] + g["steps"]) for g in [*suite.step_groups, *suite.breakdown]})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("counts", type=int, nargs="*", help="problem counts (rollouts per step x steps of a case)")
-    parser.add_argument("--suite", choices=["quick", "cpu", "gpu"], default=None)
+    parser.add_argument("--suite", choices=["quick", "cpu", "gpu", "gpu2"], default=None)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     counts = sorted(set(args.counts) | set(suite_counts(args.suite) if args.suite else []))

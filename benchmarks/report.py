@@ -155,14 +155,45 @@ def aggregate(suite: Suite, results: list[dict[str, Any]]) -> dict[str, Any]:
                      if not r.get("ok")],
         "cases": results,
     }
+    report["sampling"] = _sampling(results)
+    report["breakdown"] = [{"spec": r["spec"], **r["result"]} for r in results if r["kind"] == "breakdown" and r.get("ok")]
     report["loadavg"] = summary([r["machine"]["loadavg_1m"] for r in results
                                  if r.get("machine", {}).get("loadavg_1m") is not None])
     report["targets"] = targets(report)
     return report
 
 
+# transformers' compiled static-cache generate: the sampling baseline of issue 12
+COMPILED = "generate, static cache, compiled"
+# the rollout path `opsd train` takes by default on each device (opsd_core/backends/plan.py)
+OPSD_SAMPLER = {"cuda": "opsd static sampler (row noise)", "cpu": "opsd engine"}
+# issue 12's GPU targets: the whole step at 16 rollouts >= 5x the 424 tok/s measured on an H200 on
+# 2026-11-30; at 256 rollouts >= 10x TRL; scoring >= 1.5x TRL
+STEP16_TOK_S = 5 * 424
+
+
+def _sampling(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{batch: {path: {tok_s, seconds, first_call_s, vs_compiled}}} over every sampling case."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r["kind"] != "sampling" or not r.get("ok"):
+            continue
+        for batch, paths in r["result"]["batches"].items():
+            compiled = paths.get(COMPILED, {}).get("tok_s")
+            out[str(batch)] = {name: {**row, "vs_compiled": row["tok_s"] / compiled if compiled else None}
+                               for name, row in paths.items()}
+    return out
+
+
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
+    device = report["device"]
+    sampler = OPSD_SAMPLER.get(device)
+    for batch, paths in report.get("sampling", {}).items():
+        mine = paths.get(sampler or "", {}).get("vs_compiled")
+        if mine is not None:
+            out.append({"target": f"{sampler} >= 1.0x transformers' compiled static cache (batch {batch})",
+                        "value": mine, "met": mine >= 1.0})
     for gid, entry in report["steps"].items():
         for name, ratios in entry["ratios"].items():
             mine, other = name.split("/")
@@ -171,6 +202,19 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 label = "TRL" if other == "trl" else "TRL bf16 autocast"
                 out.append({"target": f"{mine} step tok/s >= 2x {label} ({entry['model']})",
                             "value": ratio, "met": ratio["median"] >= 2.0})
+        score = entry["ratios"].get("opsd/trl", {}).get("score_tok_s")
+        if device == "cuda" and score and score["n"]:
+            out.append({"target": f"opsd scoring tok/s >= 1.5x TRL ({entry['model']}, "
+                        f"R={entry['settings']['rollouts_per_step']})", "value": score, "met": score["median"] >= 1.5})
+        rollouts = entry.get("settings", {}).get("rollouts_per_step")
+        opsd = entry["impls"].get("opsd", {}).get("tok_s")
+        if device == "cuda" and rollouts == 16 and opsd and opsd["n"] and "smollm2" in entry["model"]:
+            out.append({"target": f"opsd whole step >= {STEP16_TOK_S} tok/s at 16 rollouts (5x 2026-11-30's 424)",
+                        "value": opsd, "met": opsd["median"] >= STEP16_TOK_S})
+        step = entry["ratios"].get("opsd/trl", {}).get("tok_s")
+        if device == "cuda" and rollouts == 256 and step and step["n"]:
+            out.append({"target": "opsd whole step >= 10x TRL at 256 rollouts", "value": step,
+                        "met": step["median"] >= 10.0})
         if "default" in gid and "opsd" in entry["impls"]:
             out.append({"target": "default-profile opsd train: share of matmul limit",
                         "value": entry["impls"]["opsd"]["mfu"], "met": None})
@@ -266,6 +310,7 @@ def markdown(report: dict[str, Any]) -> str:
         t_s = f"{_fmt(t['median'])} [{_fmt(t['min'])}, {_fmt(t['max'])}]" if t and t.get("n") else ""
         lines.append(f"| {row['vocab']}×{row['hidden']} | {row['rows']} | {row['impl']} | {med} | {lo} | {hi} | "
                      f"{mem} | {ratio_mem} | {t_s} |")
+    lines += _sampling_lines(report) + _breakdown_lines(report)
     lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
     for t in report["targets"]:
         v = t["value"]
@@ -280,3 +325,34 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {f['kind']} {f['spec'].get('impl', '')} {f['spec'].get('model', '')}: {f['error']}"
                   for f in report["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def _sampling_lines(report: dict[str, Any]) -> list[str]:
+    if not report.get("sampling"):
+        return []
+    lines = ["", "## Rollouts alone: opsd's paths beside transformers' generate (benchmarks.static_generate)", "",
+             "| batch | path | tok/s | s per call | first call s | / compiled static |", "|---|---|---|---|---|---|"]
+    for batch, paths in report["sampling"].items():
+        for name, row in paths.items():
+            lines.append(f"| {batch} | {name} | {_fmt(row['tok_s'])} | {_fmt(row['seconds'])} | "
+                         f"{_fmt(row['first_call_s'])} | {_fmt(row['vs_compiled'])} |")
+    return lines
+
+
+def _breakdown_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for entry in report.get("breakdown", []):
+        spec = entry["spec"]
+        lines += ["", f"## One opsd step piece by piece ({spec['model']}, R={spec['rollouts']}, "
+                  f"mb={spec['micro_batch']}, L={spec['new_tokens']}; benchmarks.breakdown)", "",
+                  "| piece | s | how |", "|---|---|---|"]
+        lines += [f"| {row['piece'].strip()} | {_fmt(row['seconds'])} | {row['how']} |" for row in entry["rows"]]
+        prof = entry.get("profile")
+        if prof:
+            busy = "" if prof["device_busy_s"] is None else (
+                f"; device busy {_fmt(prof['device_busy_s'])} s ({_fmt(prof['device_busy_fraction'])} of it), "
+                f"{prof['kernel_launches']} kernel launches")
+            lines += ["", f"One whole step under torch.profiler: {_fmt(prof['wall_s'])} s wall{busy}.", "",
+                      f"| operator | {prof['ranked_by']} s | calls |", "|---|---|---|"]
+            lines += [f"| `{row['op'][:80].replace('|', '/')}` | {_fmt(row['seconds'])} | {row['calls']} |" for row in prof["top"]]
+    return lines

@@ -1,4 +1,4 @@
-"""Run a benchmark suite: ``python -m benchmarks.run --suite cpu|gpu|quick``.
+"""Run a benchmark suite: ``python -m benchmarks.run --suite cpu|gpu|gpu2|quick``.
 
 Every case is a separate ``python -m benchmarks.case`` process (peak memory per case, no state shared
 between implementations), run one after the other in the suite's alternating order. Results go to
@@ -58,7 +58,7 @@ def run_case(kind: str, spec: dict[str, Any], workdir: Path, index: int, timeout
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="opsd benchmarks: OPSD vs TRL SDFTTrainer vs naive")
-    parser.add_argument("--suite", choices=["quick", "cpu", "gpu"], default="cpu")
+    parser.add_argument("--suite", choices=["quick", "cpu", "gpu", "gpu2"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every case (default: suite)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--tag", default=None, help="machine tag in the file name (default: hostname)")
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     report["total_wall_s"] = total
     report["date"] = dt.date.today().isoformat()
     report["argv"] = sys.argv[1:] if argv is None else argv
-    tag = args.tag or machine_tag(results)
+    # the GPU suite's second part beside the first, not over it
+    tag = args.tag or machine_tag(results) + ("-part2" if suite.name == "gpu2" else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"{report['date']}-{tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")

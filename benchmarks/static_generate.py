@@ -39,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     set_threads(args.threads)
+    spec = {"model": args.model, "batches": [int(b) for b in str(args.batch).split(",")],
+            "new_tokens": args.new_tokens, "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
+            "device": args.device, "compile": not args.no_compile}
+    measure(spec, report=print)
+    return 0
+
+
+def measure(spec: dict[str, Any], report: Callable[[str], None] = lambda _line: None) -> dict[str, Any]:
+    """Every path at every batch size of ``spec`` (the CLI's options; ``batches`` a list, ``compile`` a
+    bool): ``{"engine_packs": ..., "batches": {batch: {path: {"tok_s", "seconds", "first_call_s"}}}}``.
+    ``report`` gets a line per path as it is timed (the CLI prints them)."""
     import torch
 
     from opsd_core.backends.capabilities import probe
@@ -49,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from opsd_core.config import ModelConfig, Params
     from opsd_core.models.sources import load_model_and_tokenizer
 
-    dev = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    model, tok = load_model_and_tokenizer(ModelConfig(base=model_source(args.model), cache_dir=str(MODEL_CACHE)),
+    dev = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    model, tok = load_model_and_tokenizer(ModelConfig(base=model_source(spec["model"]), cache_dir=str(MODEL_CACHE)),
                                           dtype=dtype)
     model = model.to(dev).eval().requires_grad_(False)
     # the engine as training builds it: with the oneDNN packs this machine's plan chooses (CPU)
@@ -59,24 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     packs = for_plan(plan, frozen_dtype=False) if dev.type == "cpu" else None
     engine = DecoderEngine(copy.deepcopy(model), packs=packs)
     static = PolicySampler(model, dtype, "static")  # opsd's own merged copy, as training builds it
-    for batch in (int(b) for b in str(args.batch).split(",")):
-        print(f"{args.model} {args.dtype} on {dev}: batch {batch} x {args.new_tokens} new tokens, {args.threads} "
-              f"threads, median of {args.repeats}; engine packs: {plan.packs if packs is not None else 'off'}")
-        for name, fn in _paths(args, batch, model, tok, engine, static).items():
-            _time(name, fn, batch * args.new_tokens, args.repeats, dev)
-    return 0
+    out: dict[str, Any] = {"engine_packs": plan.packs if packs is not None else "off", "batches": {}}
+    n = spec["new_tokens"]
+    for batch in spec["batches"]:
+        report(f"{spec['model']} {spec['dtype']} on {dev}: batch {batch} x {n} new tokens, {spec['threads']} "
+               f"threads, median of {spec['repeats']}; engine packs: {out['engine_packs']}")
+        rows = out["batches"][batch] = {}
+        for name, fn in _paths(dev, n, spec["compile"], batch, model, tok, engine, static).items():
+            rows[name] = _time(fn, batch * n, spec["repeats"], dev)
+            report(f"{name:36s} {rows[name]['tok_s']:9.1f} tok/s  ({rows[name]['seconds']:.3f} s; "
+                   f"first call {rows[name]['first_call_s']:.1f} s)")
+    return out
 
 
-def _paths(args: argparse.Namespace, batch: int, model: Any, tok: Any, engine: Any, static: Any
+def _paths(dev: Any, n: int, compile_: bool, batch: int, model: Any, tok: Any, engine: Any, static: Any
            ) -> dict[str, Callable[[], object]]:
-    import torch
     from transformers import CompileConfig
 
     from opsd_core.algorithm.prompts import student_prompt_ids
     from opsd_core.algorithm.rollout import left_pad, sample
     from opsd_core.config import SamplingConfig
 
-    dev, n = torch.device(args.device), args.new_tokens
     questions = [f"Tom has {3 + i} apples and buys {4 * i + 1} more. How many does he have?" for i in range(batch)]
     prompts = [student_prompt_ids(tok, q) for q in questions]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -99,14 +113,14 @@ def _paths(args: argparse.Namespace, batch: int, model: Any, tok: Any, engine: A
                                                           list(range(len(prompts))), dev,
                                                           options=static.generate_options),
     }
-    if not args.no_compile:
+    if compile_:
         compile_config = CompileConfig(mode="reduce-overhead" if dev.type == "cuda" else "default")
         compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
         paths["generate, static cache, compiled"] = hf(cache_implementation="static", compile_config=compile_config)
     return paths
 
 
-def _time(name: str, fn: Callable[[], object], tokens: int, repeats: int, dev: Any) -> None:
+def _time(fn: Callable[[], object], tokens: int, repeats: int, dev: Any) -> dict[str, float]:
     import torch
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -121,7 +135,7 @@ def _time(name: str, fn: Callable[[], object], tokens: int, repeats: int, dev: A
         sync()
         times.append(time.perf_counter() - start)
     sec = statistics.median(times)
-    print(f"{name:36s} {tokens / sec:9.1f} tok/s  ({sec:.3f} s; first call {first:.1f} s)")
+    return {"tok_s": tokens / sec, "seconds": sec, "first_call_s": first}
 
 
 if __name__ == "__main__":

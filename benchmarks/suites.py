@@ -29,6 +29,11 @@ class Suite:
     default_profile: dict[str, Any] | None = None
     loss_only: list[dict[str, Any]] = field(default_factory=list)
     kernel: dict[str, Any] | None = None
+    sampling: list[dict[str, Any]] = field(default_factory=list)  # benchmarks.static_generate specs
+    breakdown: list[dict[str, Any]] = field(default_factory=list)  # benchmarks.breakdown specs
+    # the sections in the order they run: a time budget cuts the last ones ("steps:N", "sampling:N",
+    # "breakdown:N": entry N of that list alone)
+    order: tuple[str, ...] = ("matmul", "steps", "default", "sampling", "breakdown", "loss_only", "kernel")
 
 
 def _step_group(model: str, repeats: int, rollouts: int, micro_batch: int, new_tokens: int, warmup: int,
@@ -46,6 +51,10 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
             step_groups=[_step_group("tiny", 1, 2, 1, 4, 0, 1, impls=("opsd", "trl", "trl_bf16"))],
             kernel={"heads": [(512, 64)], "rows": [64], "impls": ["chunked", "naive"], "repeats": 2,
                     "chunk": 16, "naive_cap_gb": 1.0},
+            sampling=[{"model": "tiny", "batches": [2], "new_tokens": 4, "dtype": "float32", "repeats": 1,
+                       "compile": False}],
+            breakdown=[{**_step_group("tiny", 1, 2, 1, 4, 1, 1), "impl": "opsd", "precision": "float32",
+                        "repeats": 1, "profile": True}],
         )
     if name == "cpu":
         return Suite(
@@ -65,12 +74,20 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
             kernel={"heads": [(49152, 256), (151936, 256)], "rows": [256, 1024, 4096],
                     "impls": ["chunked", "naive"], "repeats": 3, "chunk": 128, "naive_cap_gb": 8.0},
         )
-    if name == "gpu":
-        # a case process costs 25-60 s on an H200 (start-up, load, warm-up, 2 steps), so the 10-minute
-        # lease holds opsd and TRL only; the naive step is compared on CPU, its loss alone below
-        groups = [_step_group("smollm2", 3, 16, 8, 128, 1, 2, impls=("opsd", "trl"))]
+    if name in ("gpu", "gpu2"):
+        # issue 12's targets on one GPU, in two parts that each fit one 10-minute device command (a case
+        # process costs 25-60 s on an H200: start-up, load, compile, warm-up). gpu: the whole step at 16
+        # rollouts (>= 5x the 424 tok/s of 2026-11-30, scoring >= 1.5x TRL), rollouts beside transformers'
+        # compiled static cache at that batch, and that step piece by piece and profiled (where its time
+        # goes); gpu2: the step at 256 rollouts (>= 10x TRL), rollouts at 256, the larger model, the loss
+        # alone and the loss kernel. The naive step is compared on CPU.
+        groups = [_step_group("smollm2", 2, 16, 8, 128, 1, 2, impls=("opsd", "trl")),
+                  _step_group("smollm2", 1, 256, 32, 128, 1, 1, impls=("opsd", "trl"))]
         if large_model:
-            groups.append(_step_group(large_model, 2, 8, 4, 128, 1, 2, impls=("opsd", "trl")))
+            groups.append(_step_group(large_model, 1, 8, 4, 128, 1, 2, impls=("opsd", "trl")))
+        order = ("matmul", "steps:0", "sampling:0", "breakdown") if name == "gpu" else \
+            ("matmul", "steps:1", "sampling:1", *(("steps:2",) if large_model else ()), "loss_only", "kernel")
+        sampling = {"model": "smollm2", "new_tokens": 128, "dtype": "bfloat16", "repeats": 2, "compile": True}
         return Suite(
             name, "cuda", threads or 8, "bfloat16",
             matmul={"size": 8192, "dtype": "bfloat16", "repeats": 10},
@@ -81,36 +98,62 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
             # the 152k-vocabulary head only: the target's shape, inside the 10-minute lease
             kernel={"heads": [(151936, 2048)], "rows": [1024, 4096, 8192],
                     "impls": ["chunked", "naive"], "repeats": 3, "chunk": 256, "naive_cap_gb": 40.0},
+            sampling=[{**sampling, "batches": [16]}, {**sampling, "batches": [256]}],
+            breakdown=[{**_step_group("smollm2", 1, 16, 8, 128, 1, 1), "impl": "opsd", "precision": "bfloat16",
+                        "repeats": 2, "profile": True}],
+            order=order,
         )
-    raise ValueError(f"unknown suite {name!r} (quick, cpu, gpu)")
+    raise ValueError(f"unknown suite {name!r} (quick, cpu, gpu, gpu2)")
 
 
 def plan(suite: Suite) -> list[tuple[str, dict[str, Any]]]:
-    """The ordered case runs: (kind, spec) pairs."""
+    """The ordered case runs: (kind, spec) pairs, section by section in ``suite.order``."""
     common = {"device": suite.device, "threads": suite.threads}
-    runs: list[tuple[str, dict[str, Any]]] = [("matmul", {**common, **suite.matmul})]
-    # every step comparison first: they are what a time budget must not cut (the gpu script's lease)
-    for gi, group in enumerate(suite.step_groups):
-        runs += _group_runs(suite, gi, group)
-    if suite.default_profile:
-        runs.append(("step", {**common, **suite.default_profile, "impl": "opsd", "profile": "default",
-                              "precision": suite.precision, "group": "default", "repeat": 0}))
-    for case in suite.loss_only:
-        for impl in case["impls"]:
-            runs.append(("kernel", {**common, "impl": impl, "rows": case["rows"], "hidden": case["hidden"],
-                                    "vocab": case["vocab"], "repeats": case["repeats"], "chunk": 128, "warmup": 1,
-                                    "naive_cap_gb": 1e9, "group": f"loss_only:{case['model']}"}))
-    if suite.kernel:
-        k = suite.kernel
-        index = 0
-        for vocab, hidden in k["heads"]:
-            for rows in k["rows"]:
-                order = k["impls"] if index % 2 == 0 else list(reversed(k["impls"]))
-                index += 1
-                for impl in order:
-                    runs.append(("kernel", {**common, "impl": impl, "rows": rows, "hidden": hidden, "vocab": vocab,
-                                            "repeats": k["repeats"], "chunk": k["chunk"],
-                                            "naive_cap_gb": k["naive_cap_gb"], "group": "kernel"}))
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for section in suite.order:
+        name, _, index = section.partition(":")
+        if name == "matmul":
+            runs.append(("matmul", {**common, **suite.matmul}))
+        elif name == "steps":
+            for gi in _pick(range(len(suite.step_groups)), index):
+                runs += _group_runs(suite, gi, suite.step_groups[gi])
+        elif name == "default" and suite.default_profile:
+            runs.append(("step", {**common, **suite.default_profile, "impl": "opsd", "profile": "default",
+                                  "precision": suite.precision, "group": "default", "repeat": 0}))
+        elif name in ("sampling", "breakdown"):
+            specs = suite.sampling if name == "sampling" else suite.breakdown
+            runs += [(name, {**common, **specs[i], "group": name}) for i in _pick(range(len(specs)), index)]
+        elif name == "loss_only":
+            runs += _loss_only_runs(suite, common)
+        elif name == "kernel" and suite.kernel:
+            runs += _kernel_runs(suite, common)
+    return runs
+
+
+def _pick(indices: range, index: str) -> list[int]:
+    return list(indices) if not index else [int(index)]
+
+
+def _loss_only_runs(suite: Suite, common: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [("kernel", {**common, "impl": impl, "rows": case["rows"], "hidden": case["hidden"], "vocab": case["vocab"],
+                        "repeats": case["repeats"], "chunk": 128, "warmup": 1, "naive_cap_gb": 1e9,
+                        "group": f"loss_only:{case['model']}"})
+            for case in suite.loss_only for impl in case["impls"]]
+
+
+def _kernel_runs(suite: Suite, common: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    k = suite.kernel
+    assert k is not None
+    runs = []
+    index = 0
+    for vocab, hidden in k["heads"]:
+        for rows in k["rows"]:
+            order = k["impls"] if index % 2 == 0 else list(reversed(k["impls"]))
+            index += 1
+            for impl in order:
+                runs.append(("kernel", {**common, "impl": impl, "rows": rows, "hidden": hidden, "vocab": vocab,
+                                        "repeats": k["repeats"], "chunk": k["chunk"],
+                                        "naive_cap_gb": k["naive_cap_gb"], "group": "kernel"}))
     return runs
 
 

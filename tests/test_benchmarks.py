@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from benchmarks.common import fastest_cpu_impl  # noqa: E402
 from benchmarks.flops import ModelShape, attention_flops, step_flops  # noqa: E402
-from benchmarks.report import _linear_fit  # noqa: E402
+from benchmarks.report import _linear_fit, targets  # noqa: E402
 from opsd_core.backends.capabilities import probe  # noqa: E402
 from opsd_core.backends.plan import make_plan  # noqa: E402
 from opsd_core.config import load_params  # noqa: E402
@@ -92,10 +92,57 @@ def test_quick_suite_writes_well_formed_results(tmp_path: Path) -> None:
     assert math.isclose(losses["chunked"], losses["naive"], rel_tol=1e-4, abs_tol=1e-7)
     assert all(r["peak_extra_mb"] is not None and r["peak_extra_mb"] >= 0 for r in report["kernel_rows"])
 
+    # rollouts alone: every path decoded the batch at a positive rate (the compiled one is off in this suite)
+    (paths,) = report["sampling"].values()
+    assert set(paths) == {"opsd engine", "generate, dynamic cache", "generate, static cache (eager)",
+                          "opsd static sampler (row noise)"}, paths
+    assert all(row["tok_s"] > 0 and row["vs_compiled"] is None for row in paths.values())
+
+    # one step piece by piece, then once under torch.profiler (on a CPU: no device time, CPU operators)
+    (breakdown,) = report["breakdown"]
+    pieces = {row["piece"].strip(): row["seconds"] for row in breakdown["rows"]}
+    for piece in ("sampling (whole rollout)", "teacher forward", "student forward + backward",
+                  "loss (chunked, forward + gradient)", "loss, TRL's way", "optimizer step"):
+        assert pieces[piece] > 0, (piece, pieces)
+    profile = breakdown["profile"]
+    spec = breakdown["spec"]
+    assert profile["tokens"] == spec["rollouts"] * spec["new_tokens"] and profile["wall_s"] > 0
+    assert profile["device_busy_s"] is None and profile["ranked_by"] == "cpu"
+    assert any(row["op"] == "aten::mm" and row["calls"] > 0 for row in profile["top"]), profile["top"]
+
     text = (tmp_path / "out" / files[1]).read_text()
-    for heading in ("## Training step", "## Loss kernel", "## Targets"):
+    for heading in ("## Training step", "## Loss kernel", "## Targets", "## Rollouts alone", "## One opsd step"):
         assert heading in text
     _assert_tables_rectangular(text)
+
+
+def test_gpu_targets_follow_the_issue_12_thresholds() -> None:
+    """On a GPU: the sampler against the compiled static cache, the 16-rollout step against 5x 424 tok/s,
+    the 256-rollout step against 10x TRL, scoring against 1.5x TRL; each met or not by its own numbers."""
+    def stat(x: float) -> dict[str, float]:
+        return {"median": x, "min": x, "max": x, "n": 1}
+
+    def group(rollouts: int, tok_s: float, step_ratio: float, score_ratio: float) -> dict[str, object]:
+        return {"model": "smollm2", "settings": {"rollouts_per_step": rollouts}, "impls": {"opsd": {"tok_s": stat(tok_s)}},
+                "ratios": {"opsd/trl": {"tok_s": stat(step_ratio), "score_tok_s": stat(score_ratio)}}}
+
+    report = {"device": "cuda", "kernel": {},
+              "steps": {"0": group(16, 2500.0, 3.0, 1.2), "1": group(256, 9000.0, 11.0, 1.6)},
+              "sampling": {"16": {"opsd static sampler (row noise)": {"vs_compiled": 1.1}},
+                           "256": {"opsd static sampler (row noise)": {"vs_compiled": 0.9}}}}
+    met = {t["target"]: t["met"] for t in targets(report)}
+    assert met["opsd static sampler (row noise) >= 1.0x transformers' compiled static cache (batch 16)"] is True
+    assert met["opsd static sampler (row noise) >= 1.0x transformers' compiled static cache (batch 256)"] is False
+    assert met["opsd whole step >= 2120 tok/s at 16 rollouts (5x 2026-11-30's 424)"] is True
+    assert met["opsd whole step >= 10x TRL at 256 rollouts"] is True
+    assert met["opsd scoring tok/s >= 1.5x TRL (smollm2, R=16)"] is False
+    assert met["opsd scoring tok/s >= 1.5x TRL (smollm2, R=256)"] is True
+    assert not any("10x" in t for t in met if "R=16" in t)
+    # on a CPU the GPU thresholds do not apply; the sampler compared is the engine
+    cpu = {**report, "device": "cpu", "sampling": {"4": {"opsd engine": {"vs_compiled": 2.8}}}}
+    assert [t["target"] for t in targets(cpu) if "1.5x" in t["target"] or "10x" in t["target"]] == []
+    assert {t["target"]: t["met"] for t in targets(cpu)}[
+        "opsd engine >= 1.0x transformers' compiled static cache (batch 4)"] is True
 
 
 def _assert_tables_rectangular(text: str) -> None:
@@ -247,9 +294,9 @@ def test_gpu_script_prepares_a_bare_box_and_refuses_to_run_without_cuda(tmp_path
         folder = tmp_path / "shapes" / name
         assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == layers
         assert (folder / "tokenizer.json").is_file() and not list(folder.glob("*.safetensors"))
-    # the gpu suite's step groups: 16 rollouts x 3 steps, 8 x 3 (the larger model)
-    assert sorted(p.name for p in (tmp_path / "problems").iterdir()) == ["gsm_symbolic-42-24.json",
-                                                                         "gsm_symbolic-42-48.json"]
+    # the gpu suite's step groups: 16 rollouts x 3 steps, 256 x 2, 8 x 3 (the larger model); the breakdown 16 x 2
+    assert sorted(p.name for p in (tmp_path / "problems").iterdir()) == [
+        "gsm_symbolic-42-24.json", "gsm_symbolic-42-32.json", "gsm_symbolic-42-48.json", "gsm_symbolic-42-512.json"]
     import torch
 
     if not torch.cuda.is_available():
