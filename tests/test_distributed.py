@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from opsd_core.algorithm.rollout import sample
+from opsd_core.backends import fsdp
 from opsd_core.backends.distributed import World
 from opsd_core.backends.engine import DecoderEngine
 from opsd_core.backends.row_noise import gumbel_pick, uniform
@@ -89,6 +90,23 @@ def test_a_rollout_is_the_same_sample_in_any_batch_and_either_sampler(smoke: Par
     # and the noise matters: other seeds, other rollouts
     other = sample(engine, prompts, cfg, tok.pad_token_id, eos, [s + 1 for s in seeds], torch.device("cpu"))
     assert not torch.equal(other.completion_ids, together.completion_ids)
+
+
+def test_gathered_state_is_a_snapshot_on_the_writing_rank_and_nothing_elsewhere() -> None:
+    """The checkpoint's tensors: host copies that later training cannot change, where kept; none elsewhere."""
+    live = {"w": torch.ones(3, requires_grad=True), "b": torch.zeros(2)}
+    kept = fsdp.gather_to_host(live, keep=True)
+    with torch.no_grad():
+        live["w"].add_(1.0)
+    assert torch.equal(kept["w"], torch.ones(3)) and not kept["w"].requires_grad and set(kept) == {"w", "b"}
+    assert fsdp.gather_to_host(live, keep=False) == {}
+    opt = torch.optim.AdamW([live["w"]], lr=0.1)
+    live["w"].grad = torch.ones(3)
+    opt.step()
+    state = fsdp.full_optimizer_state(opt.state_dict(), keep=True)
+    assert state is not None and torch.equal(state["state"][0]["exp_avg"], opt.state[live["w"]]["exp_avg"])
+    assert state["param_groups"] == opt.state_dict()["param_groups"]
+    assert fsdp.full_optimizer_state(opt.state_dict(), keep=False) is None
 
 
 # -- the real command under torchrun ---------------------------------------------------------------------

@@ -160,14 +160,20 @@ class OPSDTrainer:
         self.state = TrainState()
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any] | None:
         """Whole tensors, whatever the sharding (the layout one process writes): any world size resumes it.
-        Sharded, every rank must call it (the shards are gathered)."""
+        Rank 0's; None elsewhere. Sharded, every rank must call it (the shards are gathered, and dropped
+        at once by the ranks that do not write)."""
+        keep = self.world.main
+        trainable = fsdp.gather_to_host(self.trainable, keep)
+        optimizer = fsdp.full_optimizer_state(self.optimizer.state_dict(), keep)
+        if not keep:
+            return None
         return {
             "step": self.state.step,
             "curve": self.state.curve,
-            "trainable": {n: fsdp.full(p.detach()).cpu().clone() for n, p in self.trainable.items()},
-            "optimizer": fsdp.full_optimizer_state(self.optimizer.state_dict()),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "teacher": self.teacher.state_dict(),
             "rng": ckpt.rng_state(),
@@ -177,8 +183,7 @@ class OPSDTrainer:
         """Rank 0 writes (every rank holds the same weights and optimizer state, or gathers them with the
         others when sharded); the others wait for it."""
         state = self._state() if self.world.main or self.sharded else None
-        path = ckpt.save(self.run_dir, self.state.step, state, self.cfg.keep_checkpoints) \
-            if state is not None and self.world.main else None
+        path = ckpt.save(self.run_dir, self.state.step, state, self.cfg.keep_checkpoints) if state is not None else None
         dist.barrier(self.world)
         return path
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -101,13 +101,30 @@ def local_numel(params: Iterable[Tensor]) -> int:
     return sum(p.to_local().numel() if _is_dtensor(p) else p.numel() for p in params)
 
 
-def full_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer's ``state_dict()`` with every sharded tensor gathered whole: the layout one process
-    saves, so any world size resumes it (collective: every rank calls it)."""
-    # moved to the host one by one: all the whole moments at once would be 8 bytes a parameter on the GPU
-    per_param = {k: {name: full(v).cpu() if _is_dtensor(v) else v for name, v in s.items()}
-                 for k, s in state["state"].items()}
-    return {**state, "state": per_param}
+def gather_to_host(tensors: Mapping[str, Tensor], keep: bool = True) -> dict[str, Tensor]:
+    """Host copies of whole ``tensors`` (a name → tensor map), for the rank that ``keep``s them; ``{}`` elsewhere.
+
+    Sharded tensors are gathered one after the other (a collective: every rank calls this, in the same
+    order) and dropped at once where not kept, so a rank that does not write holds at most one whole
+    tensor at a time, not a whole model and its moments (16 bytes a parameter in host memory, on every rank).
+    """
+    out = {}
+    for name, t in tensors.items():
+        if not keep and not _is_dtensor(t):
+            continue  # nothing to gather, nothing to keep
+        whole = full(t.detach())
+        if keep:
+            out[name] = whole.to("cpu", copy=True)  # a copy even on a CPU: the caller's snapshot, not the live tensor
+        del whole
+    return out
+
+
+def full_optimizer_state(state: dict[str, Any], keep: bool = True) -> dict[str, Any] | None:
+    """An optimizer's ``state_dict()`` with every sharded tensor gathered whole, on the host: the layout one
+    process saves, so any world size resumes it (collective: every rank calls it); None where not ``keep``."""
+    per_param = {k: {**{n: v for n, v in s.items() if not isinstance(v, Tensor)}, **gather_to_host(
+        {n: v for n, v in s.items() if isinstance(v, Tensor)}, keep)} for k, s in state["state"].items()}
+    return {**state, "state": per_param} if keep else None
 
 
 def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -236,8 +236,8 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     try:
         per_rank = params_per_rank(model, world, dev)
         state = trainer.run()
-        # gathered by every rank (a collective), kept by rank 0, which writes the candidate from them
-        final = {n: fsdp.full(p.detach()).cpu() for n, p in model.named_parameters()} \
+        # gathered by every rank (a collective), kept by rank 0 only, which writes the candidate from them
+        final = fsdp.gather_to_host(dict(model.named_parameters()), keep=world.main) \
             if fsdp.is_sharded(model) else None
     finally:
         distributed.close(world)
