@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from benchmarks.common import add_step_arguments, start_step_case
+from benchmarks.common import add_step_arguments, start_step_case, timed_calls
 
 # the launch calls the CUDA runtime and driver report, one per kernel
 _LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
@@ -73,22 +72,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeats = int(spec.get("repeats", 3))
 
-    def timed(fn: Callable[[], object]) -> float:
-        fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     params, model, tok, problems, dev = _setup(spec)
     rows: list[dict[str, Any]] = []
 
     def add(piece: str, fn: Callable[[], object], how: str = "") -> None:
-        rows.append({"piece": piece, "seconds": timed(fn), "how": how})
+        rows.append({"piece": piece, "seconds": timed_calls(fn, repeats, spec["device"])[1], "how": how})
 
     with TemporaryDirectory() as tmp:
         trainer = build_trainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)

@@ -59,6 +59,20 @@ class Clock:
         return time.perf_counter()
 
 
+def timed_calls(fn: Any, repeats: int, device: str) -> tuple[float, float]:
+    """(first call s, median of ``repeats`` more calls s) of ``fn()``, each waiting for the device."""
+    clock = Clock(device)
+    start = clock.now()
+    fn()
+    first = clock.now() - start
+    times = []
+    for _ in range(repeats):
+        start = clock.now()
+        fn()
+        times.append(clock.now() - start)
+    return first, statistics.median(times)
+
+
 class PeakMemory:
     """Peak memory of a phase: VmHWM (reset through /proc/self/clear_refs) on CPU, the allocator on CUDA.
 

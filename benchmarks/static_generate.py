@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.common import MODEL_CACHE, OFFLINE_ENV, model_source, set_threads
+from benchmarks.common import MODEL_CACHE, OFFLINE_ENV, model_source, set_threads, timed_calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,20 +119,7 @@ def _paths(dev: Any, n: int, compile_: bool, batch: int, model: Any, tok: Any, e
 
 
 def _time(fn: Callable[[], object], tokens: int, repeats: int, dev: Any) -> dict[str, float]:
-    import torch
-
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    fn()
-    sync()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    sec = statistics.median(times)
+    first, sec = timed_calls(fn, repeats, dev.type)
     return {"tok_s": tokens / sec, "seconds": sec, "first_call_s": first}
 
 
