@@ -494,6 +494,36 @@ def test_bf16_bases_merge_the_lora_delta_in_fp32(smoke: Params) -> None:
     assert torch.equal(copied, (w0.float() + delta).to(torch.bfloat16))  # rounded once, from the fp32 merge
 
 
+def test_bf16_precision_trains_fp32_adapters_with_fp32_moments_and_loss(smoke: Params, tmp_path: Path) -> None:
+    """The gpu profile's precision (train.precision=bfloat16), built as `opsd train` builds it: the frozen
+    base in bf16; the LoRA weights, their gradients, AdamW's moments and the loss in fp32."""
+    from opsd_core.algorithm.losses import chunked_divergence_loss
+    from opsd_core.stages.train import build_policy, execution_plan
+
+    params = load_params(ROOT / "params.yaml", "smoke", [f"model.cache_dir={smoke.model.cache_dir}",
+                                                          "train.precision=bfloat16"])
+    model, tok, _ = build_policy(params, ROOT, execution_plan(params))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    trainer = build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp_path / "run",
+                            log=lambda _m: None)
+    rollouts = _fixed_rollouts(tok, len(trainer.problems))
+    batch = build_scoring_batch([p.student_ids for p in trainer.problems], rollouts.completion_ids,
+                                rollouts.completion_mask, tok.pad_token_id)
+    hidden = trainer.student_hidden(batch)
+    assert hidden.dtype == torch.bfloat16
+    loss, _ = chunked_divergence_loss(hidden, hidden.detach(), lm_head(model).weight, rollouts.completion_mask,
+                                      trainer.spec)
+    assert loss.dtype == torch.float32
+    trainer.accumulate(trainer.problems, rollouts)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+    trainer.optimizer_step()
+    moments = [t for state in trainer.optimizer.state.values() for k, t in state.items() if k.startswith("exp_avg")]
+    assert len(moments) == 2 * len(trained) and all(t.dtype == torch.float32 for t in moments)
+
+
 def test_step_samples_rollouts_and_moves_only_the_adapter(smoke: Params, tmp_path: Path) -> None:
     """One real optimizer step: rollouts sampled by the back-end, scored, one AdamW step on the adapter."""
     model, tok = _policy(smoke)
