@@ -108,7 +108,9 @@ def test_quick_suite_writes_well_formed_results(tmp_path: Path) -> None:
     spec = breakdown["spec"]
     assert profile["tokens"] == spec["rollouts"] * spec["new_tokens"] and profile["wall_s"] > 0
     assert profile["device_busy_s"] is None and profile["ranked_by"] == "cpu"
-    assert any(row["op"] == "aten::mm" and row["calls"] > 0 for row in profile["top"]), profile["top"]
+    # matrix products lead a step's CPU time on any CPU (plain, packed or fused: mm, addmm, linear, ...)
+    assert all(row["seconds"] >= 0 and row["calls"] > 0 for row in profile["top"])
+    assert any("mm" in row["op"] or "linear" in row["op"] for row in profile["top"][:5]), profile["top"]
 
     text = (tmp_path / "out" / files[1]).read_text()
     for heading in ("## Training step", "## Loss kernel", "## Targets", "## Rollouts alone", "## One opsd step"):
