@@ -122,8 +122,10 @@ def gather_to_host(tensors: Mapping[str, Tensor], keep: bool = True) -> dict[str
 def full_optimizer_state(state: dict[str, Any], keep: bool = True) -> dict[str, Any] | None:
     """An optimizer's ``state_dict()`` with every sharded tensor gathered whole, on the host: the layout one
     process saves, so any world size resumes it (collective: every rank calls it); None where not ``keep``."""
-    per_param = {k: {**{n: v for n, v in s.items() if not isinstance(v, Tensor)}, **gather_to_host(
-        {n: v for n, v in s.items() if isinstance(v, Tensor)}, keep)} for k, s in state["state"].items()}
+    # plain entries (the step count; every moment when nothing is sharded) go to the file as they are
+    per_param = {k: {**{n: v for n, v in s.items() if not _is_dtensor(v)},
+                     **gather_to_host({n: v for n, v in s.items() if _is_dtensor(v)}, keep)}
+                 for k, s in state["state"].items()}
     return {**state, "state": per_param} if keep else None
 
 
