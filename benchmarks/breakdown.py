@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from benchmarks.common import add_step_arguments, start_step_case, timed_calls
+from benchmarks.common import Clock, add_step_arguments, start_step_case, timed_calls
 
 # the launch calls the CUDA runtime and driver report, one per kernel
 _LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
@@ -68,8 +67,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from opsd_core.algorithm.scoring import completion_hidden, lm_head
     from opsd_core.stages.train import build_trainer
 
-    cuda = spec["device"].startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = Clock(spec["device"])
     repeats = int(spec.get("repeats", 3))
 
     params, model, tok, problems, dev = _setup(spec)
@@ -81,9 +79,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     with TemporaryDirectory() as tmp:
         trainer = build_trainer(params, model, tok, problems, dev, Path(tmp), log=lambda _m: None)
         step = step_batches(trainer, problems, spec["rollouts"], spec["micro_batch"])
-        batch, rollouts, parts, s_batches = step.batch, step.rollouts, step.parts, step.student
+        batch, rollouts, parts = step.batch, step.rollouts, step.parts
+        s_batches = [b.to(dev) for b in step.student]
         t_batches = [b.to(dev) for b in step.teacher]
-        s_batches = [b.to(dev) for b in s_batches]
         engine = trainer.backend.sampler.module()
         head = lm_head(model).weight
 
@@ -133,31 +131,29 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         add("scoring (accumulate: all of the above but sampling)", lambda: trainer.accumulate(batch, rollouts))
 
         trainer.accumulate(batch, rollouts)
-        sync()
-        start = time.perf_counter()
+        start = clock.now()
         trainer.optimizer_step()
-        sync()
-        rows.append({"piece": "optimizer step", "seconds": time.perf_counter() - start, "how": "one measurement"})
-        profile = _profile(trainer, batch, cuda, sync) if spec.get("profile") else None
+        rows.append({"piece": "optimizer step", "seconds": clock.now() - start, "how": "one measurement"})
+        profile = _profile(trainer, batch, clock) if spec.get("profile") else None
     return {"rows": rows, "profile": profile}
 
 
-def _profile(trainer: Any, batch: list[Any], cuda: bool, sync: Callable[[], None], top: int = 15) -> dict[str, Any]:
+def _profile(trainer: Any, batch: list[Any], clock: Clock, top: int = 15) -> dict[str, Any]:
     """One whole step under torch.profiler: wall and device-busy seconds, kernel launches, the top operators."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    cuda = clock.cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sync()
+    clock.now()  # nothing queued from before is counted
     with profile(activities=activities) as prof:
-        start = time.perf_counter()
+        start = clock.now()
         with record_function("opsd.rollout"):
             rollouts = trainer.rollout(batch, 1)
         with record_function("opsd.accumulate"):
             trainer.accumulate(batch, rollouts)
         with record_function("opsd.optimizer_step"):
             trainer.optimizer_step()
-        sync()
-        wall = time.perf_counter() - start
+        wall = clock.now() - start
     events = prof.key_averages()
     # self device time: each kernel counted once, not again in every operator around it
     busy_us = sum(e.self_device_time_total for e in events) if cuda else None
