@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.runtime import flow_run
 
 from flows.artifacts import eval_table, publish
 from opsd_core.config import Params
@@ -31,13 +32,17 @@ def test_a_run_publishes_the_eval_table_and_the_gate_decision() -> None:
     registry = {"model_name": "opsd-model", "version": "3", "verdict": verdict}
 
     @flow(name="artifacts-under-test")
-    def run() -> list[str]:
-        return publish(report, registry)
+    def run() -> tuple[list[str], str]:
+        return publish(report, registry), flow_run.get_id()
 
-    assert run() == ["opsd-eval", "opsd-gate"]
+    keys, run_id = run()
+    assert keys == ["opsd-eval", "opsd-gate"]
+    # the harness is shared by the worker's test files: other pipeline runs publish under the same keys,
+    # so read back only this flow run's artifacts
     with get_client(sync_client=True) as client:
-        found = {a.key: a for a in client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["opsd-eval", "opsd-gate"])))}
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["opsd-eval", "opsd-gate"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))}
     assert set(found) == {"opsd-eval", "opsd-gate"}
     assert found["opsd-eval"].data == eval_table(report)
     gate = found["opsd-gate"].data
