@@ -30,10 +30,15 @@ class _Section(BaseModel):
 class GenerateConfig(_Section):
     """``opsd data generate``: the bundled raw dataset."""
 
-    source: Literal["gsm_symbolic"] = "gsm_symbolic"
+    # gsm_symbolic: reasoning-gym's GSM8K-style problems; arithmetic: multi-step word problems within a
+    # small model's reach (opsd_core/data/arithmetic.py), their difficulty set by the three keys below
+    source: Literal["gsm_symbolic", "arithmetic"] = "gsm_symbolic"
     size: int = Field(300, ge=1)
     seed: int = 42
     output: str = "data/raw/gsm_symbolic.jsonl"
+    steps: int = Field(2, ge=1)          # arithmetic: operations per problem
+    max_number: int = Field(50, ge=2)    # arithmetic: the largest number drawn
+    distractors: int = Field(0, ge=0)    # arithmetic: sentences with numbers that do not enter the answer
 
 
 class DataConfig(_Section):
@@ -149,6 +154,11 @@ class OPSDConfig(_Section):
 
 
 class TrainConfig(_Section):
+    # opsd: on-policy self-distillation; sft: the verified solutions' likelihood behind the student's prompt
+    # (no rollouts: the baseline OPSD must beat, and the model an OPSD retrain can start from); mix:
+    # (1 - mix_weight) * opsd + mix_weight * sft on the same problems each step
+    objective: Literal["opsd", "sft", "mix"] = "opsd"
+    mix_weight: float = Field(0.5, ge=0, le=1)
     steps: int = Field(8, ge=1)
     rollouts_per_step: int = Field(4, ge=1)
     micro_batch_size: int = Field(2, ge=1)

@@ -44,6 +44,7 @@ __all__ = [
     "divergence_loss",
     "masked_mean",
     "token_divergence",
+    "token_nll_sum",
 ]
 
 _DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -339,3 +340,29 @@ def chunked_divergence_loss(
     tokens = torch.tensor(float(rows.numel()), dtype=loss_sum.dtype, device=loss_sum.device)
     loss = loss_sum / (tokens.clamp(min=1) if denom is None else denom)
     return loss, {"kl_sum": kl_sum.detach(), "clipped_sum": clipped_sum.detach(), "tokens": tokens}
+
+
+def token_nll_sum(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, mask: Tensor,
+                  chunk_size: int = 128) -> Tensor:
+    """Summed negative log-likelihood of ``targets`` (the SFT loss before its token mean), in fp32.
+
+    hidden: [B, T, H] final hidden states predicting each target; lm_head_weight: [V, H]; targets: [B, T]
+    token ids; mask: [B, T] (true = a target to score). Only valid rows are projected, ``chunk_size`` at a
+    time, so the logits of padding are never formed. Returns a scalar with gradients to ``hidden`` and
+    the head.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.shape[:-1] != targets.shape or targets.shape != mask.shape:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
+                         f"mask {tuple(mask.shape)}")
+    rows = mask.reshape(-1).bool().nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    y = targets.reshape(-1).index_select(0, rows).long()
+    dtype = _compute_dtype(h, lm_head_weight)
+    w = lm_head_weight.to(dtype)
+    total = torch.zeros((), dtype=dtype, device=hidden.device)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = F.linear(h[start:start + chunk_size].to(dtype), w)
+        total = total + F.cross_entropy(logits, y[start:start + chunk_size], reduction="sum")
+    return total

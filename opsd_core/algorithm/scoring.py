@@ -50,6 +50,17 @@ def build_scoring_batch(
     return ScoringBatch(ids, attn, pos, prompt_ids.shape[1], completion_ids.shape[1])
 
 
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad id lists into a completion block → (ids [B, L] int64, mask [B, L] bool)."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, :len(seq)] = True
+    return ids, mask
+
+
 def lm_head(model: nn.Module) -> nn.Module:
     head = unwrap(model).get_output_embeddings()
     if head is None:

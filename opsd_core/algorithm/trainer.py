@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from opsd_core import checkpoint as ckpt
-from opsd_core.algorithm.losses import DivergenceSpec, chunked_divergence_loss
+from opsd_core.algorithm.losses import DivergenceSpec, chunked_divergence_loss, token_nll_sum
 from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
 from opsd_core.algorithm.rollout import Rollouts, eos_token_ids, sample
 from opsd_core.algorithm.scoring import (
@@ -32,6 +32,7 @@ from opsd_core.algorithm.scoring import (
     build_scoring_batch,
     completion_hidden,
     lm_head,
+    right_pad,
 )
 from opsd_core.algorithm.teacher import Teacher
 from opsd_core.backends import distributed as dist
@@ -43,7 +44,7 @@ from opsd_core.io import json_hash
 
 CURVE_FIELDS = [
     "step", "loss", "kl", "clipped_frac", "completion_len", "ended_frac",
-    "sample_tok_s", "train_tok_s", "lr", "grad_norm",
+    "sample_tok_s", "train_tok_s", "lr", "grad_norm", "sft_loss",
 ]
 
 
@@ -53,9 +54,14 @@ class TrainingError(OpsdError, RuntimeError):
 
 @dataclass
 class Problem:
+    """A training problem's token ids: the student's context, the teacher's, and the verified solution
+    followed by the end-of-sequence token (the SFT target behind the student's context)."""
+
     id: str
     student_ids: list[int]
     teacher_ids: list[int]
+    solution_ids: list[int] = field(default_factory=list)
+    answer: str = ""
 
 
 @dataclass
@@ -87,8 +93,15 @@ def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None, cont
         student = student_prompt_ids(tokenizer, row["problem"], thinking)
         teacher = student if context == "none" else \
             teacher_prompt_ids(tokenizer, row["problem"], rows[partner[i]]["solution"], thinking, instruction)
-        problems.append(Problem(str(row["id"]), student, teacher))
+        problems.append(Problem(str(row["id"]), student, teacher, solution_ids(tokenizer, row["solution"]),
+                                str(row.get("answer") or "")))
     return problems
+
+
+def solution_ids(tokenizer: Any, solution: str) -> list[int]:
+    """The verified solution as the student would write it behind its prompt: its tokens, then EOS."""
+    ids = list(tokenizer(solution.strip(), add_special_tokens=False)["input_ids"])
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
 def shuffled_partners(n: int, seed: int) -> list[int]:
@@ -236,9 +249,11 @@ class OPSDTrainer:
         with self.backend.student_pass(self.model):
             return completion_hidden(self.model, batch)
 
-    def accumulate(self, batch: list[Problem], rollouts: Rollouts, bar: Any = None) -> dict[str, float]:
+    def accumulate(self, batch: list[Problem], rollouts: Rollouts, bar: Any = None,
+                   scale: float = 1.0) -> dict[str, float]:
         """Forward/backward over micro-batches; the loss is the mean over all the step's valid tokens (on
-        every rank: ``batch`` and ``rollouts`` are this rank's share, the denominator the step's total)."""
+        every rank: ``batch`` and ``rollouts`` are this rank's share, the denominator the step's total).
+        ``scale``: the weight of this term's gradient in the objective (``mix``); the reported loss is unscaled."""
         total = int(dist.all_sum([float(rollouts.num_tokens)], self.world, self.device)[0])
         if total == 0:
             raise TrainingError("the rollouts hold no completion tokens")
@@ -272,7 +287,7 @@ class OPSDTrainer:
             )
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss.item()}); stopping, no candidate is written")
-            loss.backward()
+            (loss if scale == 1.0 else loss * scale).backward()
             loss_sum += loss.item()
             kl_sum += float(metrics["kl_sum"])
             clipped_sum += float(metrics["clipped_sum"])
@@ -282,6 +297,33 @@ class OPSDTrainer:
             self._idle_pass()
         loss_sum, kl_sum, clipped_sum = dist.all_sum([loss_sum, kl_sum, clipped_sum], self.world, self.device)
         return {"loss": loss_sum, "kl": kl_sum / total, "clipped_frac": clipped_sum / total}
+
+    def accumulate_sft(self, batch: list[Problem], scale: float = 1.0) -> tuple[float, int]:
+        """The SFT term: the verified solutions' token-mean negative log-likelihood behind the student's
+        context, over the step's solution tokens on all ranks (``batch``: this rank's share), micro-batch
+        by micro-batch. Returns (the unscaled loss, the step's solution tokens)."""
+        if any(not p.solution_ids for p in batch):
+            raise TrainingError("a problem has no solution tokens for the SFT objective")
+        total = int(dist.all_sum([float(sum(len(p.solution_ids) for p in batch))], self.world, self.device)[0])
+        self.model.train()
+        mb = self.cfg.micro_batch_size
+        order = sorted(range(len(batch)), key=lambda i: (len(batch[i].student_ids) + len(batch[i].solution_ids), i))
+        passes = math.ceil(len(batch) / mb)
+        idle = int(dist.all_max(float(passes), self.world, self.device)) - passes if self.sharded else 0
+        nll_sum = 0.0
+        for lo in range(0, len(batch), mb):
+            part = [batch[i] for i in order[lo:lo + mb]]
+            ids, mask = right_pad([p.solution_ids for p in part], self.pad_id)
+            s_batch = build_scoring_batch([p.student_ids for p in part], ids, mask, self.pad_id).to(self.device)
+            nll = token_nll_sum(self.student_hidden(s_batch), lm_head(self.model).weight, ids.to(self.device),
+                                mask.to(self.device), self.params.opsd.chunk_size) / total
+            if not torch.isfinite(nll):
+                raise TrainingError(f"non-finite SFT loss ({nll.item()}); stopping, no candidate is written")
+            (nll if scale == 1.0 else nll * scale).backward()
+            nll_sum += nll.item()
+        for _ in range(idle):
+            self._idle_pass()
+        return dist.all_sum([nll_sum], self.world, self.device)[0], total
 
     def _idle_pass(self) -> None:
         """A student forward and backward of one pad token with zero loss: the all-gathers and (zero)
@@ -309,20 +351,33 @@ class OPSDTrainer:
         return {"lr": lr, "grad_norm": grad_norm}
 
     def step(self, step: int, bar: Any = None) -> dict[str, float]:
+        """One optimizer step of ``train.objective``: OPSD on fresh rollouts, SFT on the verified solutions
+        (no rollouts), or both on the same problems with ``mix_weight`` on the SFT term."""
+        objective, weight = self.cfg.objective, self.cfg.mix_weight
         batch = self.batch_for(step)
         rows = self.world.rows(len(batch))
-        rollouts = self.rollout(batch, step, rows)
+        mine = [batch[i] for i in rows]
+        rollouts = self.rollout(batch, step, rows) if objective != "sft" else None
         start = time.perf_counter()
         try:
-            row = self.accumulate([batch[i] for i in rows], rollouts, bar)
+            row: dict[str, float] = {}
+            if rollouts is not None:
+                row.update(self.accumulate(mine, rollouts, bar, scale=1.0 if objective == "opsd" else 1.0 - weight))
+            if objective != "opsd":
+                sft, sft_tokens = self.accumulate_sft(mine, scale=1.0 if objective == "sft" else weight)
+                row["sft_loss"] = sft
+                row["loss"] = sft if objective == "sft" else (1.0 - weight) * row["loss"] + weight * sft
             row.update(self.optimizer_step())
         except TrainingError as err:
             raise TrainingError(f"step {step + 1}: {err}") from None
-        train_s = time.perf_counter() - start
+        train_s = dist.all_max(time.perf_counter() - start, self.world, self.device)
+        if rollouts is None:  # SFT: the solutions are the step's tokens; nothing was sampled
+            row.update({"step": step + 1, "completion_len": sft_tokens / len(batch), "ended_frac": 1.0,
+                        "train_tok_s": sft_tokens / max(train_s, 1e-9), "sample_s": 0.0, "train_s": train_s})
+            return row
         # the whole step's figures: sums over ranks, the slowest rank's time
         total, ended = dist.all_sum([float(rollouts.num_tokens), float(rollouts.ended.sum())], self.world, self.device)
         sample_s = dist.all_max(rollouts.seconds, self.world, self.device)
-        train_s = dist.all_max(train_s, self.world, self.device)
         row.update({
             "step": step + 1,
             "completion_len": total / len(batch),
@@ -348,13 +403,14 @@ class OPSDTrainer:
                 self.state.step += 1
                 self.state.curve.append(row)
                 steps_bar.update(1)
-                steps_bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}")
+                figures = {k: row[k] for k in ("loss", "kl", "sft_loss") if k in row}
+                steps_bar.set_postfix({k: f"{v:.4f}" for k, v in figures.items()})
                 if not show and self.world.main:
                     timing = _timing(started, self.state.step - first, self.cfg.steps - self.state.step)
+                    sampled = f" sample={row['sample_tok_s']:.0f} tok/s" if "sample_tok_s" in row else ""
                     self.log(
-                        f"step {row['step']}/{self.cfg.steps} loss={row['loss']:.5f} kl={row['kl']:.5f} "
-                        f"len={row['completion_len']:.0f} sample={row['sample_tok_s']:.0f} tok/s "
-                        f"train={row['train_tok_s']:.0f} tok/s{timing}"
+                        f"step {row['step']}/{self.cfg.steps} " + " ".join(f"{k}={v:.5f}" for k, v in figures.items())
+                        + f" len={row['completion_len']:.0f}{sampled} train={row['train_tok_s']:.0f} tok/s{timing}"
                     )
                 if self.state.step % self.cfg.checkpoint_every == 0 or self.state.step == self.cfg.steps:
                     self.save_checkpoint()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from opsd_core.config import GenerateConfig
+from opsd_core.data.arithmetic import ArithmeticDifficulty, arithmetic_rows
 from opsd_core.data.schema import Trace
 from opsd_core.data.verify import answers_match, extract_answer
 from opsd_core.errors import OpsdError
@@ -59,9 +60,12 @@ def generate_raw(cfg: GenerateConfig, root: Path) -> Path:
 
     Returns the written path.
     """
-    if cfg.source != "gsm_symbolic":  # the config's Literal allows only this today
+    if cfg.source == "gsm_symbolic":
+        rows = gsm_symbolic_rows(cfg.size, cfg.seed)
+    elif cfg.source == "arithmetic":
+        rows = arithmetic_rows(cfg.size, cfg.seed, ArithmeticDifficulty(cfg.steps, cfg.max_number, cfg.distractors))
+    else:  # the config's Literal allows only the two above
         raise BundledDataError(f"unknown generate source {cfg.source!r}")
-    rows = gsm_symbolic_rows(cfg.size, cfg.seed)
     out = root / cfg.output
     # atomic: a crash never leaves a half-written raw file for DVC to hash
     atomic_write(out, "".join(row.to_json_line() for row in rows))

@@ -196,10 +196,13 @@ def save_candidate(
 def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        # the columns the objective produced (SFT samples nothing; only SFT and mix have an sft_loss)
+        fields = [k for k in CURVE_FIELDS if any(k in row for row in rows)]
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in CURVE_FIELDS})
+            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
+                             for k in fields if k in row})
 
 
 def _device(plan: ExecutionPlan) -> torch.device:
@@ -262,11 +265,14 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         "params_hash": meta["params_hash"],
         "data_hash": data_hash,
         "content_hash": meta["content_hash"],
+        "objective": params.train.objective,
         "steps": state.step,
         "problems": len(problems),
         "first_loss": curve[0]["loss"] if curve else None,
         "final_loss": curve[-1]["loss"] if curve else None,
-        "final_kl": curve[-1]["kl"] if curve else None,
+        "final_kl": curve[-1].get("kl") if curve else None,
+        "first_sft_loss": curve[0].get("sft_loss") if curve else None,
+        "final_sft_loss": curve[-1].get("sft_loss") if curve else None,
         "completion_tokens": tokens,
         "sampling_tokens_per_s": tokens / sample_s if sample_s else None,
         "training_tokens_per_s": tokens / train_s if train_s else None,
