@@ -8,17 +8,21 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact
 
 from opsd_core.evaluation.summary import task_summary
-from opsd_core.registry import decision
+from opsd_core.registry import card, decision
 
 
 def eval_table(report: dict[str, Any]) -> str:
-    """``reports/eval.json`` as a Markdown table: one row per task, base, candidate, gain and its interval."""
-    lines = ["| task | base | candidate | candidate - base | 95% CI | problems |", "|---|---|---|---|---|---|"]
+    """``reports/eval.json`` as a Markdown table: one row per task, base and candidate with their 95% intervals
+    (as the model card shows them: cut to [0, 1] for accuracies only), gain and its paired bootstrap interval."""
+    lines = ["| task | base | candidate | candidate - base | 95% CI | problems | metric |",
+             "|---|---|---|---|---|---|---|"]
     for task, row in task_summary(report).items():
+        entry = report["tasks"][task]
         ci = f"[{row['gain_ci_low']:+.4f}, {row['gain_ci_high']:+.4f}]" if row["gain_ci_low"] is not None else "-"
         gain = f"{row['gain']:+.4f}" if row["gain"] is not None else "-"
         problems = row["problems"] if row["problems"] is not None else "-"
-        lines.append(f"| {task} | {row['base']:.4f} | {row['candidate']:.4f} | {gain} | {ci} | {problems} |")
+        lines.append(f"| {task} | {card.score_cell(task, entry['base'])} | {card.score_cell(task, entry['candidate'])} "
+                     f"| {gain} | {ci} | {problems} | {card.metric_name(task, entry['candidate'])} |")
     return "\n".join(lines)
 
 
@@ -27,7 +31,9 @@ def publish(eval_report: dict[str, Any] | None, registry: dict[str, Any] | None)
     keys = []
     if eval_report:
         create_markdown_artifact(key="opsd-eval", markdown=eval_table(eval_report),
-                                 description="base and candidate on every evaluation task (reports/eval.json)")
+                                 description="base and candidate on every evaluation task (reports/eval.json): each score "
+                                             "with its 95% interval in brackets, the gain with its paired "
+                                             "bootstrap 95% CI")
         keys.append("opsd-eval")
     if registry and registry.get("verdict"):
         head = f"**Model {registry.get('model_name')} version {registry.get('version')}**\n\n"

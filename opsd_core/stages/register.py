@@ -239,7 +239,7 @@ def _register_locked(
         return _existing(client, store, params, dup)
     evidence = _champion_evidence(client, version_by_alias(client, cfg.model_name, "champion"), tmp)
     verdict = decide(inp["report"], cfg, evidence, content_hash, params.eval.bootstrap_samples, params.eval.seed)
-    text = card.model_card(inp["meta"], inp["report"], inp["train"], params.model_dump(mode="json"), lin,
+    text = card.model_card(inp["meta"], inp["report"], inp["train"], applicable_params(params), lin,
                            verdict, cfg.model_name)
     (tmp / "model_card.md").write_text(text)
     (tmp / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True, default=str))
