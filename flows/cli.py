@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _common(sub.add_parser("prepare", help="validate, verify, dedupe, decontaminate and split traces"))
     _common(sub.add_parser("train", help="OPSD training; resumes from the last checkpoint"))
+    _common(sub.add_parser("diagnose", help="the self-teacher gap: how much the verified solution in the context "
+                                            "helps the model before training (what OPSD distils)"))
     ev = sub.add_parser("evaluate", help="lm-eval: base and candidate side by side")
     _common(ev)
     ev.add_argument("--model", choices=["base", "candidate"], default="candidate",
@@ -96,6 +98,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if args.command == "train" and params.train.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _relaunch(params.train.nproc, argv)
+    if args.command == "diagnose":
+        from opsd_core.stages.diagnose import diagnose
+
+        diagnose(params, root)  # prints its table; reports/diagnosis.json holds the figures
+        return 0
     if args.command in ("prepare", "train", "evaluate"):
         # torch and transformers: only the commands that compute pay for them
         if args.command == "evaluate":

@@ -132,6 +132,9 @@ class OPSDConfig(_Section):
     teacher_dtype: Literal["float32", "bfloat16"] | None = None
     ema_decay: float = Field(0.99, gt=0, lt=1)
     chunk_size: int = Field(128, ge=1)
+    # training problems on which `opsd train` measures the self-teacher gap before its first step
+    # (opsd_core/algorithm/diagnose.py; `opsd diagnose` alone); 0: not measured
+    diagnose_problems: int = Field(16, ge=0)
     sampling: SamplingConfig = SamplingConfig()
 
 

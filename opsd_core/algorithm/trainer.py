@@ -62,6 +62,7 @@ class Problem:
     teacher_ids: list[int]
     solution_ids: list[int] = field(default_factory=list)
     answer: str = ""
+    answer_from: int = 0  # where the solution's last line (the answer line) starts in solution_ids
 
 
 @dataclass
@@ -93,8 +94,9 @@ def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None, cont
         student = student_prompt_ids(tokenizer, row["problem"], thinking)
         teacher = student if context == "none" else \
             teacher_prompt_ids(tokenizer, row["problem"], rows[partner[i]]["solution"], thinking, instruction)
-        problems.append(Problem(str(row["id"]), student, teacher, solution_ids(tokenizer, row["solution"]),
-                                str(row.get("answer") or "")))
+        target = solution_ids(tokenizer, row["solution"])
+        problems.append(Problem(str(row["id"]), student, teacher, target, str(row.get("answer") or ""),
+                                answer_line_start(tokenizer, row["solution"], target)))
     return problems
 
 
@@ -102,6 +104,22 @@ def solution_ids(tokenizer: Any, solution: str) -> list[int]:
     """The verified solution as the student would write it behind its prompt: its tokens, then EOS."""
     ids = list(tokenizer(solution.strip(), add_special_tokens=False)["input_ids"])
     return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def answer_line_start(tokenizer: Any, solution: str, ids: list[int]) -> int:
+    """The index in ``ids`` (:func:`solution_ids`) of the last line's first token: the tokens the earlier
+    lines' own tokenization shares with the whole (a merge across the line break is left to the answer)."""
+    text = solution.strip()
+    cut = text.rfind("\n") + 1
+    if cut == 0:
+        return 0
+    head = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+    shared = 0
+    for a, b in zip(head, ids, strict=False):
+        if a != b:
+            break
+        shared += 1
+    return shared
 
 
 def shuffled_partners(n: int, seed: int) -> list[int]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from opsd_core import checkpoint as ckpt
+from opsd_core.algorithm.diagnose import record_gap
 from opsd_core.algorithm.losses import DivergenceSpec
 from opsd_core.algorithm.optim import build_optimizer
 from opsd_core.algorithm.teacher import make_teacher
@@ -238,6 +239,9 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     trainer = build_trainer(params, model, tokenizer, problems, dev, run_dir, plan=plan, world=world, log=log)
     try:
         per_rank = params_per_rank(model, world, dev)
+        # the starting model's gap, before any step (rank 0 alone: a sharded model's passes are collectives)
+        diagnosis = record_gap(trainer, run_dir / "diagnosis.json", log) \
+            if world.main and not fsdp.is_sharded(model) else None
         state = trainer.run()
         # gathered by every rank (a collective), kept by rank 0 only, which writes the candidate from them
         final = fsdp.gather_to_host(dict(model.named_parameters()), keep=world.main) \
@@ -283,6 +287,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         "world_size": world.size,
         "rollouts_per_rank": [len(distributed.World(r, world.size).rows(params.train.rollouts_per_step))
                               for r in range(world.size)],
+        "diagnosis": diagnosis,
         "execution": execution,
         "machine": probe().as_dict(),
         "versions": versions(),
@@ -291,6 +296,8 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     write_json(reports / "train.json", summary)
     write_metrics(reports, "train",
-                  {k: v for k, v in summary.items() if k not in ("machine", "execution", "versions", "rollouts_per_rank")})
+                  {k: v for k, v in summary.items()
+                   if k not in ("machine", "execution", "versions", "rollouts_per_rank", "diagnosis")}
+                  | {f"diagnosis_{k}": v for k, v in (diagnosis or {}).items() if k != "reading"})
     print(f"candidate written to {root / params.train.output_dir}", file=sys.stderr)
     return summary
