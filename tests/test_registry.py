@@ -73,7 +73,9 @@ def make_project(root: Path, base_dir: Path, seed: int, report: dict) -> torch.T
     reports = root / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "eval.json").write_text(json.dumps(report))
-    (reports / "train.json").write_text(json.dumps({"final_loss": 0.5, "steps": 3, "device": "cpu"}))
+    diagnosis = {"problems": 16, "accuracy_gap": 0.55, "answer_ll_gap": 1.25, "reading": "room for OPSD"}
+    (reports / "train.json").write_text(json.dumps({"final_loss": 0.5, "steps": 3, "device": "cpu",
+                                                    "diagnosis": diagnosis}))
     (reports / "data.json").write_text(json.dumps({"data_hash": "d" * 16}))
     (reports / "train_curve.csv").write_text(
         "step,loss,kl,clipped_frac,completion_len,ended_frac,sample_tok_s,train_tok_s,lr,grad_norm\n"
@@ -146,6 +148,9 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     assert run.data.tags["lineage.dvc_raw_md5"] == "abc123.dir"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
     assert run.data.metrics[f"eval/{PRIMARY}/candidate"] == pytest.approx(0.75)
+    # the self-teacher gap the training started from (train.json's diagnosis)
+    assert run.data.metrics["diagnosis/accuracy_gap"] == pytest.approx(0.55)
+    assert run.data.tags["opsd.diagnosis"] == "room for OPSD"
     files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert files == {"plots/training_curve.png", "plots/eval.png"}
     card = Path(client.download_artifacts(run.info.run_id, "model_card.md", str(root / "dl"))).read_text()

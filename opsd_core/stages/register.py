@@ -151,7 +151,7 @@ def headline_metrics(inp: dict[str, Any], primary: str) -> dict[str, float]:
 
 
 def _log_run(client: MlflowClient, run_id: str, inp: dict[str, Any], params: Params, tmp: Path) -> None:
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
     # the paths the candidate was trained on (opsd env's record, from train.json): device, dtypes, packs
@@ -166,7 +166,12 @@ def _log_run(client: MlflowClient, run_id: str, inp: dict[str, Any], params: Par
     metrics += [Metric(f"train_summary/{k}", float(v), now, 0) for k, v in inp["train"].items()
                 if isinstance(v, int | float) and not isinstance(v, bool)]
     metrics += [Metric(k, v, now, 0) for k, v in headline_metrics(inp, params.registry.primary_task).items()]
-    client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()])
+    # the self-teacher gap the training started from (algorithm/diagnose.py): the figures, and its reading as a tag
+    diagnosis = inp["train"].get("diagnosis") or {}
+    metrics += [Metric(f"diagnosis/{k}", float(v), now, 0) for k, v in diagnosis.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)]
+    tags = [RunTag("opsd.diagnosis", str(diagnosis["reading"]))] if diagnosis.get("reading") else []
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()], tags=tags)
     plots = tmp / "plots"
     plots.mkdir()
     card.plot_training_curve(inp["curve"], plots / "training_curve.png")
