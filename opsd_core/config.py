@@ -132,6 +132,12 @@ class OPSDConfig(_Section):
     teacher_dtype: Literal["float32", "bfloat16"] | None = None
     ema_decay: float = Field(0.99, gt=0, lt=1)
     chunk_size: int = Field(128, ge=1)
+    # shuffled: the contrastive target (algorithm/losses.contrastive_teacher_logits): the student is pulled only
+    # where the teacher with the problem's own solution differs from the teacher with another problem's
+    # (the privileged context's style drift, seen in the shuffled control, cancels); costs one more teacher
+    # pass. contrast_weight: the power of that ratio
+    contrast: Literal["none", "shuffled"] = "none"
+    contrast_weight: float = Field(1.0, gt=0)
     # training problems on which `opsd train` measures the self-teacher gap before its first step
     # (opsd_core/algorithm/diagnose.py; `opsd diagnose` alone); 0: not measured
     diagnose_problems: int = Field(16, ge=0)

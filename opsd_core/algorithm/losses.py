@@ -41,6 +41,7 @@ __all__ = [
     "DivergenceSpec",
     "TokenDivergence",
     "chunked_divergence_loss",
+    "contrastive_teacher_logits",
     "divergence_loss",
     "masked_mean",
     "token_divergence",
@@ -196,6 +197,25 @@ def token_divergence(
     )
 
 
+def contrastive_teacher_logits(student_logits: Tensor, teacher_logits: Tensor, wrong_logits: Tensor,
+                               weight: float, temperature: float) -> Tensor:
+    """The contrastive target: what the correct solution changes in the teacher beyond what any solution does.
+
+    student_logits, teacher_logits (the correct solution in the context), wrong_logits (another problem's
+    solution): [..., V]. At temperature ``T`` the target is ``q ∝ p_S · (p_T / p_W)^weight``: where both
+    teachers move the same way (the privileged context's style, the drift a shuffled control shows too) the
+    ratio is 1 and the target is the student itself, so nothing is learnt from it; what depends on the
+    solution being right remains. ``weight`` 0: the student (no signal); with a wrong teacher equal to the
+    student and weight 1: the plain teacher. Returns logits [..., V] (detached) that, divided by ``T`` as the
+    divergence does, give ``log q`` up to a constant.
+    """
+    dtype = _compute_dtype(student_logits, teacher_logits, wrong_logits)
+    ls = torch.log_softmax(student_logits.detach().to(dtype) / temperature, -1)
+    lt = torch.log_softmax(teacher_logits.detach().to(dtype) / temperature, -1)
+    lw = torch.log_softmax(wrong_logits.detach().to(dtype) / temperature, -1)
+    return temperature * torch.log_softmax(ls + weight * (lt - lw), -1)
+
+
 def _default_denom(mask: Tensor) -> Tensor:
     # an empty mask gives 0 / 1 = 0 instead of NaN
     return mask.sum().clamp(min=1)
@@ -247,6 +267,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, hs: Tensor, ht: Tensor, weight: Tensor,
         bias: Tensor | None, t_weight: Tensor | None, sampled: Tensor | None,
         spec: DivergenceSpec, chunk_size: int, needs: tuple[bool, bool, bool],
+        hw: Tensor | None = None, contrast: float = 0.0,
     ) -> tuple[Tensor, Tensor, Tensor]:
         need_h, need_w, need_b = needs
         dtype = _compute_dtype(hs, weight)
@@ -267,7 +288,12 @@ class _ChunkedDivergence(torch.autograd.Function):
             with torch.enable_grad():
                 h = hs[start:stop].detach().to(dtype).requires_grad_(need_h)
                 ids = None if sampled is None else sampled[start:stop]
-                out = token_divergence(F.linear(h, w, b), t_logits, spec, ids)
+                s_logits = F.linear(h, w, b)
+                if hw is not None:
+                    with torch.no_grad():
+                        w_logits = F.linear(hw[start:stop].detach().to(dtype), tw, tb)
+                        t_logits = contrastive_teacher_logits(s_logits, t_logits, w_logits, contrast, spec.temperature)
+                out = token_divergence(s_logits, t_logits, spec, ids)
                 chunk_loss = out.loss.sum()
                 wrt = [x for x, need in ((h, need_h), (w, need_w), (b, need_b)) if need and x is not None]
                 grads = list(torch.autograd.grad(chunk_loss, wrt)) if wrt and chunk_loss.requires_grad else []
@@ -293,14 +319,15 @@ class _ChunkedDivergence(torch.autograd.Function):
         gh = None if d_h is None else (d_h * g).to(h_dtype)
         gw = None if d_w is None else (d_w * g).to(w_dtype)
         gb = None if d_b is None else (d_b * g).to(b_dtype)
-        return gh, None, gw, gb, None, None, None, None, None
+        return gh, None, gw, gb, None, None, None, None, None, None, None
 
 
 def chunked_divergence_loss(
     student_hidden: Tensor, teacher_hidden: Tensor, lm_head_weight: Tensor, mask: Tensor,
     spec: DivergenceSpec, sampled_ids: Tensor | None = None, chunk_size: int = 128,
     denom: float | Tensor | None = None, lm_head_bias: Tensor | None = None,
-    teacher_lm_head_weight: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | None = None, contrast_hidden: Tensor | None = None,
+    contrast_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Masked-mean divergence from final hidden states without materialising [B, T, V] logits.
 
@@ -309,6 +336,8 @@ def chunked_divergence_loss(
     given; mask [B, T] (true = valid token); sampled_ids [B, T] for ``sampled``.
     Only valid rows are projected, ``chunk_size`` rows at a time, in fp32. Gradients reach student_hidden,
     lm_head_weight and lm_head_bias (when they require grad); the teacher gets none.
+    ``contrast_hidden`` [B, T, H]: the teacher's hidden states under a wrong solution; the divergence is
+    then taken to :func:`contrastive_teacher_logits` with ``contrast_weight`` instead of the plain teacher.
     Returns (sum of per-token losses / denom, {"kl_sum", "clipped_sum", "tokens"} detached scalars);
     denom defaults to the number of valid tokens (at least 1).
     """
@@ -323,6 +352,11 @@ def chunked_divergence_loss(
     rows = mask.reshape(-1).bool().nonzero().squeeze(1)
     hs = student_hidden.reshape(-1, hidden).index_select(0, rows)
     ht = teacher_hidden.detach().reshape(-1, hidden).index_select(0, rows)
+    hw = None
+    if contrast_hidden is not None:
+        if contrast_hidden.shape != teacher_hidden.shape:
+            raise ValueError(f"contrast_hidden {tuple(contrast_hidden.shape)} != teacher {tuple(teacher_hidden.shape)}")
+        hw = contrast_hidden.detach().reshape(-1, hidden).index_select(0, rows)
     sampled = None
     if spec.support == "sampled":
         if sampled_ids is None:
@@ -336,6 +370,7 @@ def chunked_divergence_loss(
     )
     loss_sum, kl_sum, clipped_sum = _ChunkedDivergence.apply(
         hs, ht, lm_head_weight, lm_head_bias, teacher_lm_head_weight, sampled, spec, chunk_size, needs,
+        hw, contrast_weight,
     )
     tokens = torch.tensor(float(rows.numel()), dtype=loss_sum.dtype, device=loss_sum.device)
     loss = loss_sum / (tokens.clamp(min=1) if denom is None else denom)

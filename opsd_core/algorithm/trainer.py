@@ -63,6 +63,8 @@ class Problem:
     solution_ids: list[int] = field(default_factory=list)
     answer: str = ""
     answer_from: int = 0  # where the solution's last line (the answer line) starts in solution_ids
+    # the teacher's context with another problem's solution (opsd.contrast: shuffled), else empty
+    wrong_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -72,14 +74,15 @@ class TrainState:
 
 
 def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None, context: str = "reference",
-                  seed: int = 0, instruction: str | None = None) -> list[Problem]:
+                  seed: int = 0, instruction: str | None = None, contrast: bool = False) -> list[Problem]:
     """Tokenize both contexts of every prepared training row once (``thinking``: ``model.thinking``).
 
     ``context`` is ``opsd.teacher_context``, what privileged information the teacher gets:
     ``reference`` its own problem's verified solution; ``shuffled`` another problem's (see
     :func:`shuffled_partners`), the control for "the gain comes from the solution, not from the extra
     prompt or from training on its own samples"; ``none`` the student's own prompt (no privileged context).
-    ``instruction``: ``opsd.teacher_instruction`` (None: the built-in one).
+    ``instruction``: ``opsd.teacher_instruction`` (None: the built-in one). ``contrast``: also build the
+    teacher's context with the shuffled partner's solution (``wrong_ids``, for ``opsd.contrast``).
     """
     rows = []
     with path.open(encoding="utf-8") as fh:
@@ -88,15 +91,18 @@ def load_problems(path: Path, tokenizer: Any, thinking: bool | None = None, cont
                 rows.append(json.loads(line))
     if not rows:
         raise TrainingError(f"{path}: no training problems (run `opsd prepare` first)")
-    partner = shuffled_partners(len(rows), seed) if context == "shuffled" else list(range(len(rows)))
+    shuffled = shuffled_partners(len(rows), seed)
+    partner = shuffled if context == "shuffled" else list(range(len(rows)))
     problems = []
     for i, row in enumerate(rows):
         student = student_prompt_ids(tokenizer, row["problem"], thinking)
         teacher = student if context == "none" else \
             teacher_prompt_ids(tokenizer, row["problem"], rows[partner[i]]["solution"], thinking, instruction)
         target = solution_ids(tokenizer, row["solution"])
+        wrong = teacher_prompt_ids(tokenizer, row["problem"], rows[shuffled[i]]["solution"], thinking, instruction) \
+            if contrast else []
         problems.append(Problem(str(row["id"]), student, teacher, target, str(row.get("answer") or ""),
-                                answer_line_start(tokenizer, row["solution"], target)))
+                                answer_line_start(tokenizer, row["solution"], target), wrong))
     return problems
 
 
@@ -297,11 +303,18 @@ class OPSDTrainer:
             assert_same_completion(s_batch, t_batch)
             s_batch, t_batch = s_batch.to(self.device), t_batch.to(self.device)
             t_hidden = self.teacher.hidden(t_batch)
+            w_hidden = None
+            if self.params.opsd.contrast != "none":
+                if any(not p.wrong_ids for p in part):
+                    raise TrainingError("opsd.contrast needs the problems' wrong-solution contexts (load_problems)")
+                w_batch = build_scoring_batch([p.wrong_ids for p in part], ids, mask, self.pad_id)
+                w_hidden = self.teacher.hidden(w_batch.to(self.device))
             s_hidden = self.student_hidden(s_batch)
             loss, metrics = chunked_divergence_loss(
                 s_hidden, t_hidden, lm_head(self.model).weight, mask.to(self.device), self.spec,
                 sampled_ids=ids.to(self.device), chunk_size=self.params.opsd.chunk_size, denom=total,
-                teacher_lm_head_weight=self.teacher.lm_head_weight(),
+                teacher_lm_head_weight=self.teacher.lm_head_weight(), contrast_hidden=w_hidden,
+                contrast_weight=self.params.opsd.contrast_weight,
             )
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss.item()}); stopping, no candidate is written")

@@ -30,7 +30,8 @@ def diagnose(params: Params, root: Path) -> dict[str, Any]:
     model, tokenizer, _ = build_policy(params, root, plan)
     problems = load_problems(train_file, tokenizer, thinking=params.model.thinking,
                              context=params.opsd.teacher_context, seed=params.train.seed,
-                             instruction=params.opsd.teacher_instruction)
+                             instruction=params.opsd.teacher_instruction,
+                             contrast=params.opsd.contrast != "none")
     trainer = build_trainer(params, model, tokenizer, problems, torch.device(plan.device), root / params.train.checkpoint_dir / "diagnose",
                             plan=plan)  # the run folder is never written: no step is taken
     record = record_gap(trainer, None)

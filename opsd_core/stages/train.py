@@ -230,7 +230,8 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     model, tokenizer, base_path = build_policy(params, root, plan)
     problems = load_problems(train_file, tokenizer, thinking=params.model.thinking,
                              context=params.opsd.teacher_context, seed=params.train.seed,
-                             instruction=params.opsd.teacher_instruction)
+                             instruction=params.opsd.teacher_instruction,
+                             contrast=params.opsd.contrast != "none")
     data_hash = _data_hash(params, root)
     run_dir = root / params.train.checkpoint_dir / run_key(params, data_hash)
     log = (lambda msg: print(msg, file=sys.stderr)) if world.main else (lambda _msg: None)
