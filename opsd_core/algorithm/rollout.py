@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
-from opsd_core.backends.engine import DecoderEngine, candidates, unwrap
+from opsd_core.backends.engine import DecoderEngine, draw_candidates, unwrap
 from opsd_core.backends.row_noise import gumbel_pick
 from opsd_core.config import SamplingConfig
 
@@ -88,7 +88,7 @@ class _RowNoiseDraw(LogitsProcessor):
         self.cfg, self.seeds, self.width = cfg, torch.tensor(seeds, dtype=torch.int64), width
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        probs, ids = candidates(scores.float(), self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+        probs, ids = draw_candidates(scores.float(), self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
         pick = gumbel_pick(probs, ids, self.seeds.to(scores.device), input_ids.shape[1] - self.width)
         return torch.full_like(scores, float("-inf")).scatter_(1, pick[:, None], 0.0)
 

@@ -60,5 +60,9 @@ class Backend:
         engine = "opsd engine" if self.sampler.engine is not None else "transformers generate" + (
             ", static cache" if self.generate_options.get("cache_implementation") == "static" else "")
         copy = self.sampler.copy
-        return engine + (f" on a merged {str(next(copy.parameters()).dtype).removeprefix('torch.')} copy"
-                         if copy is not None else " on the policy")
+        if copy is None:
+            return engine + " on the policy"
+        dtype = str(next(copy.parameters()).dtype).removeprefix("torch.")
+        if self.sampler.deltas:
+            return engine + f" on a {dtype} copy, LoRA delta unmerged"
+        return engine + f" on a merged {dtype} copy"

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opsd_core.backends.delta_linear import DeltaLinear
+from opsd_core.backends.nucleus import nucleus
 from opsd_core.backends.packs import LinearPacks, PackedLinear
 from opsd_core.backends.row_noise import gumbel_pick
 from opsd_core.models.lora import is_lora_layer
@@ -65,7 +67,10 @@ class _Proj:
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.fast: PackedLinear | None = None
-        if fuse:
+        # an unmerged LoRA layer (a bf16 sampler's) runs its own product: its delta columns are its own,
+        # so it fuses with no other part, and it is not packed (its B columns change every step)
+        self.own = [isinstance(m, DeltaLinear) for m in linears]
+        if fuse and not any(self.own):
             self.weight, self.bias = _fuse_rows(linears)
 
     def refresh(self) -> None:
@@ -79,7 +84,10 @@ class _Proj:
                 return self.fast(x)
             return F.linear(x, self.weight, self.bias)
         outs = []
-        for m in self.parts:
+        for m, own in zip(self.parts, self.own, strict=True):
+            if own:
+                outs.append(m(x))
+                continue
             fast = self.packs.get(m) if self.packs is not None else None
             outs.append(fast(x) if fast is not None else F.linear(x, m.weight, m.bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
@@ -355,10 +363,20 @@ def candidates(logits: Tensor, temperature: float, top_k: int, top_p: float) -> 
     return filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1), None
 
 
+def draw_candidates(logits: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor | None]:
+    """logits [B, V] → (probs [B, C], ids [B, C] or None): what a draw runs over, the same distribution as
+    :func:`candidates`. Without top-k, the top-p nucleus alone (:func:`~opsd_core.backends.nucleus.nucleus`:
+    no sort of V, no noise for the tokens outside it); with top-k, :func:`candidates` as it is (the
+    default profiles' rollouts stay the same token for token)."""
+    if top_p < 1.0 and not 0 < top_k < logits.shape[-1]:
+        return nucleus(logits, temperature, top_p)
+    return candidates(logits, temperature, top_k, top_p)
+
+
 def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
           seeds: Tensor | None = None, step: int = 0) -> Tensor:
     """logits [B, V] fp32 → one sampled id per row [B] (``seeds`` [B]: each row's own noise at ``step``)."""
-    probs, ids = candidates(logits, temperature, top_k, top_p)
+    probs, ids = draw_candidates(logits, temperature, top_k, top_p)
     if seeds is not None:
         return gumbel_pick(probs, ids, seeds, step)
     pick = torch.multinomial(probs, 1, generator=generator)
