@@ -16,7 +16,9 @@ from torch import Tensor
 
 FIRST = 64  # candidates tried first: holds the nucleus of most decoding steps
 GROW = 8  # then 512, then 4096 ...
-MAX_TOPK = 4096  # beyond this a full sort costs no more than topk (measured at V = 49k-152k)
+# past this, one full sort (a nucleus this wide is a near-uniform distribution, no short list to find);
+# measured at 16 x 152k on a CPU: topk 39 ms at k = 4096, 98 ms at 32768, the sort 321 ms
+MAX_TOPK = 4096
 
 
 def nucleus(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
