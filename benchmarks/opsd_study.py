@@ -1,0 +1,209 @@
+"""Does OPSD help where the self-teacher gap is real? SFT, then OPSD and its controls, on generated arithmetic.
+
+For each difficulty and seed: generate training problems and a disjoint test split (no choice looks at it),
+train the arms with ``opsd train`` in-process (each in its own project folder), and score every model's
+greedy answers on the test split through the project's own sampler (strict ``#### N`` and flexible last
+number), each arm against its reference by a paired bootstrap over problems. Arms:
+
+* ``base``: no training. ``sft``: SFT on the verified traces (the model the after-SFT arms start from).
+* ``opsd_after_sft``, ``shuffled_after_sft`` (the teacher sees another problem's solution: the control),
+  ``contrast_after_sft`` (``opsd.contrast: shuffled``), ``more_sft`` (SFT continued for the same steps and
+  problems as the OPSD round): each from the SFT model, compared with it.
+* ``opsd_from_base`` and ``mix`` (``train.objective: mix``): from the base, compared with it.
+
+    python -m benchmarks.opsd_study --out benchmarks/results/DATE-opsd-study.json \\
+        [--model bundled|tiny] [--seeds 0 1 2] [--difficulty 2:50:0 ...] [--arms ...] [--work DIR]
+
+Every run's settings are in the results file (``settings`` and each run's ``set``), so a row can be rerun
+with ``opsd train --set ...`` on the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_core.algorithm.prompts import student_prompt_ids
+from opsd_core.algorithm.rollout import eos_token_ids, sample
+from opsd_core.config import Params, load_params
+from opsd_core.data.arithmetic import ArithmeticDifficulty, arithmetic_rows
+from opsd_core.data.verify import answers_match, extract_answer, last_number
+from opsd_core.evaluation.bootstrap import paired_bootstrap
+from opsd_core.models.sources import load_candidate, load_model_and_tokenizer, resolve_base_dir
+from opsd_core.offline import apply_offline_defaults
+from opsd_core.stages.train import build_backend, execution_plan, train
+
+ROOT = Path(__file__).resolve().parents[1]
+AFTER_SFT = ("opsd_after_sft", "shuffled_after_sft", "contrast_after_sft", "more_sft")
+ARMS = ("base", "sft", *AFTER_SFT, "opsd_from_base", "mix")
+# each arm's settings on top of the round's (opsd train --set)
+ARM_SETTINGS: dict[str, list[str]] = {
+    "opsd_after_sft": [],
+    "shuffled_after_sft": ["opsd.teacher_context=shuffled"],
+    "contrast_after_sft": ["opsd.contrast=shuffled"],
+    "more_sft": ["train.objective=sft"],
+    "opsd_from_base": [],
+    "mix": ["train.objective=mix"],
+}
+SIZES = {  # model -> (train problems, test problems, SFT steps, OPSD-round steps, rollouts per step)
+    "bundled": (256, 200, 64, 30, 8),
+    "tiny": (24, 16, 4, 3, 4),
+}
+
+
+def _params(model: str, work: Path, seed: int, extra: list[str]) -> Params:
+    profile = "smoke" if model == "tiny" else "default"
+    base = [] if model == "tiny" else ["model.base=bundled:smollm2-135m-instruct"]
+    return load_params(ROOT / "params.yaml", profile, [
+        f"model.cache_dir={ROOT / '.opsd/models' if model != 'tiny' else work / 'models'}", *base,
+        f"train.seed={seed}", "train.warmup_steps=2", "train.checkpoint_every=1000",
+        "opsd.sampling.max_new_tokens=64", "opsd.diagnose_problems=32", "train.progress=false", *extra])
+
+
+def _project(folder: Path, train_rows: list[Any]) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "data/prepared").mkdir(parents=True)
+    (folder / "data/prepared/train.jsonl").write_text("".join(r.to_json_line() for r in train_rows))
+    return folder
+
+
+def _merged(project: Path, params: Params, out: Path) -> Path:
+    """The trained candidate with its adapter merged: a plain model folder the next round starts from."""
+    model, tok = load_candidate(resolve_base_dir(params.model, project), project / params.train.output_dir)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def greedy_scores(params: Params, model_dir: str, rows: list[Any], batch: int = 32) -> dict[str, list[float]]:
+    """Per test problem: 1.0 if the greedy answer is right (strict: ``#### N``; flex: the last number)."""
+    cfg = params.model_copy(update={"model": params.model.model_copy(update={"base": model_dir})}, deep=True)
+    cfg.lora.enabled = False
+    plan = execution_plan(cfg, world_size=1)
+    model, tok = load_model_and_tokenizer(cfg.model, ROOT)
+    device = torch.device(plan.device)
+    module = build_backend(cfg, model.to(device), plan, device, lambda _m: None).sampling_module()
+    greedy = cfg.opsd.sampling.model_copy(update={"top_k": 1, "min_new_tokens": 0})
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out: dict[str, list[float]] = {"strict": [], "flex": []}
+    for lo in range(0, len(rows), batch):
+        part = rows[lo:lo + batch]
+        prompts = [student_prompt_ids(tok, r.problem, cfg.model.thinking) for r in part]
+        got = sample(module, prompts, greedy, pad, eos_token_ids(model, tok), [lo + i for i in range(len(part))], device)
+        for r, ids, mask in zip(part, got.completion_ids, got.completion_mask, strict=True):
+            text = tok.decode(ids[mask].tolist(), skip_special_tokens=True)
+            out["strict"].append(float(answers_match(extract_answer(text), r.answer)))
+            out["flex"].append(float(answers_match(last_number(text), r.answer)))
+    return out
+
+
+def _compare(ref: dict[str, list[float]], cand: dict[str, list[float]], seed: int) -> dict[str, Any]:
+    return {k: paired_bootstrap(ref[k], cand[k], 2000, seed) for k in ("strict", "flex")}
+
+
+def split_rows(model: str, difficulty: ArithmeticDifficulty, seed: int) -> tuple[list[Any], list[Any]]:
+    """(training problems drawn by ``seed``, the test split: one fixed draw for every seed, minus any problem
+    the training set holds)."""
+    n_train, n_test = SIZES[model][:2]
+    train_rows = arithmetic_rows(n_train, 1000 + seed, difficulty)
+    seen = {r.problem for r in train_rows}
+    return train_rows, [r for r in arithmetic_rows(n_test + n_train, 5000, difficulty) if r.problem not in seen][:n_test]
+
+
+def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list[str], work: Path) -> dict[str, Any]:
+    """One difficulty and seed: every arm trained, scored and compared."""
+    _, _, sft_steps, round_steps, rollouts = SIZES[model]
+    train_rows, test_rows = split_rows(model, difficulty, seed)
+    cell = work / f"{difficulty.label}-seed{seed}"
+    sizing = [f"train.rollouts_per_step={rollouts}", f"train.micro_batch_size={rollouts // 2}"]
+    runs: dict[str, dict[str, Any]] = {}
+    base_params = _params(model, cell, seed, sizing)
+    base_dir = resolve_base_dir(base_params.model, ROOT)
+
+    def trained(name: str, start: str, steps: int, extra: list[str]) -> tuple[Params, Path]:
+        settings = [*sizing, f"model.base={start}", f"train.steps={steps}", *extra]
+        params = _params(model, cell, seed, settings)
+        project = _project(cell / name, train_rows)
+        began = time.perf_counter()
+        summary = train(params, project)
+        assert summary is not None
+        runs[name] = {"set": settings, "train_s": time.perf_counter() - began, "diagnosis": summary.get("diagnosis"),
+                      "first_loss": summary["first_loss"], "final_loss": summary["final_loss"]}
+        return params, project
+
+    scores: dict[str, dict[str, list[float]]] = {"base": greedy_scores(base_params, base_dir, test_rows)}
+    runs["base"] = {"set": []}
+    sft_dir = None
+    if any(a in arms for a in ("sft", *AFTER_SFT)):
+        params, project = trained("sft", base_dir, sft_steps, ["train.objective=sft", "train.lr=2e-4"])
+        sft_dir = str(_merged(project, params, cell / "sft-model"))
+        scores["sft"] = greedy_scores(params, sft_dir, test_rows)
+    for arm in arms:
+        if arm in ("base", "sft"):
+            continue
+        start = sft_dir if arm in AFTER_SFT else base_dir
+        assert start is not None
+        steps = round_steps if arm != "mix" else sft_steps
+        lr = "train.lr=1e-4" if arm != "mix" else "train.lr=2e-4"  # the round's rate; mix trains as long as SFT
+        params, project = trained(arm, start, steps, [lr, *ARM_SETTINGS[arm]])
+        scores[arm] = greedy_scores(params, str(_merged(project, params, cell / f"{arm}-model")), test_rows)
+        shutil.rmtree(cell / f"{arm}-model", ignore_errors=True)
+    for arm, got in scores.items():
+        ref = "sft" if arm in AFTER_SFT else "base"
+        runs[arm].update({k: sum(v) / len(v) for k, v in got.items()})
+        if arm != "base":
+            runs[arm]["vs"] = ref
+            runs[arm]["gain"] = _compare(scores[ref], got, seed)
+    return {"difficulty": difficulty.label, "seed": seed, "test_problems": len(test_rows),
+            "train_problems": len(train_rows), "runs": runs}
+
+
+def table(cells: list[dict[str, Any]]) -> str:
+    lines = ["| difficulty | seed | arm | strict | flex | vs | flex gain [95% CI] | gap before training |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cell in cells:
+        for arm, run in cell["runs"].items():
+            gain = run.get("gain", {}).get("flex")
+            interval = f"{gain['mean_diff']:+.3f} [{gain['ci_low']:+.3f}, {gain['ci_high']:+.3f}]" if gain else ""
+            gap = (run.get("diagnosis") or {}).get("accuracy_gap")
+            lines.append(f"| {cell['difficulty']} | {cell['seed']} | {arm} | {run['strict']:.3f} | {run['flex']:.3f} "
+                         f"| {run.get('vs', '')} | {interval} | {'' if gap is None else f'{gap:+.2f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_offline_defaults()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(SIZES), default="bundled")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--difficulty", nargs="+", default=["2:50:0"], help="steps:max_number:distractors")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--work", type=Path, default=ROOT / ".opsd/study")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cells = []
+    for spec in args.difficulty:
+        steps, max_number, distractors = (int(x) for x in spec.split(":"))
+        for seed in args.seeds:
+            cells.append(run_cell(args.model, ArithmeticDifficulty(steps, max_number, distractors), seed, args.arms,
+                                  args.work))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"model": args.model, "sizes": SIZES[args.model], "cells": cells}, indent=2))
+            print(table(cells[-1:]), flush=True)
+    print(table(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
