@@ -464,7 +464,8 @@ def test_effective_weights_equal_peft_merge(smoke: Params, tmp_path: Path) -> No
 def test_bf16_bases_merge_the_lora_delta_in_fp32(smoke: Params) -> None:
     """The gpu profile's bf16 weights with an early, small LoRA delta (rms ~1e-5 on weights of rms 2e-2,
     below bf16's resolution there): the merge is computed in fp32, so the EMA teacher averages the true
-    effective weights (a bf16 merge kept ~7 % of the delta), and the sampler's bf16 copy rounds once."""
+    effective weights (a bf16 merge kept ~7 % of the delta), and the sampler's bf16 copy keeps the delta apart
+    from the base (tests/test_bf16_sampler.py: its logits move with it)."""
     from opsd_core.backends.sampler import PolicySampler
 
     model, _ = load_model_and_tokenizer(smoke.model, ROOT, dtype=torch.bfloat16)
@@ -488,10 +489,12 @@ def test_bf16_bases_merge_the_lora_delta_in_fp32(smoke: Params) -> None:
         assert err(torch.addmm(w0, b.to(torch.bfloat16), a.to(torch.bfloat16), alpha=s)) > 0.5  # the bf16 merge
     ema = EmaTeacher(model, decay=0.5)
     assert err(ema.ema[name]) < 1e-3
-    sampler = PolicySampler(model, torch.bfloat16)  # the engine backend always decodes a merged copy
+    sampler = PolicySampler(model, torch.bfloat16)  # a bf16 copy keeps the delta unmerged (issue 26)
     sampler.sync()
-    copied = sampler.copy.get_submodule(name.removeprefix("base_model.model.")).weight
-    assert torch.equal(copied, (w0.float() + delta).to(torch.bfloat16))  # rounded once, from the fp32 merge
+    unmerged = sampler.deltas[name]
+    assert torch.equal(unmerged.weight[:, :w0.shape[1]], w0)  # the bf16 base as it is
+    assert torch.equal(unmerged.weight[:, w0.shape[1]:], b.to(torch.bfloat16))
+    assert torch.equal(unmerged.scaled_a, a.float() * s)
 
 
 def test_bf16_precision_trains_fp32_adapters_with_fp32_moments_and_loss(smoke: Params, tmp_path: Path) -> None:
