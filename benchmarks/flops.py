@@ -48,7 +48,7 @@ def model_shape(model: Any) -> ModelShape:
     """Read the shape of a (possibly LoRA-wrapped) transformers causal LM."""
     import torch
 
-    from opsd_core.backends.engine import unwrap
+    from opsd_core.models.lora import unwrap
 
     base = unwrap(model)
     cfg = base.config.get_text_config()

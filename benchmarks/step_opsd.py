@@ -55,6 +55,8 @@ def opsd_params(spec: dict[str, Any]) -> Any:
             overrides.append(f"opsd.sampling.min_new_tokens={spec['new_tokens']}")
         if spec["impl"] == "opsd_fast":
             overrides.append("train.frozen_dtype=bfloat16")
+        if spec.get("sampler"):  # the rehearsal on a CPU samples as CUDA does (static); else the device's default
+            overrides.append(f"opsd.sampling.backend={spec['sampler']}")
     return load_params(REPO / "params.yaml", overrides=overrides)
 
 
@@ -62,8 +64,8 @@ def _setup(spec: dict[str, Any]) -> tuple[Any, Any, Any, list[Any], Any]:
     import torch
 
     from opsd_core.algorithm.prompts import student_prompt_ids, teacher_prompt_ids
-    from opsd_core.algorithm.scoring import unwrap
     from opsd_core.algorithm.trainer import Problem
+    from opsd_core.models.lora import unwrap
     from opsd_core.stages.train import build_policy, execution_plan
 
     params = opsd_params(spec)

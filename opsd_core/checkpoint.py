@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from opsd_core.errors import OpsdError
+from opsd_core.io import atomic_dir
 
 PREFIX = "step-"
 FORMAT = "opsd-checkpoint/1"
@@ -75,19 +76,14 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write ``state`` for ``step`` atomically (temp dir, then rename) and prune old checkpoints."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"{PREFIX}{step:07d}"
-    tmp = run_dir / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
-        torch.save({"format": FORMAT, **state}, tmp / "state.pt")
+        with atomic_dir(final) as tmp:
+            torch.save({"format": FORMAT, **state}, tmp / "state.pt")
     except OSError as err:  # a full disk, a quota, a vanished mount: the older checkpoints stay as they were
-        shutil.rmtree(tmp, ignore_errors=True)
         newest = latest(run_dir)
         where = f"step {newest.step}" if newest else "the start"
         raise CheckpointError(f"cannot write the step-{step} checkpoint in {run_dir}: {err.strerror or err}; "
                               f"free space and rerun `opsd train`: it resumes from {where}") from err
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
     complete = sorted(
         (p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name
     )

@@ -1,8 +1,8 @@
 """File plumbing shared by every stage: one atomic writer, one JSON report writer, one content hash.
 
 Every file opsd writes for another stage (or another process) to read goes through :func:`atomic_write`,
-so a reader never sees a half-written file; folders (a candidate, a checkpoint, a converted model) are
-built under a temporary name and renamed in one step by their writers.
+so a reader never sees a half-written file; every folder (a candidate, a checkpoint, a converted model)
+through :func:`atomic_dir`: built under a temporary name, put in place by one rename.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,28 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(target: Path, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``target`` to build a folder in; when the block ends normally it
+    replaces ``target`` (an older one is removed first) by one rename, unless ``keep(target)`` says the
+    ``target`` found there then is to stay (a cache entry another writer completed meanwhile). An exception,
+    a full disk included, removes the temporary folder and leaves ``target`` as it was, so no reader sees a
+    half-built folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            if keep is not None and keep(target):
+                return
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

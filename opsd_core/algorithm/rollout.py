@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor
 
-from opsd_core.backends.engine import DecoderEngine, draw_candidates, unwrap
+from opsd_core.backends.engine import DecoderEngine, draw_candidates
 from opsd_core.backends.row_noise import gumbel_pick
 from opsd_core.config import SamplingConfig
+from opsd_core.models.lora import unwrap
 
 
 @dataclass

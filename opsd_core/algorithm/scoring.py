@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from opsd_core.algorithm.rollout import left_pad
-from opsd_core.backends.engine import DecoderEngine, unwrap
+from opsd_core.backends.engine import DecoderEngine
 from opsd_core.backends.fsdp import decoder_call
+from opsd_core.models.lora import unwrap
 
 
 @dataclass

@@ -29,15 +29,9 @@ from opsd_core.backends.delta_linear import DeltaLinear
 from opsd_core.backends.nucleus import nucleus
 from opsd_core.backends.packs import LinearPacks, PackedLinear
 from opsd_core.backends.row_noise import gumbel_pick
-from opsd_core.models.lora import is_lora_layer
+from opsd_core.models.lora import is_lora_layer, unwrap
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (LoRA layers stay injected in place)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def supports(model: nn.Module) -> str | None:

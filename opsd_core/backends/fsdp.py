@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from opsd_core.backends.engine import unwrap
+from opsd_core.models.lora import unwrap
 
 # torch.distributed.fsdp and .tensor are imported where used: half a second that the scoring code, which
 # imports this module, should not pay when nothing is sharded

@@ -56,6 +56,12 @@ def wrap_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     return get_peft_model(model, peft_cfg)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in place)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def is_peft(model: nn.Module) -> bool:
     return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
 

@@ -14,11 +14,8 @@ import importlib.util
 import json
 import logging
 import mmap
-import os
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -35,7 +32,7 @@ from transformers import (
 
 from opsd_core.config import ModelConfig
 from opsd_core.errors import OpsdError
-from opsd_core.io import file_hash, json_hash
+from opsd_core.io import atomic_dir, file_hash, json_hash
 from opsd_core.models.tiny import CHATML_TEMPLATE, IM_END, IM_START, build_tiny_model_dir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -91,7 +88,7 @@ def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Pa
     """Run ``build(tmp)`` once and atomically rename ``tmp`` to ``target``.
 
     A complete entry always holds ``_MARKER`` (written before the rename, with the sha256 of every file),
-    so a crash mid-build leaves only a ``.tmp-*`` folder, never a half-written ``target``, and an entry
+    so a crash mid-build leaves no half-written ``target`` (:func:`~opsd_core.io.atomic_dir`), and an entry
     damaged later (a truncated or altered file) is found by its hashes and rebuilt. The file lock stops two
     processes from both spending the conversion time; the rename would still be safe without it.
     """
@@ -101,28 +98,20 @@ def _materialise(target: Path, build: Callable[[Path], None], source: str) -> Pa
     with FileLock(str(target) + ".lock"):
         if _intact(target):
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         # a conversion takes ~10 s to a minute on a first run: say what is happening (the tiny model builds in
         # well under a second, and its setting errors must stay one line)
         say = (lambda msg: print(f"model {source}: {msg}", file=sys.stderr, flush=True)) if source != "tiny" \
             else (lambda _msg: None)
-        try:
-            start = time.perf_counter()
-            say(f"preparing it once into {target} (later runs reuse it) ...")
+        start = time.perf_counter()
+        say(f"preparing it once into {target} (later runs reuse it) ...")
+        # replaces an incomplete or damaged leftover; keeps an entry a writer without the lock (another host's
+        # view of the folder) completed meanwhile
+        with atomic_dir(target, keep=_intact) as tmp:
             build(tmp)
             (tmp / _MARKER).write_text(json.dumps({"source": source, "files": _file_digests(tmp)}, sort_keys=True)
                                        + "\n")
-            if target.exists() and not _intact(target):
-                shutil.rmtree(target)  # an incomplete or damaged leftover
-            try:
-                os.rename(tmp, target)
-            except OSError:  # a racer without the lock (another filesystem view) won: keep its copy
-                if not _intact(target):
-                    raise
-            log.info("materialised %s into %s in %.1f s", source, target, time.perf_counter() - start)
-            say(f"ready in {time.perf_counter() - start:.0f} s")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("materialised %s into %s in %.1f s", source, target, time.perf_counter() - start)
+        say(f"ready in {time.perf_counter() - start:.0f} s")
     return target
 
 

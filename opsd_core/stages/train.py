@@ -7,9 +7,9 @@ relative to ``root`` (the project directory).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +41,7 @@ from opsd_core.backends.packs import for_plan
 from opsd_core.backends.plan import ExecutionPlan, make_plan
 from opsd_core.backends.runtime import configure_threads, peak_rss_mb, tune_allocator
 from opsd_core.config import Params
-from opsd_core.io import file_hash, write_json, write_metrics
+from opsd_core.io import atomic_dir, atomic_write, file_hash, write_json, write_metrics
 
 
 def execution_plan(params: Params, world_size: int | None = None) -> ExecutionPlan:
@@ -160,50 +160,44 @@ def save_candidate(
     from opsd_core.models.sources import load_candidate, weights_hash
 
     out = root / params.train.output_dir
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    except OSError as err:  # a full disk: the previous candidate (if any) stays; the checkpoints hold the run
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"cannot write the candidate to {out}: {err.strerror or err}; free space and rerun "
-                            "`opsd train`: it resumes from its last checkpoint and writes the candidate") from err
-    expected = _probe_logits(model, tokenizer, dev)
-    reloaded, _ = load_candidate(base_path, tmp, dtype=next(model.parameters()).dtype)
-    got = _probe_logits(reloaded.to(dev), tokenizer, dev)
-    del reloaded
-    if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
-        diff = (expected - got).abs().max().item()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"saved candidate does not reproduce the trained model (max |Δlogit| {diff:.3g})")
-    meta = {
-        "base_model": params.model.base,
-        "base_path": base_path,
-        "adapter": params.lora.enabled,
-        "params_hash": params.hash(),
-        "data_hash": data_hash,
-        "content_hash": weights_hash(tmp),
-        "steps": params.train.steps,
-        "profile": params.profile,
-    }
-    write_json(tmp / "opsd_candidate.json", meta)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # any failure below (a full disk, a candidate that does not reload) leaves the previous candidate in place
+    with atomic_dir(out) as tmp:
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except OSError as err:  # a full disk: the checkpoints hold the run
+            raise TrainingError(f"cannot write the candidate to {out}: {err.strerror or err}; free space and rerun "
+                                "`opsd train`: it resumes from its last checkpoint and writes the candidate") from err
+        expected = _probe_logits(model, tokenizer, dev)
+        reloaded, _ = load_candidate(base_path, tmp, dtype=next(model.parameters()).dtype)
+        got = _probe_logits(reloaded.to(dev), tokenizer, dev)
+        del reloaded
+        if not torch.allclose(expected, got, atol=1e-4, rtol=1e-4):
+            diff = (expected - got).abs().max().item()
+            raise TrainingError(f"saved candidate does not reproduce the trained model (max |Δlogit| {diff:.3g})")
+        meta = {
+            "base_model": params.model.base,
+            "base_path": base_path,
+            "adapter": params.lora.enabled,
+            "params_hash": params.hash(),
+            "data_hash": data_hash,
+            "content_hash": weights_hash(tmp),
+            "steps": params.train.steps,
+            "profile": params.profile,
+        }
+        write_json(tmp / "opsd_candidate.json", meta)
     return meta
 
 
 def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        # the columns the objective produced (SFT samples nothing; only SFT and mix have an sft_loss)
-        fields = [k for k in CURVE_FIELDS if any(k in row for row in rows)]
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
-                             for k in fields if k in row})
+    buffer = io.StringIO(newline="")
+    # the columns the objective produced (SFT samples nothing; only SFT and mix have an sft_loss)
+    fields = [k for k in CURVE_FIELDS if any(k in row for row in rows)]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in fields if k in row})
+    atomic_write(path, buffer.getvalue())
 
 
 def _device(plan: ExecutionPlan) -> torch.device:
