@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import resource
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,13 +24,28 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path: Pat
     assert sorted(p.name for p in path.parent.iterdir()) == ["b.json"]
 
 
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """A real write failure part-way: past ``limit`` bytes of a file, write() fails with EFBIG (as on a full
+    disk, after the first bytes have landed). CPython ignores SIGXFSZ, so the error is raised, not a signal."""
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def test_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     write_json(path, {"v": 1})
-    with pytest.raises(TypeError):
-        atomic_write(path, 42)  # type: ignore[arg-type]  (neither text nor bytes)
-    assert json.loads(path.read_text()) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    old = path.read_bytes()
+    with file_size_limit(4096), pytest.raises(OSError) as failed:
+        atomic_write(path, json.dumps({"v": "x" * 65536}))  # the first 4 KiB are written, then the disk refuses
+    assert failed.value.errno == errno.EFBIG
+    assert path.read_bytes() == old  # a writer that opened r.json itself would have left 4 KiB of the new text
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # and no temporary
 
 
 def test_json_hash_ignores_key_order_and_sees_values() -> None:

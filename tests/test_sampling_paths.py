@@ -25,17 +25,24 @@ def test_left_pad_rounds_the_width_up_to_the_bucket() -> None:
     assert ids.shape == (1, 8) and mask[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
 
 
-@pytest.mark.parametrize(("caps", "setting", "expected"), [
-    (AVX2, "auto", "engine"), (H100, "auto", "static"), (H100, "engine", "engine"), (AVX2, "static", "static"),
+@pytest.mark.parametrize(("caps", "setting", "expected", "why"), [
+    (AVX2, "auto", "engine", "auto: opsd engine on a CPU"),
+    (H100, "auto", "static", "auto: transformers' static KV cache, compiled, on CUDA"),
+    (H100, "engine", "engine", "set"),
+    (AVX2, "static", "static", "set"),
 ])
 def test_the_plan_resolves_the_sampler_for_the_device(smoke: Params, caps, setting: str,  # noqa: F811
-                                                        expected: str) -> None:
+                                                        expected: str, why: str) -> None:
     params = smoke.model_copy(deep=True)
     params.opsd.sampling.backend = setting
     plan = make_plan(params, caps)
     assert plan.sampler == expected
-    assert plan.why["sampler"] == ("set" if setting != "auto" else plan.why["sampler"])
-    assert setting != "auto" or plan.why["sampler"].startswith("auto:")
+    # the reason names the rule that chose: the device's default under auto (the reason, then its figures),
+    # the setting otherwise
+    if setting == "auto":
+        assert plan.why["sampler"].startswith(why + " (")
+    else:
+        assert plan.why["sampler"] == why
 
 
 def test_static_cache_draws_the_rollouts_generate_and_the_engine_draw(smoke: Params) -> None:  # noqa: F811
