@@ -141,13 +141,21 @@ def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list
                       "first_loss": summary["first_loss"], "final_loss": summary["final_loss"]}
         return params, project
 
-    scores: dict[str, dict[str, list[float]]] = {"base": greedy_scores(base_params, base_dir, test_rows)}
+    def scored(arm: str, params: Params, model_dir: str) -> dict[str, list[float]]:
+        began = time.perf_counter()
+        got = greedy_scores(params, model_dir, test_rows)
+        # one line per arm as it lands: a long study shows its results before it ends
+        print(f"{difficulty.label} seed {seed} {arm}: strict {sum(got['strict'])}/{len(test_rows)}, flex "
+              f"{sum(got['flex'])}/{len(test_rows)} (scored in {time.perf_counter() - began:.0f} s)", flush=True)
+        return got
+
+    scores: dict[str, dict[str, list[float]]] = {"base": scored("base", base_params, base_dir)}
     runs["base"] = {"set": []}
     sft_dir = None
     if any(a in arms for a in ("sft", *AFTER_SFT)):
         params, project = trained("sft", base_dir, sft_steps, ["train.objective=sft", "train.lr=2e-4"])
         sft_dir = str(_merged(project, params, cell / "sft-model"))
-        scores["sft"] = greedy_scores(params, sft_dir, test_rows)
+        scores["sft"] = scored("sft", params, sft_dir)
     for arm in arms:
         if arm in ("base", "sft"):
             continue
@@ -156,7 +164,7 @@ def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list
         steps = round_steps if arm != "mix" else sft_steps
         lr = "train.lr=1e-4" if arm != "mix" else "train.lr=2e-4"  # the round's rate; mix trains as long as SFT
         params, project = trained(arm, start, steps, [lr, *ARM_SETTINGS[arm]])
-        scores[arm] = greedy_scores(params, str(_merged(project, params, cell / f"{arm}-model")), test_rows)
+        scores[arm] = scored(arm, params, str(_merged(project, params, cell / f"{arm}-model")))
         shutil.rmtree(cell / f"{arm}-model", ignore_errors=True)
     for arm, got in scores.items():
         ref = "sft" if arm in AFTER_SFT else "base"
