@@ -5,7 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # the offline environment (no hub downloads, no telemetry) is applied by opsd itself: opsd_core/offline.py
 
-.PHONY: install run test lint bench clean lock
+# the suite runs in a shuffled order (pytest-random-order, every test against every other); the seed is fixed so
+# that CI is reproducible and each pytest-xdist worker collects the same order. Another order: make test TEST_SEED=N
+TEST_SEED ?= 22
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider --random-order-bucket=global --random-order-seed=$(TEST_SEED)
+
+.PHONY: install run test test-fast lint bench clean lock
 install: $(VENV)/.installed
 
 # every package at the version constraints.txt pins (the same commit reinstalls the same stack)
@@ -37,11 +42,17 @@ test: install
 	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
 	# two workers, a test file each at a time: most tests wait on subprocesses (Prefect, DVC, torchrun) or run
 	# one torch thread, so two cores finish the suite in ~0.65x the serial time (measured 14.2 vs 21.9 min)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15
+	$(PYTEST) -n 2 --dist loadfile --durations=15
 	# the compute paths again as an AVX2-only CPU runs them: torch, oneDNN and MKL capped to AVX2
 	# (oneDNN itself refuses bf16 weights there), whatever CPU this is (opsd_core/backends/capabilities.py)
-	OPSD_CPU_ISA=avx2 $(PY) -m pytest -q -p no:cacheprovider tests/test_plan.py tests/test_packed.py \
+	OPSD_CPU_ISA=avx2 $(PYTEST) tests/test_plan.py tests/test_packed.py \
 		tests/test_engine.py tests/test_training.py tests/test_losses.py
+
+# the fast lane: the pure and in-process tests, without the ones marked `slow` (Prefect flows and servers, DVC,
+# torchrun, `opsd` and other subprocesses: tests/conftest.py marks the users of the pipeline fixtures); < 3 min
+test-fast: install
+	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
+	$(PYTEST) -n 2 --dist loadfile --durations=10 -m "not slow"
 
 bench: install
 	$(PY) -m benchmarks.run --suite cpu

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,39 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
+# the fixtures that run Prefect flows, a Prefect server or `dvc repro`: their users are out of the fast lane
+# (`make test-fast`, -m "not slow") by this one marker; files that spawn processes mark themselves (pytestmark)
+_SLOW_FIXTURES = frozenset({"prefect_harness", "smoke_project", "smoke_first_run"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects (the mark plugin's hook), so the marker counts there
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up, module- and session-scoped ones included
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Each test starts from global random states of its own (seeded from its id), not from whatever the tests
+    run before it in this process drew: a test that draws from them (peft's LoRA initialisation, a shuffle)
+    sees the same numbers alone and in any order."""
+    import numpy as np
+
+    seed = zlib.crc32(item.nodeid.encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The shuffled order's seed, also under -q (pytest-random-order prints it only in the header)."""
+    bucket, seed = (str(config.getoption(name, default="")) for name in ("random_order_bucket", "random_order_seed"))
+    if bucket and not bucket.startswith("default:"):
+        seed = seed.removeprefix("default:")
+        terminalreporter.write_line(f"test order: --random-order-bucket={bucket} --random-order-seed={seed} "
+                                    f"(this order again: make test TEST_SEED={seed})")
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
@@ -35,7 +70,6 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
-
 
 
 @pytest.fixture(scope="session")

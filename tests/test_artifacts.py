@@ -14,6 +14,8 @@ from opsd_core.config import Params
 from opsd_core.registry import decide
 from tests.test_registry_gate import GUARD, PRIMARY, eval_report
 
+pytestmark = pytest.mark.slow  # Prefect flows on the test harness: out of the fast lane (make test-fast)
+
 
 def test_eval_table_has_a_row_per_task_with_the_interval() -> None:
     report = eval_report(cand=30)

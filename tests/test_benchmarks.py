@@ -27,6 +27,8 @@ from opsd_core.backends.capabilities import probe  # noqa: E402
 from opsd_core.backends.plan import make_plan  # noqa: E402
 from opsd_core.config import load_params  # noqa: E402
 
+pytestmark = pytest.mark.slow  # benchmark scripts and bash run as subprocesses: out of the fast lane (make test-fast)
+
 
 def test_attention_flops_closed_form_matches_the_sum() -> None:
     shape = ModelShape(layers=3, hidden=8, attn_width=8, vocab=10, decoder_matmul_params=100, lora_params=4)

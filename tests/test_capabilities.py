@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 x86_only = pytest.mark.skipif(not X86, reason="OPSD_CPU_ISA caps x86 instruction sets; "
                                               "non-x86 runs are covered by the OPSD_HIDE tests")
+pytestmark = pytest.mark.slow  # `opsd` CLI subprocesses on simulated CPUs: out of the fast lane (make test-fast)
 
 _PROBE = """
 import json, torch

@@ -5,9 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 
 from flows.deploy import deploy
+
+pytestmark = pytest.mark.slow  # Prefect and an `opsd deploy` subprocess: out of the fast lane (make test-fast)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,6 +23,8 @@ from opsd_core.models.sources import load_model_and_tokenizer
 from tests.faults import kill_after_checkpoint
 from tests.test_train_cli import make_project, opsd
 
+pytestmark = pytest.mark.slow  # torchrun and `opsd train` subprocesses: out of the fast lane (make test-fast)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -20,6 +20,7 @@ from opsd_core.config import Params
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = Params()
+pytestmark = pytest.mark.slow  # dvc add / push subprocesses killed half-way: out of the fast lane (make test-fast)
 
 _CALLER = """
 import json, sys

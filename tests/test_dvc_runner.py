@@ -11,6 +11,8 @@ import yaml
 
 from flows.dvc import StageError, dvc, stage_names
 
+pytestmark = pytest.mark.slow  # DVC and stage subprocesses: out of the fast lane (make test-fast)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # prints one line, then waits (up to 60 s) for the reader to answer by creating `go`, then prints another:

@@ -28,6 +28,8 @@ from flows.dvc import StageError
 from tests.faults import kill_once_after_checkpoint
 from tests.projects import content_hash, copy_project, registry_state
 
+pytestmark = pytest.mark.slow  # the retrain flow, Prefect and dvc repro: out of the fast lane (make test-fast)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
 

@@ -25,6 +25,8 @@ from opsd_core.registry.audit import champion_stack, read_audit
 from opsd_core.registry.store import download_version, ensure_experiment, open_client, resolve_store
 from opsd_core.stages.register import register, render_status, rollback, status
 
+pytestmark = pytest.mark.slow  # MLflow servers and registering processes: out of the fast lane (make test-fast)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

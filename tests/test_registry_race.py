@@ -26,6 +26,8 @@ from opsd_core.config import Params
 from opsd_core.registry.audit import read_audit
 from opsd_core.registry.promotion_lease import LeaseLostError, acquire, lease_model, promotion_lease
 
+pytestmark = pytest.mark.slow  # an MLflow server and racing processes: out of the fast lane (make test-fast)
+
 REPO = Path(__file__).resolve().parents[1]
 SCORES = (20, 35, 30)  # a higher score beats every lower one, so serialised promotions only climb
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -24,6 +25,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows import server
 from tests.projects import copy_project
 from tests.test_run_cli import BIN
+
+pytestmark = pytest.mark.slow  # a Prefect server and a scheduled flow run: out of the fast lane (make test-fast)
 
 
 def test_a_minutely_deployment_fires_and_completes(tmp_path: Path, smoke_project: Path,

@@ -20,6 +20,8 @@ from opsd_core.registry.store import resolve_store, version_by_alias
 from tests.test_crash_accounting import _run as hold_lease
 from tests.test_run_cli import ROOT
 
+pytestmark = pytest.mark.slow  # `opsd status` in subprocesses: out of the fast lane (make test-fast)
+
 ALIASES = ("champion", "challenger", "retired", "nothing")
 
 

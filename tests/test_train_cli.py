@@ -13,6 +13,8 @@ import pytest
 
 from tests.faults import kill_after_checkpoint
 
+pytestmark = pytest.mark.slow  # `opsd` CLI subprocesses: out of the fast lane (make test-fast)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
