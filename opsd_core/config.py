@@ -239,6 +239,9 @@ class EvalConfig(_Section):
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    # opsd: lm-eval's model class of our own (evaluation/opsd_lm.py: generation through the training sampler,
+    # one forward per solution for both log-likelihood cuts); hf: lm-eval's own hf model, as before
+    backend: Literal["opsd", "hf"] = "opsd"
 
 
 class RegistryConfig(_Section):

@@ -24,8 +24,11 @@ def test_groups_follow_the_harness_order_and_skip_empty_kinds() -> None:
     ll = next(name for name in sorted(LL_TASKS) if name not in ANSWER_TASKS)
     answer = sorted(ANSWER_TASKS)[0]
     gen = next(name for name in OWN_TASKS if name not in LL_TASKS)
-    assert task_groups([answer, ll, gen, gen]) == [(GENERATION_GROUP, [gen]), (LL_GROUP, [ll]), (ANSWER_GROUP, [answer])]
-    assert task_groups([ll]) == [(LL_GROUP, [ll])]
+    assert task_groups([answer, ll, gen, gen], "hf") == [(GENERATION_GROUP, [gen]), (LL_GROUP, [ll]),
+                                                         (ANSWER_GROUP, [answer])]
+    assert task_groups([ll], "hf") == [(LL_GROUP, [ll])]
+    # opsd's lm-eval model reads both cuts of a problem's tokens right: one log-likelihood group
+    assert task_groups([answer, ll, gen], "opsd") == [(GENERATION_GROUP, [gen]), (LL_GROUP, [answer, ll])]
 
 
 def test_base_and_candidate_in_one_run_estimate_each_kind_from_its_own() -> None:

@@ -387,21 +387,23 @@ def test_loglikelihood_task_scores_the_reference_behind_exactly_the_student_prom
     assert result.score < 0
 
 
+@pytest.mark.parametrize("backend", ["opsd", "hf"])
 def test_answer_task_scores_the_final_line_behind_the_prompt_and_the_rest_of_the_solution(
-        project: tuple[Path, Params], tmp_path: Path) -> None:
+        project: tuple[Path, Params], tmp_path: Path, backend: str) -> None:
     """opsd_val_answer_ll through a real lm-eval run equals the answer line's log-probability computed
     directly behind the student's prompt and the solution's earlier lines, per answer-line token (lm-eval moves
     the newline before the line out of its context, so that newline is scored too). Evaluated beside
-    opsd_val_ll, whose requests are the same tokens cut elsewhere: lm-eval shares one forward between equal
-    token sequences and reads each continuation at the first request's cut, so the harness must keep the two
-    kinds in separate runs (with them together every value here was ~15x too low)."""
+    opsd_val_ll, whose requests are the same tokens cut elsewhere: lm-eval's hf model shares one forward between
+    equal token sequences and reads each continuation at the first request's cut, so with eval.backend hf the
+    harness must keep the two kinds in separate runs (with them together every value here was ~15x too low);
+    opsd's model reads each request at its own cut from the one forward, in one run."""
     from opsd_core.algorithm.prompts import student_prompt_ids
     from opsd_core.evaluation.harness import LL_PER_TOKEN, evaluate_model
     from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
 
     root, params = project
     tasks = ["opsd_val_ll", "opsd_val_answer_ll"]
-    cfg = params.eval.model_copy(update={"tasks": tasks})
+    cfg = params.eval.model_copy(update={"tasks": tasks, "backend": backend})
     write_task_yamls(tmp_path, root / "data/prepared/val.jsonl", root / "data/eval/gsm8k100.jsonl", cfg)
     base = resolve_base_dir(params.model, root)
     evaluated = evaluate_model(str(base), None, tasks, cfg, tmp_path).tasks

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,15 +33,19 @@ from opsd_core.evaluation.tasks import (
     sampling_kwargs,
 )
 
+if TYPE_CHECKING:  # opsd_lm imports lm-eval's hf model: loaded only when a model is
+    from opsd_core.evaluation.opsd_lm import SamplerFactory
+
 log = logging.getLogger(__name__)
 
 # the two kinds of task group lm-eval runs per model (one simple_evaluate each): their costs per problem
 # differ by orders of magnitude, so evaluation/progress.py estimates each kind from its own kind's timings
 GENERATION_GROUP = "generation"
 LL_GROUP = "log-likelihood"
-# the answer-line requests run apart from the whole-solution ones: a problem's two requests are the same
-# tokens cut in two places, and lm-eval computes one forward for requests whose tokens are equal, then reads
-# every one's continuation at the first one's cut (measured: -56 nats instead of -3.2 on one answer line)
+# with lm-eval's hf model the answer-line requests run apart from the whole-solution ones: a problem's two
+# requests are the same tokens cut in two places, and the hf model computes one forward for requests whose
+# tokens are equal, then reads every one's continuation at the first one's cut (measured: -56 nats instead of
+# -3.2 on one answer line). opsd's model (opsd_lm.py) reads each cut right, so there the two share one run.
 ANSWER_GROUP = "answer log-likelihood"
 
 
@@ -246,27 +250,68 @@ def model_args(model_path: str, adapter: str | None, cfg: EvalConfig, device: st
     return args
 
 
-def task_groups(tasks: list[str]) -> list[tuple[str, list[str]]]:
-    """(kind, task names) of each group :func:`evaluate_model` runs, in its order; empty groups left out."""
+def task_groups(tasks: list[str], backend: str) -> list[tuple[str, list[str]]]:
+    """(kind, task names) of each group :func:`evaluate_model` runs with ``backend`` (``eval.backend``), in its
+    order; empty groups left out. Only the hf model needs the answer-line tasks in a run of their own."""
     names = list(dict.fromkeys(tasks))
+    apart = backend == "hf"
     groups = [(GENERATION_GROUP, [n for n in names if n not in LL_TASKS]),
-              (LL_GROUP, [n for n in names if n in LL_TASKS and n not in ANSWER_TASKS]),
-              (ANSWER_GROUP, [n for n in names if n in ANSWER_TASKS])]
+              (LL_GROUP, [n for n in names if n in LL_TASKS and not (apart and n in ANSWER_TASKS)]),
+              (ANSWER_GROUP, [n for n in names if apart and n in ANSWER_TASKS])]
     return [(kind, group) for kind, group in groups if group]
+
+
+def make_lm(model_path: str, adapter: str | None, cfg: EvalConfig, device: str, thinking: bool | None = None,
+            sampler_factory: SamplerFactory | None = None) -> Any:
+    """The lm-eval model ``cfg.backend`` names, loaded with the same ``hf`` arguments either way: lm-eval's
+    ``hf`` model, or opsd's (``sampler_factory``: what it decodes with; default its portable back-end)."""
+    args = model_args(model_path, adapter, cfg, device, thinking)
+    if cfg.backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(**args)
+    from opsd_core.evaluation.opsd_lm import OpsdLM
+
+    return OpsdLM(**args, seed=cfg.seed, sampler_factory=sampler_factory)
+
+
+def run_group(lm: Any, tasks: list[Any], task_manager: Any, limit: int | None, cfg: EvalConfig) -> dict[str, Any]:
+    """One ``simple_evaluate`` over ``tasks`` (chat template on, per-sample results kept, seeded from
+    ``cfg.seed`` so base and candidate draw the same random streams), in inference mode."""
+    import lm_eval
+
+    with torch.inference_mode():
+        part = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=task_manager,
+            limit=limit,
+            apply_chat_template=True,
+            fewshot_as_multiturn=True,
+            log_samples=True,
+            bootstrap_iters=0,  # the paired bootstrap is ours; lm-eval's stderr is not needed
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+    if part is None:  # only non-zero ranks get None; evaluation runs in one process
+        raise RuntimeError("lm-eval returned no results")
+    return part
 
 
 def evaluate_model(
     model_path: str, adapter: str | None, tasks: list[str], cfg: EvalConfig, tasks_dir: Path,
     device: str = "cpu", thinking: bool | None = None, on_group: Callable[[str, float], None] | None = None,
+    sampler_factory: SamplerFactory | None = None,
 ) -> ModelEval:
     """Evaluate one model on ``tasks`` with lm-eval (chat template on, per-sample results kept).
 
     ``adapter`` is a PEFT adapter directory loaded on top of ``model_path`` (the candidate), or None.
     Seeds come from ``cfg.seed`` so base and candidate draw the same random streams. ``on_group(kind,
-    seconds)`` is called as each group of tasks ends (the stage's progress line).
+    seconds)`` is called as each group of tasks ends (the stage's progress line). ``sampler_factory``: what
+    opsd's lm-eval model decodes with (``eval.backend: opsd``; see :func:`make_lm`).
     """
-    import lm_eval
-
     if not tasks:
         raise EvalTaskError("no evaluation tasks configured (eval.tasks and eval.extra_tasks are empty)")
     if cfg.temperature == 0 and cfg.samples_per_problem > 1:
@@ -277,42 +322,24 @@ def evaluate_model(
         if name not in OWN_TASKS:
             _apply_generation_settings(task, cfg)
     start = time.perf_counter()
-    from lm_eval.models.huggingface import HFLM
-
-    # one model for both groups: the log-likelihood tasks take their own limit (cheap: no generation)
-    lm = HFLM(**model_args(model_path, adapter, cfg, device, thinking))
+    # one model for every group: the log-likelihood tasks take their own limit (cheap: no generation)
+    lm = make_lm(model_path, adapter, cfg, device, thinking, sampler_factory)
     results: dict[str, Any] = {"results": {}, "samples": {}}
     group_s: dict[str, float] = {}
-    with torch.inference_mode():
-        for kind, group_names in task_groups(list(loaded)):
-            group = {n: loaded[n] for n in group_names}
-            limit = cfg.limit if kind == GENERATION_GROUP else cfg.ll_limit
-            began = time.perf_counter()
-            names = ", ".join(sorted(group))
-            print(f"evaluating {'base + adapter' if adapter else Path(model_path).name}: {names} "
-                  f"({'all' if limit is None else limit} problems each) ...", file=sys.stderr, flush=True)
-            part = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(group.values()),
-                task_manager=tm,
-                limit=limit,
-                apply_chat_template=True,
-                fewshot_as_multiturn=True,
-                log_samples=True,
-                bootstrap_iters=0,  # the paired bootstrap is ours; lm-eval's stderr is not needed
-                random_seed=cfg.seed,
-                numpy_random_seed=cfg.seed,
-                torch_random_seed=cfg.seed,
-                fewshot_random_seed=cfg.seed,
-            )
-            if part is None:  # only non-zero ranks get None; evaluation runs in one process
-                raise RuntimeError("lm-eval returned no results")
-            results["results"].update(part.get("results", {}))
-            results["samples"].update(part.get("samples", {}))
-            group_s[kind] = round(time.perf_counter() - began, 3)
-            print(f"evaluated {names} in {group_s[kind]:.0f} s", file=sys.stderr, flush=True)
-            if on_group is not None:
-                on_group(kind, group_s[kind])
+    for kind, group_names in task_groups(list(loaded), cfg.backend):
+        group = {n: loaded[n] for n in group_names}
+        limit = cfg.limit if kind == GENERATION_GROUP else cfg.ll_limit
+        began = time.perf_counter()
+        names = ", ".join(sorted(group))
+        print(f"evaluating {'base + adapter' if adapter else Path(model_path).name}: {names} "
+              f"({'all' if limit is None else limit} problems each) ...", file=sys.stderr, flush=True)
+        part = run_group(lm, list(group.values()), tm, limit, cfg)
+        results["results"].update(part.get("results", {}))
+        results["samples"].update(part.get("samples", {}))
+        group_s[kind] = round(time.perf_counter() - began, 3)
+        print(f"evaluated {names} in {group_s[kind]:.0f} s", file=sys.stderr, flush=True)
+        if on_group is not None:
+            on_group(kind, group_s[kind])
     elapsed = time.perf_counter() - start
     out: dict[str, TaskEval] = {}
     tokenizer = None

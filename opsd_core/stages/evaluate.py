@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from opsd_core.evaluation.progress import EvalProgress
 from opsd_core.evaluation.summary import task_summary
 from opsd_core.evaluation.tasks import GSM8K_TASK, VAL_TASK, data_files, with_flexible, write_task_yamls
 from opsd_core.io import file_hash, json_hash, write_json, write_metrics
+
+if TYPE_CHECKING:
+    from opsd_core.evaluation.opsd_lm import Sampler, SamplerFactory
 
 BASE_REPORT = "eval_base.json"
 REPORT = "eval.json"
@@ -56,7 +59,8 @@ def data_paths(params: Params, root: Path) -> dict[str, Path]:
 
 # raised whenever opsd's own scoring of a task changes (task configs, grouping, metrics), so a base evaluation
 # cached by an older opsd is re-run instead of compared with a candidate scored differently (2: the answer
-# lines in their own lm-eval pass, the flexible match)
+# lines in their own lm-eval pass, the flexible match). The lm-eval model (eval.backend) is in the eval
+# settings themselves: a base cached with the other backend is re-run too.
 SCORING_VERSION = 2
 
 
@@ -101,11 +105,11 @@ def _settings_block(values: dict[str, Any], digest: str) -> dict[str, Any]:
     return {"settings_hash": digest, **values}
 
 
-def _progress(stage: str, models: list[str], tasks: list[str],
+def _progress(stage: str, models: list[str], tasks: list[str], backend: str,
               prior: dict[str, float] | None = None) -> EvalProgress:
     """The stage's groups of tasks, model by model, with a progress line printed before (when it can be
     estimated already) and after each group."""
-    steps = [(model, kind) for model in models for kind, _ in task_groups(tasks)]
+    steps = [(model, kind) for model in models for kind, _ in task_groups(tasks, backend)]
     progress = EvalProgress(stage, steps, dict(prior or {}))
     if (line := progress.opening()) is not None:
         print(line, file=sys.stderr, flush=True)
@@ -116,13 +120,38 @@ def _on_group(progress: EvalProgress, model: str) -> Callable[[str, float], None
     return lambda kind, seconds: print(progress.record(model, kind, seconds), file=sys.stderr, flush=True)
 
 
+def sampler_factory(params: Params, device: str) -> SamplerFactory:
+    """What ``eval.backend: opsd`` decodes with: the trainer's back-end over the evaluated model (on a CPU the
+    decoder engine on a merged copy, with oneDNN packs where the plan has them), in the model's own dtype."""
+    from opsd_core.stages.train import build_backend, execution_plan
+
+    def build(model: torch.nn.Module) -> Sampler:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if dtype not in ("float32", "bfloat16"):
+            raise EvalError(f"eval.backend opsd decodes in float32 or bfloat16, not {dtype} (eval.dtype "
+                            f"{params.eval.dtype}): set eval.dtype, or eval.backend: hf")
+        # the plan for one process on the evaluation's device; training-only choices (frozen_dtype) left out
+        train = params.train.model_copy(update={"device": device, "precision": dtype, "nproc": 1,
+                                                "frozen_dtype": None})
+        sampling = params.opsd.sampling.model_copy(update={"dtype": dtype})
+        evaluated = params.model_copy(update={"train": train,
+                                              "opsd": params.opsd.model_copy(update={"sampling": sampling})})
+        plan = execution_plan(evaluated, world_size=1)
+        backend = build_backend(evaluated, model, plan, torch.device(plan.device),
+                                lambda msg: print(f"opsd evaluate: {msg}", file=sys.stderr))
+        return backend.sampling_module(), backend.generate_options
+
+    return build
+
+
 def evaluate_base(params: Params, root: Path) -> dict[str, Any]:
     """Evaluate the base model and write ``reports/eval_base.json``; returns the report."""
     root = Path(root)
     values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
-    progress = _progress("evaluate_base", ["base"], tasks)
+    progress = _progress("evaluate_base", ["base"], tasks, params.eval.backend)
     result = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"],
-                            thinking=params.model.thinking, on_group=_on_group(progress, "base"))
+                            thinking=params.model.thinking, on_group=_on_group(progress, "base"),
+                            sampler_factory=sampler_factory(params, values["device"]))
     report = {
         "settings": _settings_block(values, digest),
         "model": {"base": _rel(base_dir, root)},
@@ -196,15 +225,18 @@ def evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
     reports = root / params.train.reports_dir
     cached = _cached_base(reports / BASE_REPORT, digest, tasks)
     progress = _progress("evaluate", ["candidate"] if cached else ["base", "candidate"], tasks,
-                         cached[1] if cached else None)
+                         params.eval.backend, cached[1] if cached else None)
+    factory = sampler_factory(params, values["device"])
     if cached is not None:
         base, base_source = cached[0], "cache"
     else:
         base = evaluate_model(base_dir, None, tasks, params.eval, tasks_dir, device=values["device"],
-                              thinking=params.model.thinking, on_group=_on_group(progress, "base")).tasks
+                              thinking=params.model.thinking, on_group=_on_group(progress, "base"),
+                              sampler_factory=factory).tasks
         base_source = "evaluated"
     cand = evaluate_model(pretrained, adapter, tasks, params.eval, tasks_dir, device=values["device"],
-                          thinking=params.model.thinking, on_group=_on_group(progress, "candidate"))
+                          thinking=params.model.thinking, on_group=_on_group(progress, "candidate"),
+                          sampler_factory=factory)
     report = {
         "settings": _settings_block(values, digest),
         "models": {
