@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--tag", default=None, help="machine tag in the file name (default: hostname)")
     parser.add_argument("--large-model", default=None, help="gpu suite: a local 1-2B model directory")
+    parser.add_argument("--device", default=None, help="run the suite's cases there (gpu suites on cpu: the rehearsal)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="gpu suites: every case at toy sizes (the rehearsal of the GPU run; numbers mean nothing)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting new cases after this many seconds (the rest are marked skipped)")
     parser.add_argument("--case-timeout-s", type=float, default=1800)
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only cases whose kind, group or model contains this text (a,b: either)")
     args = parser.parse_args(argv)
 
-    suite = build_suite(args.suite, args.threads, args.large_model)
+    suite = build_suite(args.suite, args.threads, args.large_model, args.device, args.smoke)
     runs = plan(suite)
     if args.only:
         wanted = args.only.split(",")
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     report["date"] = dt.date.today().isoformat()
     report["argv"] = sys.argv[1:] if argv is None else argv
     # the GPU suite's second part beside the first, not over it
-    tag = args.tag or machine_tag(results) + ("-part2" if suite.name == "gpu2" else "")
+    tag = args.tag or (machine_tag(results) + ("-part2" if suite.name == "gpu2" else "")
+                       + (f"-smoke-{suite.device}" if suite.smoke else ""))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"{report['date']}-{tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -5,7 +5,12 @@ Step throughput depends on the shapes alone when every completion runs to its fi
 (the GPU device takes at most 64 MiB of files, and has no network) still times the same work:
 
     python -m benchmarks.shape_model export SRC DST [--preset smollm2-1.7b]   # config + tokenizer, no weights
-    python -m benchmarks.shape_model materialize DST                          # seeded random bf16 weights
+    python -m benchmarks.shape_model materialize DST [--into DIR] [--layers N]  # seeded random bf16 weights
+
+``materialize`` writes into ``DST`` itself unless ``--into`` names another folder (a copy of ``DST``'s config
+and tokenizer, with its weights): ``benchmarks/gpu.sh`` keeps the weights out of ``.opsd/bench``, which
+travels to the GPU box under a 64 MiB limit. ``--layers N`` keeps N decoder layers (the GPU run's
+rehearsal on a CPU: the larger model's widths and vocabulary, few layers).
 
 Reports name such a model by its directory (``*-shape``); its losses and samples mean nothing.
 """
@@ -45,12 +50,30 @@ def export(src: Path, dst: Path, preset: str | None = None) -> Path:
     return dst
 
 
-def materialize(dst: Path, seed: int = 0) -> Path:
-    """Write seeded random bf16 weights into ``dst`` unless it holds weights already (idempotent)."""
+def materialize(dst: Path, seed: int = 0, into: Path | None = None, layers: int | None = None) -> Path:
+    """Write seeded random bf16 weights into ``dst`` (or into ``into``, a copy of ``dst`` with ``layers``
+    decoder layers when given) unless the folder holds weights already (idempotent). Returns that folder."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if any(p.name.endswith(WEIGHT_SUFFIXES) for p in dst.iterdir()):
+    if into is not None and into.resolve() != dst.resolve():
+        if not (into / "config.json").is_file():  # made once; after that the folder is what it holds
+            into.mkdir(parents=True, exist_ok=True)
+            for path in dst.iterdir():
+                if path.is_file() and not path.name.endswith((*WEIGHT_SUFFIXES, ".index.json")):
+                    shutil.copy2(path, into / path.name)
+        dst = into
+    has_weights = any(p.name.endswith(WEIGHT_SUFFIXES) for p in dst.iterdir())
+    if layers is not None:
+        config = json.loads((dst / "config.json").read_text())
+        if config.get("num_hidden_layers") != layers:
+            if has_weights:
+                raise ValueError(f"{dst} holds weights of {config.get('num_hidden_layers')} layers, not {layers}")
+            config["num_hidden_layers"] = layers
+            if isinstance(config.get("layer_types"), list):  # per-layer lists some configs carry
+                config["layer_types"] = config["layer_types"][:layers]
+            (dst / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    if has_weights:
         return dst
     config = AutoConfig.from_pretrained(dst)
     torch.manual_seed(seed)
@@ -71,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     ma = sub.add_parser("materialize", help="seeded random weights into an exported DST")
     ma.add_argument("dst", type=Path)
     ma.add_argument("--seed", type=int, default=0)
+    ma.add_argument("--into", type=Path, default=None, help="write the model there (DST's files and the weights)")
+    ma.add_argument("--layers", type=int, default=None, help="keep this many decoder layers")
     args = parser.parse_args(argv)
     if args.command == "export":
         print(export(args.src, args.dst, args.preset))
     else:
-        print(materialize(args.dst, args.seed))
+        print(materialize(args.dst, args.seed, args.into, args.layers))
     return 0
 
 

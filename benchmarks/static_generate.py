@@ -3,7 +3,7 @@ cache, static cache compiled) vs opsd's own ``static`` sampler (the static cache
 as training runs it), same model, batch, settings and token count, in one process.
 
 ``python -m benchmarks.static_generate [--model smollm2] [--batch 4[,256]] [--new-tokens 64]
-[--dtype float32] [--repeats 3] [--threads 2] [--device cpu] [--no-compile]``
+[--dtype float32] [--repeats 3] [--threads 2] [--device cpu] [--no-compile] [--paths NAME;NAME]``
 
 Every row is forced to ``--new-tokens`` tokens (end-of-sequence suppressed), so the paths decode the
 same number of tokens. Each path is called once untimed first (the compiled paths compile there; that
@@ -33,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache row")
+    parser.add_argument("--paths", default=None, help="only these paths, by name, separated by ';'")
     args = parser.parse_args(argv)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     set_threads(args.threads)
     spec = {"model": args.model, "batches": [int(b) for b in str(args.batch).split(",")],
             "new_tokens": args.new_tokens, "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
-            "device": args.device, "compile": not args.no_compile}
+            "device": args.device, "compile": not args.no_compile,
+            "paths": args.paths.split(";") if args.paths else None}
     measure(spec, report=print)
     return 0
 
@@ -66,15 +68,22 @@ def measure(spec: dict[str, Any], report: Callable[[str], None] = lambda _line: 
     # the engine as training builds it: with the oneDNN packs this machine's plan chooses (CPU)
     plan = make_plan(Params.model_validate({"train": {"device": dev.type}}), probe())
     packs = for_plan(plan, frozen_dtype=False) if dev.type == "cpu" else None
-    engine = DecoderEngine(copy.deepcopy(model), packs=packs)
-    static = PolicySampler(model, dtype, "static")  # opsd's own merged copy, as training builds it
+    wanted = spec.get("paths")  # a subset of the paths by name (the GPU suites'); None: every path
+    engine = DecoderEngine(copy.deepcopy(model), packs=packs) if not wanted or "opsd engine" in wanted else None
+    static = PolicySampler(model, dtype, "static")  # opsd's own sampling copy, as training builds it
     out: dict[str, Any] = {"engine_packs": plan.packs if packs is not None else "off", "batches": {}}
     n = spec["new_tokens"]
     for batch in spec["batches"]:
         report(f"{spec['model']} {spec['dtype']} on {dev}: batch {batch} x {n} new tokens, {spec['threads']} "
                f"threads, median of {spec['repeats']}; engine packs: {out['engine_packs']}")
         rows = out["batches"][batch] = {}
-        for name, fn in _paths(dev, n, spec["compile"], batch, model, tok, engine, static).items():
+        paths = _paths(dev, n, spec["compile"], batch, model, tok, engine, static)
+        if wanted:
+            unknown = set(wanted) - set(paths) - ({"generate, static cache, compiled"} if not spec["compile"] else set())
+            if unknown:
+                raise ValueError(f"unknown sampling paths {sorted(unknown)}; known: {sorted(paths)}")
+            paths = {name: fn for name, fn in paths.items() if name in wanted}
+        for name, fn in paths.items():
             rows[name] = _time(fn, batch * n, spec["repeats"], dev)
             report(f"{name:36s} {rows[name]['tok_s']:9.1f} tok/s  ({rows[name]['seconds']:.3f} s; "
                    f"first call {rows[name]['first_call_s']:.1f} s)")
@@ -96,6 +105,7 @@ def _paths(dev: Any, n: int, compile_: bool, batch: int, model: Any, tok: Any, e
     sampling = {"do_sample": True, "temperature": 1.1, "top_k": 20, "top_p": 0.95, "max_new_tokens": n,
                 "min_new_tokens": n, "pad_token_id": pad}
     cfg = SamplingConfig(max_new_tokens=n, min_new_tokens=n, temperature=1.1, top_k=20, top_p=0.95)
+    nucleus = cfg.model_copy(update={"top_k": 0})  # top_k 0: the draw over the top-p nucleus alone
 
     def hf(**extra: object) -> Callable[[], object]:
         return lambda: model.generate(input_ids=ids, attention_mask=attn, **sampling, **extra)
@@ -110,6 +120,9 @@ def _paths(dev: Any, n: int, compile_: bool, batch: int, model: Any, tok: Any, e
         "opsd static sampler (row noise)": lambda: sample(static.module(), prompts, cfg, pad, set(),
                                                           list(range(len(prompts))), dev,
                                                           options=static.generate_options),
+        "opsd static sampler, top_k 0 (nucleus)": lambda: sample(static.module(), prompts, nucleus, pad, set(),
+                                                                 list(range(len(prompts))), dev,
+                                                                 options=static.generate_options),
     }
     if compile_:
         compile_config = CompileConfig(mode="reduce-overhead" if dev.type == "cuda" else "default")

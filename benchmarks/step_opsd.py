@@ -1,7 +1,7 @@
 """Training-step cases driven by opsd: ``opsd`` (OPSDTrainer) and ``naive`` (the obvious full-logits step).
 
-``opsd_bf16s`` is ``opsd`` with ``opsd.sampling.dtype=bfloat16`` (opsd's rollouts from a merged bf16
-copy of the policy) and ``opsd_fast`` adds ``train.frozen_dtype=bfloat16`` (the products with the frozen
+``opsd_bf16s`` is ``opsd`` with ``opsd.sampling.dtype=bfloat16`` (opsd's rollouts from a bf16 copy of
+the policy, its LoRA delta unmerged) and ``opsd_fast`` adds ``train.frozen_dtype=bfloat16`` (the products with the frozen
 base weights, student and fixed teacher, in bf16 as autocast would run them; LoRA, residual stream, loss
 and optimizer in fp32); both are reported separately because their precision differs from TRL's fp32
 run (``trl_bf16``, TRL at its default bf16 autocast, is the closer partner of ``opsd_fast``).
@@ -36,7 +36,7 @@ def opsd_params(spec: dict[str, Any]) -> Any:
                  f"train.threads={spec['threads']}", f"train.device={spec['device'].split(':')[0]}"]
     if spec.get("profile") != "default":
         precision = spec["precision"]
-        # opsd_bf16s: opsd's own fast path (rollouts from a merged bf16 copy); not identical precision.
+        # opsd_bf16s: opsd's own fast path (rollouts from a bf16 copy, LoRA delta unmerged); not identical precision.
         # opsd_fast: also the frozen base's products (student and fixed teacher) in bf16.
         sampling = "bfloat16" if spec["impl"] in ("opsd_bf16s", "opsd_fast") else precision
         overrides += [

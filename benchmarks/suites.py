@@ -16,6 +16,9 @@ SMOLLM2_HEAD = (49152, 576)
 # opsd in TRL's fp32 (``opsd``), with its CPU fast paths (``opsd_bf16s``: bf16 rollouts; ``opsd_fast``: also
 # the frozen base's products in bf16), TRL in fp32 and at its default bf16 autocast, the naive reference
 CPU_IMPLS = ("opsd", "opsd_bf16s", "opsd_fast", "trl", "trl_bf16", "naive")
+# the rollout paths the GPU suites time (benchmarks.static_generate's names)
+GPU_SAMPLING_PATHS = ("opsd static sampler (row noise)", "opsd static sampler, top_k 0 (nucleus)",
+                      "generate, dynamic cache", "generate, static cache, compiled")
 
 
 @dataclass
@@ -34,16 +37,25 @@ class Suite:
     # the sections in the order they run: a time budget cuts the last ones ("steps:N", "sampling:N",
     # "breakdown:N": entry N of that list alone)
     order: tuple[str, ...] = ("matmul", "steps", "default", "sampling", "breakdown", "loss_only", "kernel")
+    smoke: bool = False  # toy sizes: the case list of a GPU suite, its numbers meaningless
 
 
 def _step_group(model: str, repeats: int, rollouts: int, micro_batch: int, new_tokens: int, warmup: int,
-                steps: int, impls: tuple[str, ...] = ("opsd", "trl", "naive")) -> dict[str, Any]:
-    return {"model": model, "repeats": repeats, "impls": list(impls), "rollouts": rollouts,
-            "micro_batch": micro_batch, "new_tokens": new_tokens, "warmup": warmup, "steps": steps,
-            "lora_r": 16, "lora_alpha": 32}
+                steps: int, impls: tuple[str, ...] = ("opsd", "trl", "naive"), role: str | None = None) -> dict[str, Any]:
+    group = {"model": model, "repeats": repeats, "impls": list(impls), "rollouts": rollouts,
+             "micro_batch": micro_batch, "new_tokens": new_tokens, "warmup": warmup, "steps": steps,
+             "lora_r": 16, "lora_alpha": 32}
+    if role:  # which target the group answers (benchmarks.report.targets), whatever its size
+        group["role"] = role
+    return group
 
 
-def build_suite(name: str, threads: int | None = None, large_model: str | None = None) -> Suite:
+def build_suite(name: str, threads: int | None = None, large_model: str | None = None, device: str | None = None,
+                smoke: bool = False) -> Suite:
+    """Suite ``name``; ``device`` runs a GPU suite elsewhere (``cpu``: the rehearsal of the GPU run), ``smoke``
+    scales a GPU suite down to toy sizes with the same case list (:func:`smoke_scaled`)."""
+    if smoke and name not in ("gpu", "gpu2"):
+        raise ValueError(f"--smoke scales the GPU suites (gpu, gpu2), not {name!r}")
     if name == "quick":  # the smoke test: every case kind once, at toy sizes (about 20 s unloaded)
         return Suite(
             name, "cpu", threads or 1, "float32",
@@ -75,35 +87,70 @@ def build_suite(name: str, threads: int | None = None, large_model: str | None =
                     "impls": ["chunked", "naive"], "repeats": 3, "chunk": 128, "naive_cap_gb": 8.0},
         )
     if name in ("gpu", "gpu2"):
-        # issue 12's targets on one GPU, in two parts that each fit one 10-minute device command (a case
-        # process costs 25-60 s on an H200: start-up, load, compile, warm-up). gpu: the whole step at 16
-        # rollouts (>= 5x the 424 tok/s of 2026-11-30, scoring >= 1.5x TRL), rollouts beside transformers'
-        # compiled static cache at that batch, and that step piece by piece and profiled (where its time
-        # goes); gpu2: the step at 256 rollouts (>= 10x TRL), rollouts at 256, the larger model, the loss
-        # alone and the loss kernel. The naive step is compared on CPU.
-        groups = [_step_group("smollm2", 2, 16, 8, 128, 1, 2, impls=("opsd", "trl")),
-                  _step_group("smollm2", 1, 256, 32, 128, 1, 1, impls=("opsd", "trl"))]
+        # issue 12's and 26's targets on one GPU, in two parts (a case process costs 25-60 s on an H200:
+        # start-up, load, compile, warm-up; the device plan in benchmarks/README.md runs both in one command,
+        # part 1 first). gpu: the whole step at 16 rollouts (>= 5x the 424 tok/s of 2026-11-30, scoring >= 1.5x
+        # TRL), rollouts beside transformers' compiled static cache at that batch, and that step piece by piece
+        # and profiled (where its time goes); gpu2: the step at 256 rollouts (>= 10x TRL), rollouts at 256, the
+        # larger model, the loss alone and the loss kernel. The naive step is compared on CPU. One run of each
+        # side: the device budget holds no second one.
+        groups = [_step_group("smollm2", 1, 16, 8, 128, 1, 2, impls=("opsd", "trl"), role="step16"),
+                  _step_group("smollm2", 1, 256, 32, 128, 1, 1, impls=("opsd", "trl"), role="step256")]
         if large_model:
-            groups.append(_step_group(large_model, 1, 8, 4, 128, 1, 2, impls=("opsd", "trl")))
+            groups.append(_step_group(large_model, 1, 8, 4, 128, 1, 2, impls=("opsd", "trl"), role="large"))
         order = ("matmul", "steps:0", "sampling:0", "breakdown") if name == "gpu" else \
             ("matmul", "steps:1", "sampling:1", *(("steps:2",) if large_model else ()), "loss_only", "kernel")
-        sampling = {"model": "smollm2", "new_tokens": 128, "dtype": "bfloat16", "repeats": 2, "compile": True}
-        return Suite(
-            name, "cuda", threads or 8, "bfloat16",
+        # the sampler `opsd train` runs on CUDA (with top_k 20, and with top_k 0: over the nucleus alone) beside
+        # transformers' generate (TRL's path) and its compiled static cache (the target's baseline)
+        sampling = {"model": "smollm2", "new_tokens": 128, "dtype": "bfloat16", "repeats": 2, "compile": True,
+                    "paths": list(GPU_SAMPLING_PATHS)}
+        suite = Suite(
+            name, device or "cuda", threads or 8, "bfloat16",
             matmul={"size": 8192, "dtype": "bfloat16", "repeats": 10},
             step_groups=groups,
             default_profile=None,
             loss_only=[{"model": "smollm2", "vocab": SMOLLM2_HEAD[0], "hidden": SMOLLM2_HEAD[1],
                         "rows": 8 * 128, "repeats": 10, "impls": ["chunked", "trl", "naive"]}],
-            # the 152k-vocabulary head only: the target's shape, inside the 10-minute lease
+            # the 152k-vocabulary head only: the target's shape
             kernel={"heads": [(151936, 2048)], "rows": [1024, 4096, 8192],
                     "impls": ["chunked", "naive"], "repeats": 3, "chunk": 256, "naive_cap_gb": 40.0},
             sampling=[{**sampling, "batches": [16]}, {**sampling, "batches": [256]}],
             breakdown=[{**_step_group("smollm2", 1, 16, 8, 128, 1, 1), "impl": "opsd", "precision": "bfloat16",
-                        "repeats": 2, "profile": True}],
+                        "repeats": 1, "profile": True}],
             order=order,
         )
+        return smoke_scaled(suite, threads) if smoke else suite
     raise ValueError(f"unknown suite {name!r} (quick, cpu, gpu, gpu2)")
+
+
+def smoke_scaled(suite: Suite, threads: int | None = None) -> Suite:
+    """The same cases at toy sizes (the rehearsal of the GPU run, ``benchmarks/gpu.sh --smoke``): every case of
+    ``suite``, in its order, with its kind, implementation, model and role, but a few rollouts of 4 tokens, one
+    warm-up and one timed step, one repeat, a 256² matmul, a narrow loss head with the 152k vocabulary kept.
+    On a CPU the opsd cases sample with ``static``, the sampler ``opsd train`` takes on CUDA, and everything
+    runs in fp32 (bf16 products are emulated on CPUs without bf16 units: 0.6 GFLOP/s at 256² on this one)."""
+    cpu = suite.device == "cpu"
+    precision = "float32" if cpu else suite.precision
+
+    def group(g: dict[str, Any]) -> dict[str, Any]:
+        rollouts = 2 if g["rollouts"] <= 16 else 4
+        out = {**g, "rollouts": rollouts, "micro_batch": rollouts // 2, "new_tokens": 4, "warmup": 1, "steps": 1}
+        return {**out, "sampler": "static"} if cpu else out
+
+    kernel = suite.kernel and {**suite.kernel, "heads": [(v, 64) for v, _h in suite.kernel["heads"]],
+                               "rows": [16, 32, 64], "repeats": 1, "chunk": 16}
+    return Suite(
+        suite.name, suite.device, threads or 1, precision,
+        matmul={**suite.matmul, "size": 256, "repeats": 2, "dtype": precision},
+        step_groups=[group(g) for g in suite.step_groups],
+        default_profile=suite.default_profile,
+        loss_only=[{**c, "rows": 16, "repeats": 2} for c in suite.loss_only],
+        kernel=kernel,
+        sampling=[{**s, "batches": [2 if b <= 16 else 4 for b in s["batches"]], "new_tokens": 4, "repeats": 1,
+                   "dtype": precision} for s in suite.sampling],
+        breakdown=[{**group(b), "repeats": 1, "precision": precision} for b in suite.breakdown],
+        order=suite.order, smoke=True,
+    )
 
 
 def plan(suite: Suite) -> list[tuple[str, dict[str, Any]]]:

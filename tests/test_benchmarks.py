@@ -97,7 +97,7 @@ def test_quick_suite_writes_well_formed_results(tmp_path: Path) -> None:
     # rollouts alone: every path decoded the batch at a positive rate (the compiled one is off in this suite)
     (paths,) = report["sampling"].values()
     assert set(paths) == {"opsd engine", "generate, dynamic cache", "generate, static cache (eager)",
-                          "opsd static sampler (row noise)"}, paths
+                          "opsd static sampler (row noise)", "opsd static sampler, top_k 0 (nucleus)"}, paths
     assert all(row["tok_s"] > 0 and row["vs_compiled"] is None for row in paths.values())
 
     # one step piece by piece, then once under torch.profiler (on a CPU: no device time, CPU operators)
@@ -147,6 +147,15 @@ def test_gpu_targets_follow_the_issue_12_thresholds() -> None:
     assert [t["target"] for t in targets(cpu) if "1.5x" in t["target"] or "10x" in t["target"]] == []
     assert {t["target"]: t["met"] for t in targets(cpu)}[
         "opsd engine >= 1.0x transformers' compiled static cache (batch 4)"] is True
+    # the GPU suites rehearsed on a CPU at toy sizes: the same rows, found by the groups' roles, not their sizes
+    small = {"0": {**group(2, 5.0, 0.8, 0.9), "role": "step16"}, "1": {**group(4, 9.0, 1.4, 1.6), "role": "step256"}}
+    rehearsal = {**report, "device": "cpu", "suite": "gpu2", "steps": small,
+                 "sampling": {"2": {"opsd static sampler (row noise)": {"vs_compiled": 0.7}}}}
+    met = {t["target"]: t["met"] for t in targets(rehearsal)}
+    assert met["opsd whole step >= 2120 tok/s at 16 rollouts (5x 2026-11-30's 424)"] is False
+    assert met["opsd whole step >= 10x TRL at 256 rollouts"] is False
+    assert met["opsd scoring tok/s >= 1.5x TRL (smollm2, R=4)"] is True
+    assert met["opsd static sampler (row noise) >= 1.0x transformers' compiled static cache (batch 2)"] is False
 
 
 def _assert_tables_rectangular(text: str) -> None:
@@ -255,6 +264,14 @@ def test_shape_model_keeps_the_shape_and_replaces_the_weights(tmp_path: Path) ->
     wide = json.loads(shape_model.export(src, tmp_path / "wide", preset="smollm2-1.7b").joinpath("config.json").read_text())
     assert wide["hidden_size"] == 2048 and wide["num_hidden_layers"] == 24 and wide["rope_parameters"]["rope_theta"] == 130000.0
 
+    # written elsewhere (gpu.sh keeps weights out of the folder that travels), optionally with fewer layers
+    copy = shape_model.materialize(dst, seed=1, into=tmp_path / "weights" / "one-layer", layers=1)
+    assert copy == tmp_path / "weights" / "one-layer" and not list(dst.glob("*.safetensors"))
+    assert json.loads((copy / "config.json").read_text())["num_hidden_layers"] == 1
+    assert AutoModelForCausalLM.from_pretrained(copy).config.num_hidden_layers == 1
+    with pytest.raises(ValueError, match="weights of 1 layers"):
+        shape_model.materialize(dst, into=copy, layers=2)
+
     shape_model.materialize(dst, seed=1)
     weights = sorted(dst.glob("*.safetensors"))
     assert weights
@@ -298,9 +315,11 @@ def test_gpu_script_prepares_a_bare_box_and_refuses_to_run_without_cuda(tmp_path
         folder = tmp_path / "shapes" / name
         assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == layers
         assert (folder / "tokenizer.json").is_file() and not list(folder.glob("*.safetensors"))
-    # the gpu suite's step groups: 16 rollouts x 3 steps, 256 x 2, 8 x 3 (the larger model); the breakdown 16 x 2
+    # the gpu suite's step groups: 16 rollouts x 3 steps, 256 x 2, 8 x 3 (the larger model); the breakdown 16 x 2;
+    # at the rehearsal's smoke sizes 2 x 2 and 4 x 2
     assert sorted(p.name for p in (tmp_path / "problems").iterdir()) == [
-        "gsm_symbolic-42-24.json", "gsm_symbolic-42-32.json", "gsm_symbolic-42-48.json", "gsm_symbolic-42-512.json"]
+        "gsm_symbolic-42-24.json", "gsm_symbolic-42-32.json", "gsm_symbolic-42-4.json", "gsm_symbolic-42-48.json",
+        "gsm_symbolic-42-512.json", "gsm_symbolic-42-8.json"]
     import torch
 
     if not torch.cuda.is_available():
@@ -339,6 +358,7 @@ def test_static_generate_times_the_engine_beside_transformers_paths(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     rates = dict(re.findall(r"^(.*?)\s{2,}([0-9.]+) tok/s", proc.stdout, re.MULTILINE))
     assert set(rates) == {"opsd engine", "generate, dynamic cache", "generate, static cache (eager)",
-                          "opsd static sampler (row noise)", "generate, static cache, compiled"}, proc.stdout
+                          "opsd static sampler (row noise)", "opsd static sampler, top_k 0 (nucleus)",
+                          "generate, static cache, compiled"}, proc.stdout
     assert all(float(v) > 0 for v in rates.values())
     assert proc.stdout.count("opsd static sampler (row noise)") == 2  # one block per batch size
