@@ -84,14 +84,14 @@ def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_pat
     assert "prepare: done in" in first.stdout + first.stderr
     # evaluation's progress, group by group: the time elapsed, and for the candidate an estimate of the rest
     # from the base's own groups (evaluate_base timed them with the same settings and keeps them in its report)
-    # (three kinds: generation, whole-solution and answer-line log-likelihood)
-    assert "evaluate_base | evaluate_base: 3/3 groups of tasks done in " in first.stdout + first.stderr
-    assert re.search(r"evaluate \| evaluate: 3 groups of tasks to run, about \d+ s \(as long as the base's",
+    # (two kinds with eval.backend opsd: generation, then both log-likelihood cuts from one forward per problem)
+    assert "evaluate_base | evaluate_base: 2/2 groups of tasks done in " in first.stdout + first.stderr
+    assert re.search(r"evaluate \| evaluate: 2 groups of tasks to run, about \d+ s \(as long as the base's",
                      first.stdout + first.stderr)
-    assert re.search(r"evaluate \| evaluate: 1/3 groups of tasks done, elapsed \d+ s, about \d+ s left",
+    assert re.search(r"evaluate \| evaluate: 1/2 groups of tasks done, elapsed \d+ s, about \d+ s left",
                      first.stdout + first.stderr)
     assert set(json.loads((project / "reports/eval_base.json").read_text())["group_s"]) == {
-        "generation", "log-likelihood", "answer log-likelihood"}
+        "generation", "log-likelihood"}
     assert "stages run: prepare, train, evaluate_base, evaluate, register" in first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
     # the gate's decision as a table, on the continuous metric, with exact match as guards
