@@ -46,7 +46,7 @@ test: install
 	# the compute paths again as an AVX2-only CPU runs them: torch, oneDNN and MKL capped to AVX2
 	# (oneDNN itself refuses bf16 weights there), whatever CPU this is (opsd_core/backends/capabilities.py)
 	OPSD_CPU_ISA=avx2 $(PYTEST) tests/test_plan.py tests/test_packed.py \
-		tests/test_engine.py tests/test_training.py tests/test_losses.py
+		tests/test_engine.py tests/test_training.py tests/test_losses.py tests/test_sft.py tests/test_contrastive.py
 
 # the fast lane: the pure and in-process tests, without the ones marked `slow` (Prefect flows and servers, DVC,
 # torchrun, `opsd` and other subprocesses: tests/conftest.py marks the users of the pipeline fixtures); < 3 min
