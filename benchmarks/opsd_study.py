@@ -33,8 +33,8 @@ from opsd_core.algorithm.prompts import student_prompt_ids
 from opsd_core.algorithm.rollout import eos_token_ids, sample
 from opsd_core.config import Params, load_params
 from opsd_core.data.arithmetic import ArithmeticDifficulty, arithmetic_rows
-from opsd_core.data.verify import answers_match, extract_answer, last_number
 from opsd_core.evaluation.bootstrap import paired_bootstrap
+from opsd_core.evaluation.metrics import flexible_correctness, sample_correctness
 from opsd_core.models.sources import load_candidate, load_model_and_tokenizer, resolve_base_dir
 from opsd_core.offline import apply_offline_defaults
 from opsd_core.stages.train import build_backend, execution_plan, train
@@ -102,8 +102,10 @@ def greedy_scores(params: Params, model_dir: str, rows: list[Any], batch: int = 
         got = sample(module, prompts, greedy, pad, eos_token_ids(model, tok), [lo + i for i in range(len(part))], device)
         for r, ids, mask in zip(part, got.completion_ids, got.completion_mask, strict=True):
             text = tok.decode(ids[mask].tolist(), skip_special_tokens=True)
-            out["strict"].append(float(answers_match(extract_answer(text), r.answer)))
-            out["flex"].append(float(answers_match(last_number(text), r.answer)))
+            # the evaluation's own scoring: the same answer rules as opsd evaluate's exact-match tasks
+            doc = {"answer": r.answer}
+            out["strict"].append(float(sample_correctness(doc, [text])[0]))
+            out["flex"].append(float(flexible_correctness(doc, [text])[0]))
     return out
 
 
