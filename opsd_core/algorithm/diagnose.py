@@ -20,7 +20,7 @@ import torch
 from opsd_core.algorithm.losses import chunked_divergence_loss
 from opsd_core.algorithm.rollout import Rollouts, sample
 from opsd_core.algorithm.scoring import build_scoring_batch, lm_head, right_pad
-from opsd_core.data.verify import answers_match, extract_answer, last_number
+from opsd_core.evaluation.metrics import flexible_correctness, sample_correctness
 from opsd_core.io import write_json
 
 if TYPE_CHECKING:
@@ -99,8 +99,9 @@ def pick(problems: list[Problem], n: int, seed: int) -> list[Problem]:
 
 
 def _correct(texts: list[str], answers: list[str]) -> tuple[float, float]:
-    strict = sum(answers_match(extract_answer(t), a) for t, a in zip(texts, answers, strict=True))
-    flex = sum(answers_match(last_number(t), a) for t, a in zip(texts, answers, strict=True))
+    # the evaluation's own exact-match rules (strict: '#### N' or a boxed answer; flexible: the last number)
+    strict = sum(sample_correctness({"answer": a}, [t])[0] for t, a in zip(texts, answers, strict=True))
+    flex = sum(flexible_correctness({"answer": a}, [t])[0] for t, a in zip(texts, answers, strict=True))
     return strict / len(texts), flex / len(texts)
 
 
