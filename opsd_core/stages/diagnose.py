@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from opsd_core.algorithm.diagnose import record_gap
-from opsd_core.algorithm.trainer import TrainingError, load_problems
+from opsd_core.algorithm.trainer import TrainingError
 from opsd_core.backends.runtime import configure_threads
 from opsd_core.config import Params
 from opsd_core.io import write_json
-from opsd_core.stages.train import build_policy, build_trainer, execution_plan
+from opsd_core.stages.train import build_policy, build_trainer, execution_plan, training_problems
 
 
 def diagnose(params: Params, root: Path) -> dict[str, Any]:
@@ -28,10 +28,7 @@ def diagnose(params: Params, root: Path) -> dict[str, Any]:
     configure_threads(params.train.threads)
     plan = execution_plan(params, world_size=1)
     model, tokenizer, _ = build_policy(params, root, plan)
-    problems = load_problems(train_file, tokenizer, thinking=params.model.thinking,
-                             context=params.opsd.teacher_context, seed=params.train.seed,
-                             instruction=params.opsd.teacher_instruction,
-                             contrast=params.opsd.contrast != "none")
+    problems = training_problems(params, train_file, tokenizer)
     trainer = build_trainer(params, model, tokenizer, problems, torch.device(plan.device), root / params.train.checkpoint_dir / "diagnose",
                             plan=plan)  # the run folder is never written: no step is taken
     record = record_gap(trainer, None)

@@ -75,6 +75,14 @@ def build_policy(params: Params, root: Path, plan: ExecutionPlan) -> tuple[torch
     return model.to(plan.device), tokenizer, base_path
 
 
+def training_problems(params: Params, train_file: Path, tokenizer: Any) -> list[Problem]:
+    """The prepared training rows tokenized as ``params`` asks: both contexts, the solution, and the wrong
+    solution's context where ``opsd.contrast`` needs it."""
+    return load_problems(train_file, tokenizer, thinking=params.model.thinking, context=params.opsd.teacher_context,
+                         seed=params.train.seed, instruction=params.opsd.teacher_instruction,
+                         contrast=params.opsd.contrast != "none")
+
+
 def build_backend(params: Params, model: torch.nn.Module, plan: ExecutionPlan, device: torch.device,
                   log: Callable[[str], None]) -> Backend:
     """The back-end the plan chose for this device."""
@@ -222,10 +230,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         print(f"opsd train: warning: {warning}", file=sys.stderr)
     started, started_at = time.perf_counter(), time.time()
     model, tokenizer, base_path = build_policy(params, root, plan)
-    problems = load_problems(train_file, tokenizer, thinking=params.model.thinking,
-                             context=params.opsd.teacher_context, seed=params.train.seed,
-                             instruction=params.opsd.teacher_instruction,
-                             contrast=params.opsd.contrast != "none")
+    problems = training_problems(params, train_file, tokenizer)
     data_hash = _data_hash(params, root)
     run_dir = root / params.train.checkpoint_dir / run_key(params, data_hash)
     log = (lambda msg: print(msg, file=sys.stderr)) if world.main else (lambda _msg: None)
