@@ -122,12 +122,15 @@ def split_rows(model: str, difficulty: ArithmeticDifficulty, seed: int) -> tuple
     return train_rows, [r for r in arithmetic_rows(n_test + n_train, 5000, difficulty) if r.problem not in seen][:n_test]
 
 
-def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list[str], work: Path) -> dict[str, Any]:
-    """One difficulty and seed: every arm trained, scored and compared."""
+def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list[str], work: Path,
+             threads: int | None = None) -> dict[str, Any]:
+    """One difficulty and seed: every arm trained, scored and compared (``threads``: torch threads per process,
+    so that cells can run side by side, one per core)."""
     _, _, sft_steps, round_steps, rollouts = SIZES[model]
     train_rows, test_rows = split_rows(model, difficulty, seed)
     cell = work / f"{difficulty.label}-seed{seed}"
-    sizing = [f"train.rollouts_per_step={rollouts}", f"train.micro_batch_size={rollouts // 2}"]
+    sizing = [f"train.rollouts_per_step={rollouts}", f"train.micro_batch_size={rollouts // 2}",
+              *([f"train.threads={threads}"] if threads else [])]
     runs: dict[str, dict[str, Any]] = {}
     base_params = _params(model, cell, seed, sizing)
     base_dir = resolve_base_dir(base_params.model, ROOT)
@@ -200,14 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--difficulty", nargs="+", default=["2:50:0"], help="steps:max_number:distractors")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--work", type=Path, default=ROOT / ".opsd/study")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: train.threads)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the base model is scored before any training sets it
     cells = []
     for spec in args.difficulty:
         steps, max_number, distractors = (int(x) for x in spec.split(":"))
         for seed in args.seeds:
             cells.append(run_cell(args.model, ArithmeticDifficulty(steps, max_number, distractors), seed, args.arms,
-                                  args.work))
+                                  args.work, args.threads))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"model": args.model, "sizes": SIZES[args.model], "cells": cells}, indent=2))
             print(table(cells[-1:]), flush=True)
