@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from opsd_core.backends.capabilities import apply_isa_cap
 from opsd_core.config import ConfigError, Params, load_params
 from opsd_core.errors import OpsdError
+from opsd_core.layout import Env
 from opsd_core.offline import apply_offline_defaults
 
 
@@ -73,9 +76,8 @@ def _print(payload: Any) -> None:
 
 
 def _relaunch(nproc: int, argv: list[str]) -> int:
-    """``opsd train`` with ``train.nproc`` > 1: the same command as ``nproc`` processes under torchrun."""
-    import subprocess
-
+    """``opsd train`` with ``train.nproc`` > 1: the same command as ``nproc`` processes under torchrun (each rank
+    runs :func:`main` too, and inherits this process's environment)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "flows.cli", *argv]
     return subprocess.call(cmd)
@@ -121,16 +123,20 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 _print(summary)
         return 0
     if args.command in ("register", "promote", "status"):
-        from opsd_core.stages import register as registry
-
         if args.command == "register":
-            _print(registry.register(params, root))
+            from opsd_core.stages.register import register
+
+            _print(register(params, root))
         elif args.command == "promote":
+            from opsd_core.stages.promote import rollback
+
             if not args.rollback:
                 raise ConfigError("promote: only --rollback is supported; promotion goes through the gate")
-            _print(registry.rollback(params, root))
+            _print(rollback(params, root))
         else:
-            print(registry.render_status(registry.status(params, root)))
+            from opsd_core.stages.status import render_status, status
+
+            print(render_status(status(params, root)))
         return 0
     if args.command == "run":
         if (args.profile and args.profile != load_params(args.params).profile) or args.overrides:
@@ -185,6 +191,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_isa_cap()  # before torch runs a kernel: oneDNN and MKL read their caps once, on first use
     apply_offline_defaults()
     warnings.filterwarnings("ignore", category=FutureWarning)
     argv = sys.argv[1:] if argv is None else argv
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, argv)
     except OpsdError as err:
-        if os.environ.get("OPSD_DEBUG"):
+        if os.environ.get(Env.DEBUG):
             raise
         # a setting error is the user's to fix before anything runs; the others name the stage
         prefix = "opsd" if err.exit_code == 2 else f"opsd {args.command}: {type(err).__name__}"

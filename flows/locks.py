@@ -16,10 +16,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+
+from opsd_core.layout import Env
+
 
 def lock_dir() -> Path:
-    if os.environ.get("OPSD_LOCK_DIR"):
-        path = Path(os.environ["OPSD_LOCK_DIR"])
+    if os.environ.get(Env.LOCK_DIR):
+        path = Path(os.environ[Env.LOCK_DIR])
     elif os.environ.get("XDG_RUNTIME_DIR"):
         path = Path(os.environ["XDG_RUNTIME_DIR"]) / "opsd-locks"
     else:
@@ -55,10 +61,6 @@ def machine_slot(tag: str, limit: int, poll_s: float = 0.5) -> Iterator[int]:
 def _server_limit(tag: str, limit: int):  # type: ignore[no-untyped-def]
     if not os.environ.get("PREFECT_API_URL"):
         return nullcontext()
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(tag)

@@ -24,6 +24,7 @@ from flows.dvc import dvc, pending_stages, stage_names
 from flows.ingest import ingest_and_track
 from flows.locks import training_slot
 from opsd_core.config import load_params
+from opsd_core.layout import Env, Layout
 
 
 @task(name="ingest")
@@ -58,14 +59,14 @@ def train_task(root: str, env: dict[str, str], tag: str, limit: int) -> bool:
 @task(name="summary")
 def summary_task(root: str, params_path: str, ran: list[str], ingest: dict[str, Any]) -> dict[str, Any]:
     params = load_params(params_path)
-    reports = Path(root) / params.train.reports_dir
+    layout = Layout.of(params, Path(root))
     out: dict[str, Any] = {"ran": ran, "ingest": ingest}
-    for name in ("data", "train", "registry"):
-        path = reports / f"{name}.json"
+    for name, path in (("data", layout.data_report), ("train", layout.train_report),
+                       ("registry", layout.registry_report)):
         if path.is_file():
             out[name] = json.loads(path.read_text())
     if ran:  # this run produced results: show them on its Prefect page
-        evaluated = reports / "eval.json"
+        evaluated = layout.eval_report
         out["artifacts"] = artifacts.publish(json.loads(evaluated.read_text()) if evaluated.is_file() else None,
                                              out.get("registry"))
     return out
@@ -83,7 +84,7 @@ def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
         return summary_task(str(root), str(params_file), [], ingested)
     run_id = tracking.start_pipeline_run(params, root, flow_run.get_id())
     env = os.environ.copy()
-    env.update({"OPSD_FLOW_RUN_ID": str(flow_run.get_id() or ""), "OPSD_MLFLOW_RUN_ID": run_id})
+    env.update({Env.FLOW_RUN: str(flow_run.get_id() or ""), Env.PIPELINE_RUN: run_id})
     ran: list[str] = []
     previous = signal.getsignal(signal.SIGTERM)
 

@@ -117,7 +117,7 @@ def test_losses_import_torch_only() -> None:
 def test_stages_load_no_prefect() -> None:
     code = ("import sys\n"
             "import opsd_core.stages.prepare, opsd_core.stages.train, opsd_core.stages.evaluate, "
-            "opsd_core.stages.register\n"
+            "opsd_core.stages.register, opsd_core.stages.promote, opsd_core.stages.status\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -23,7 +23,9 @@ from opsd_core.config import Params
 from opsd_core.registry import RegistryError
 from opsd_core.registry.audit import champion_stack, read_audit
 from opsd_core.registry.store import download_version, ensure_experiment, open_client, resolve_store
-from opsd_core.stages.register import register, render_status, rollback, status
+from opsd_core.stages.promote import rollback
+from opsd_core.stages.register import register
+from opsd_core.stages.status import render_status, status
 
 pytestmark = pytest.mark.slow  # MLflow servers and registering processes: out of the fast lane (make test-fast)
 
@@ -200,7 +202,13 @@ def test_gate_champion_rollback_audit_and_status(
     assert "champion  : v2" in text and "challenger: v3" in text
     # the challenger's gate decision, as a table: the champion comparison failed
     assert any(line.split()[:2] == ["vs", "champion"] and line.split()[-1] == "FAIL" for line in text.splitlines())
-    assert "gate: not promoted" in text
+    assert "gate: not promoted" in text and "WARNING" not in text
+
+    # champion set by hand (the MLflow UI), past the gate: status and the next registration say so
+    client.set_registered_model_alias(name, "champion", "3")
+    assert "WARNING: champion is v3 but opsd's audit log ends at v2" in render_status(status(params, root))
+    client.set_registered_model_alias(name, "champion", "2")
+    assert "WARNING" not in render_status(status(params, root))
 
     back = rollback(params, root)
     assert back["champion"] == "1" and str(client.get_model_version_by_alias(name, "champion").version) == "1"

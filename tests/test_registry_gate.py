@@ -14,7 +14,7 @@ import pytest
 from opsd_core.config import Params
 from opsd_core.evaluation.bootstrap import paired_bootstrap
 from opsd_core.registry import ChampionEvidence, decide
-from opsd_core.registry.audit import champion_stack
+from opsd_core.registry.audit import champion_stack, unaudited_champion
 from opsd_core.registry.store import resolve_store
 
 DOCS = [f"d{i:02d}" for i in range(40)]
@@ -139,6 +139,16 @@ def test_champion_stack_replays_promotions_and_rollbacks() -> None:
            mv("1", "2"), mv("2", "3"), mv("3", "2", "rollback"), mv("2", "4")]
     assert champion_stack(log) == ["1", "2", "4"]
     assert champion_stack(log + [mv("4", "2", "rollback"), mv("2", "1", "rollback")]) == ["1"]
+
+
+
+def test_a_champion_the_audit_log_does_not_end_at_is_named() -> None:
+    log = [{"alias": "champion", "from_version": None, "to_version": "1", "action": "promote"},
+           {"alias": "champion", "from_version": "1", "to_version": "2", "action": "promote"}]
+    assert unaudited_champion(log, "2") is None and unaudited_champion([], None) is None
+    assert "champion is v5 but opsd's audit log ends at v2" in str(unaudited_champion(log, "5"))
+    assert "ends at no champion" in str(unaudited_champion([], "1"))
+    assert "champion is unset" in str(unaudited_champion(log, None))  # the alias deleted by hand
 
 
 def test_store_resolution_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

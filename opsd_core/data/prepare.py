@@ -36,8 +36,9 @@ from opsd_core.data.split import cap_rows, split_traces
 from opsd_core.data.verify import answers_match, extract_answer
 from opsd_core.errors import OpsdError
 from opsd_core.io import atomic_write, write_json
+from opsd_core.layout import DATA_REPORT, GSM8K_EVAL, REJECTED, TRAIN_SPLIT, VAL_SPLIT
 
-EVAL_FILE = "gsm8k100.jsonl"
+EVAL_FILE = GSM8K_EVAL
 TokenCounter = Callable[[str], int]
 
 
@@ -220,7 +221,7 @@ def prepare_data(
     summary.contamination_removed = reasons.get(CONTAMINATION, 0)
     summary.accepted = len(accepted)
     reports.mkdir(parents=True, exist_ok=True)
-    rejected_path = reports / "rejected.jsonl"
+    rejected_path = reports / REJECTED
     _write_jsonl(rejected_path, (r.to_dict() for r in rejected))
     if not accepted:
         raise DataError(
@@ -238,8 +239,8 @@ def prepare_data(
     summary.train, summary.val = len(train), len(val)
     prepared, eval_dir = root / cfg.prepared_dir, root / cfg.eval_dir
     _write_outputs(
-        {prepared / "train.jsonl": train, prepared / "val.jsonl": val, eval_dir / EVAL_FILE: eval_rows},
+        {prepared / TRAIN_SPLIT: train, prepared / VAL_SPLIT: val, eval_dir / EVAL_FILE: eval_rows},
         root, summary,
     )
-    write_json(reports / "data.json", summary.to_dict())
+    write_json(reports / DATA_REPORT, summary.to_dict())
     return summary

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opsd_core.layout import CHAMPION
 from opsd_core.registry.lineage import FLOW_RUN_ENV
 from opsd_core.registry.store import registry_lock, version_by_alias
 
@@ -115,7 +116,7 @@ def champion_stack(entries: list[dict[str, Any]]) -> list[str]:
     """
     stack: list[str] = []
     for e in entries:
-        if e.get("alias") != "champion":
+        if e.get("alias") != CHAMPION:
             continue
         if e.get("action") in ("rollback", "revert") and stack and stack[-1] == e.get("from_version"):
             stack.pop()
@@ -123,3 +124,14 @@ def champion_stack(entries: list[dict[str, Any]]) -> list[str]:
         if to is not None and (not stack or stack[-1] != to):
             stack.append(to)
     return stack
+
+
+def unaudited_champion(entries: list[dict[str, Any]], current: str | None) -> str | None:
+    """Why the registry's ``champion`` is not the one opsd's audit log ends at (an alias set by hand in the
+    MLflow UI or API, past the gate), or None when they agree. Pure."""
+    stack = champion_stack(entries)
+    logged = stack[-1] if stack else None
+    if current == logged:
+        return None
+    return (f"champion is {'v' + current if current else 'unset'} but opsd's audit log ends at "
+            f"{'v' + logged if logged else 'no champion'}: the alias was moved outside opsd, past the gate")

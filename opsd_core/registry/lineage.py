@@ -10,8 +10,9 @@ import yaml
 
 from opsd_core.config import Params
 from opsd_core.io import file_hash
+from opsd_core.layout import Env
 
-FLOW_RUN_ENV = "OPSD_FLOW_RUN_ID"
+FLOW_RUN_ENV = Env.FLOW_RUN
 
 
 def git_commit(root: Path) -> tuple[str | None, bool | None]:

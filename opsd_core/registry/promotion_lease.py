@@ -54,6 +54,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from opsd_core.layout import Env
 from opsd_core.registry.store import RegistryError, all_versions, ensure_registered_model
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ __all__ = ["LeaseLostError", "PromotionLease", "lease_model", "promotion_lease"]
 SUFFIX = "-promotion-lease"
 TTL_S = 120.0  # the longest a dead holder blocks others; a live holder beats on every alias move
 WAIT_S = 900.0  # how long to queue before giving up with a one-line error
-TTL_ENV, WAIT_ENV = "OPSD_PROMOTION_LEASE_TTL_S", "OPSD_PROMOTION_LEASE_WAIT_S"
+TTL_ENV, WAIT_ENV = Env.LEASE_TTL, Env.LEASE_WAIT
 _SOURCE = "opsd:/promotion-lease"  # a ticket holds no files; MLflow requires some source string
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from opsd_core.config import Params
 from opsd_core.errors import OpsdError
+from opsd_core.layout import Layout
 
 if TYPE_CHECKING:  # mlflow costs ~2 s to import: only the functions that talk to it import it
     from mlflow import MlflowClient
@@ -45,8 +46,7 @@ class Store:
 
 
 def state_dir(params: Params, root: Path) -> Path:
-    # an absolute state_dir (shared between checkouts) survives the join unchanged
-    return (Path(root) / params.registry.state_dir).resolve()
+    return Layout.of(params, root).state
 
 
 def resolve_store(params: Params, root: Path) -> Store:
@@ -89,22 +89,32 @@ def open_client(store: Store) -> MlflowClient:
         return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI mode (a Traces page, runs filed under
+# "Evaluation runs"); opsd's runs are model training: the runs view with metrics and the model registry
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, store: Store, name: str) -> str:
-    """Experiment id; a new experiment on a SQLite store keeps its artifacts beside the database."""
+    """Experiment id; a new experiment on a SQLite store keeps its artifacts beside the database. The
+    experiment is marked as model development for MLflow's UI (also one an older opsd created)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=store.artifact_location)
-    except MlflowException:  # created meanwhile by a racing process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=store.artifact_location,
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by a racing process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            return exp_id
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def ensure_registered_model(client: MlflowClient, name: str,

@@ -13,6 +13,7 @@ from opsd_core.algorithm.trainer import TrainingError
 from opsd_core.backends.runtime import configure_threads
 from opsd_core.config import Params
 from opsd_core.io import write_json
+from opsd_core.layout import Layout
 from opsd_core.stages.train import build_policy, build_trainer, execution_plan, training_problems
 
 
@@ -22,7 +23,8 @@ def diagnose(params: Params, root: Path) -> dict[str, Any]:
     if params.opsd.diagnose_problems == 0:
         params = params.model_copy(deep=True)
         params.opsd.diagnose_problems = 16
-    train_file = root / params.data.prepared_dir / "train.jsonl"
+    layout = Layout.of(params, root)
+    train_file = layout.train_split
     if not train_file.is_file():
         raise TrainingError(f"{train_file} does not exist: run `opsd prepare` first")
     configure_threads(params.train.threads)
@@ -33,5 +35,5 @@ def diagnose(params: Params, root: Path) -> dict[str, Any]:
                             plan=plan)  # the run folder is never written: no step is taken
     record = record_gap(trainer, None)
     assert record is not None
-    write_json(root / params.train.reports_dir / "diagnosis.json", record)
+    write_json(layout.diagnosis_report, record)
     return record

@@ -8,6 +8,7 @@ only when its hash matches, otherwise the base is re-evaluated in the same run.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from opsd_core.algorithm.prompts import ANSWER_INSTRUCTION, student_messages
+from opsd_core.backends.capabilities import CapabilityError
 from opsd_core.backends.runtime import configure_threads
 from opsd_core.config import Params
 from opsd_core.evaluation.bootstrap import compare_samples
@@ -26,22 +28,24 @@ from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model, ta
 from opsd_core.evaluation.progress import EvalProgress
 from opsd_core.evaluation.summary import task_summary
 from opsd_core.evaluation.tasks import GSM8K_TASK, VAL_TASK, data_files, with_flexible, write_task_yamls
-from opsd_core.io import file_hash, json_hash, write_json, write_metrics
+from opsd_core.io import atomic_write, file_hash, json_hash, write_json, write_metrics
+from opsd_core.layout import Layout
+from opsd_core.models.sources import resolve_base_dir
+from opsd_core.stages.train import build_backend, execution_plan
 
 if TYPE_CHECKING:
     from opsd_core.evaluation.opsd_lm import Sampler, SamplerFactory
 
-BASE_REPORT = "eval_base.json"
-REPORT = "eval.json"
-CANDIDATE_META = "opsd_candidate.json"
 
-
-def pick_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise EvalError("eval.device is 'cuda' but no CUDA device is available")
-    return setting
+def eval_device(params: Params) -> str:
+    """The evaluation's device, decided by the execution plan as training's is (so ``OPSD_HIDE`` and the
+    capability probe apply): ``eval.device`` when it is set, else ``train.device``'s choice."""
+    setting = params.eval.device if params.eval.device != "auto" else params.train.device
+    train = params.train.model_copy(update={"device": setting, "nproc": 1})
+    try:
+        return execution_plan(params.model_copy(update={"train": train}), world_size=1).device
+    except CapabilityError as err:
+        raise CapabilityError(f"evaluation on {setting}: {err}") from None
 
 
 def _rel(path: str | Path, root: Path) -> str:
@@ -54,7 +58,8 @@ def _rel(path: str | Path, root: Path) -> str:
 
 
 def data_paths(params: Params, root: Path) -> dict[str, Path]:
-    return data_files(root / params.data.prepared_dir / "val.jsonl", root / params.data.eval_dir / "gsm8k100.jsonl")
+    layout = Layout.of(params, root)
+    return data_files(layout.val_split, layout.gsm8k_eval)
 
 
 # raised whenever opsd's own scoring of a task changes (task configs, grouping, metrics), so a base evaluation
@@ -88,12 +93,10 @@ def settings_hash(values: dict[str, Any]) -> str:
 
 
 def _prepare(params: Params, root: Path) -> tuple[dict[str, Any], str, Path, list[str], str]:
-    from opsd_core.models.sources import resolve_base_dir
-
-    device = pick_device(params.eval.device)
+    device = eval_device(params)
     values = settings(params, root, device)
     digest = settings_hash(values)
-    tasks_dir = root / params.registry.state_dir / "eval_tasks" / digest
+    tasks_dir = Layout.of(params, root).state / "eval_tasks" / digest
     paths = data_paths(params, root)
     write_task_yamls(tasks_dir, paths[VAL_TASK], paths[GSM8K_TASK], params.eval)
     tasks = list(dict.fromkeys([*params.eval.tasks, *params.eval.extra_tasks]))
@@ -123,7 +126,6 @@ def _on_group(progress: EvalProgress, model: str) -> Callable[[str, float], None
 def sampler_factory(params: Params, device: str) -> SamplerFactory:
     """What ``eval.backend: opsd`` decodes with: the trainer's back-end over the evaluated model (on a CPU the
     decoder engine on a merged copy, with oneDNN packs where the plan has them), in the model's own dtype."""
-    from opsd_core.stages.train import build_backend, execution_plan
 
     def build(model: torch.nn.Module) -> Sampler:
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -160,16 +162,16 @@ def evaluate_base(params: Params, root: Path) -> dict[str, Any]:
         "group_s": result.group_s,
         "tasks": {name: t.to_dict() for name, t in result.tasks.items()},
     }
-    write_json(root / params.train.reports_dir / BASE_REPORT, report)
+    write_json(Layout.of(params, root).eval_base_report, report)
     return report
 
 
 def read_candidate(params: Params, root: Path, base_dir: str) -> tuple[str, str | None, dict[str, Any]]:
     """(pretrained dir, adapter dir or None, metadata) of the trained candidate."""
-    cand_dir = root / params.train.output_dir
-    meta_path = cand_dir / CANDIDATE_META
+    layout = Layout.of(params, root)
+    cand_dir, meta_path = layout.candidate, layout.candidate_meta
     if not meta_path.is_file():
-        raise EvalError(f"no candidate at {cand_dir} ({CANDIDATE_META} missing): run `opsd train` first")
+        raise EvalError(f"no candidate at {cand_dir} ({meta_path.name} missing): run `opsd train` first")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     trained_on = meta.get("base_model")
     if trained_on not in (params.model.base, base_dir):
@@ -222,8 +224,8 @@ def evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
     root = Path(root)
     values, digest, tasks_dir, tasks, base_dir = _prepare(params, root)
     pretrained, adapter, meta = read_candidate(params, root, base_dir)
-    reports = root / params.train.reports_dir
-    cached = _cached_base(reports / BASE_REPORT, digest, tasks)
+    layout = Layout.of(params, root)
+    cached = _cached_base(layout.eval_base_report, digest, tasks)
     progress = _progress("evaluate", ["candidate"] if cached else ["base", "candidate"], tasks,
                          params.eval.backend, cached[1] if cached else None)
     factory = sampler_factory(params, values["device"])
@@ -248,8 +250,8 @@ def evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
         "elapsed_s": cand.elapsed_s,
         "tasks": combine(base, cand, params.eval.bootstrap_samples, params.eval.seed),
     }
-    write_json(reports / REPORT, report)
-    write_metrics(reports, "eval", task_summary(report))
+    write_json(layout.eval_report, report)
+    write_metrics(layout.reports, "eval", task_summary(report))
     return report
 
 
@@ -259,14 +261,15 @@ def evaluate(params: Params, root: Path, which: str = "candidate") -> dict[str, 
     if which == "base":
         return evaluate_base(params, root)
     report = evaluate_candidate(params, root)
-    _write_eval_plot(root / params.train.reports_dir / "eval_plot.csv", report)
+    _write_eval_plot(Layout.of(params, root).eval_plot, report)
     return report
 
 
 def _write_eval_plot(path: Path, report: dict[str, Any]) -> None:
     """One row per task (base, candidate, interval of the difference): the DVC plot of evaluate."""
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["task", "base", "candidate", "diff_ci_low", "diff_ci_high"])
-        for task, row in task_summary(report).items():
-            writer.writerow([task, row["base"], row["candidate"], row["gain_ci_low"], row["gain_ci_high"]])
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["task", "base", "candidate", "diff_ci_low", "diff_ci_high"])
+    for task, row in task_summary(report).items():
+        writer.writerow([task, row["base"], row["candidate"], row["gain_ci_low"], row["gain_ci_high"]])
+    atomic_write(path, buffer.getvalue())

@@ -11,26 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from opsd_core.config import Params
+from opsd_core.data import prepare_data
 from opsd_core.io import write_metrics
+from opsd_core.layout import Layout
+from opsd_core.models.sources import load_tokenizer
 
 
 def prepare(params: Params, root: Path) -> dict[str, Any]:
     """Write ``data/prepared/{train,val}.jsonl`` and the reports; returns the summary."""
-    from opsd_core.data import prepare_data
-    from opsd_core.models.sources import load_tokenizer
-
     tokenizer = load_tokenizer(params.model, root)
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    reports = root / params.train.reports_dir
-    summary = prepare_data(params.data, root, count_tokens, reports)
+    layout = Layout.of(params, root)
+    summary = prepare_data(params.data, root, count_tokens, layout.reports)
     record = summary if isinstance(summary, dict) else vars(summary)
     metrics = {k: record[k] for k in ("read", "accepted", "train", "val", "capped", "rejected",
                                       "rejected_by_reason", "contamination_removed", "eval_rows") if k in record}
-    write_metrics(reports, "data", metrics)
+    write_metrics(layout.reports, "data", metrics)
     if record.get("rejected"):
         print(f"opsd prepare: {record['rejected']} of {record['read']} rows rejected, each with its file, line and "
-              f"reason: {reports / 'rejected.jsonl'}", file=sys.stderr)
+              f"reason: {layout.rejected}", file=sys.stderr)
     return record

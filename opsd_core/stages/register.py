@@ -1,6 +1,6 @@
-"""``opsd register`` / ``opsd promote --rollback`` / ``opsd status`` over the MLflow registry.
+"""``opsd register``: the candidate into the MLflow registry, through the gate.
 
-register: one MLflow run (params, per-step metrics, eval metrics, plots, model card, reports, the adapter
+One MLflow run (params, per-step metrics, eval metrics, plots, model card, reports, the adapter
 under ``model/``), then - under the registry lock and the server-side promotion lease
 (:mod:`opsd_core.registry.promotion_lease`, which serialises pipelines on other machines sharing the
 tracking server) - re-read the current champion, gate against base and champion, create the model
@@ -8,22 +8,26 @@ version, move ``challenger`` (and ``champion`` if the gate says so). A failure a
 FAILED and leaves the registry's versions and aliases as they were. Keyed by the candidate's content hash:
 registering the same weights twice returns the existing version and logs nothing. Under the Prefect
 flow, ``$OPSD_MLFLOW_RUN_ID`` names the pipeline's run: register logs into it and leaves closing it to
-the flow.
+the flow. ``opsd promote --rollback`` is :mod:`opsd_core.stages.promote`; ``opsd status`` is
+:mod:`opsd_core.stages.status`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opsd_core.config import Params
 from opsd_core.io import write_json
-from opsd_core.registry import card, decision, leases, lineage, sqlite_read
-from opsd_core.registry.audit import actor, champion_stack, move_alias, read_audit, registry_lock
+from opsd_core.layout import CHALLENGER, CHAMPION, EVAL_REPORT, Env, Layout
+from opsd_core.registry import card, decision, lineage
+from opsd_core.registry.audit import actor, move_alias, read_audit, registry_lock, unaudited_champion
 from opsd_core.registry.gate import ChampionEvidence, decide
 from opsd_core.registry.promotion_lease import PromotionLease, promotion_lease
 from opsd_core.registry.store import (
@@ -42,8 +46,7 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 MODEL_DIR = "model"
-PIPELINE_RUN_ENV = "OPSD_MLFLOW_RUN_ID"  # set by the Prefect flow (flows/tracking.py)
-EVAL_ARTIFACT = "eval/eval.json"
+EVAL_ARTIFACT = f"eval/{EVAL_REPORT}"
 _KEY_MAX, _PARAM_MAX, _TAG_MAX = 250, 6000, 8000  # MLflow's key, param value and run tag limits
 
 
@@ -65,32 +68,45 @@ def _check_report(report: Any, path: Path) -> None:
                 raise RegistryError(f"{path}: tasks.{task}.{who}.samples must map doc id -> outcomes")
 
 
-def load_inputs(params: Params, root: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RegisterInputs:
+    """Everything register reads from the earlier stages, checked before any MLflow call."""
+
+    layout: Layout
+    meta: dict[str, Any]  # the candidate's opsd_candidate.json: base_model, content_hash, adapter, ...
+    report: dict[str, Any]  # eval.json: per task, base and candidate scores, samples and the paired diff
+    train: dict[str, Any]  # train.json
+    curve: list[dict[str, float]]  # train_curve.csv, one row per step
+    data: dict[str, Any]  # data.json ({} when the data were prepared elsewhere)
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+
+def load_inputs(params: Params, root: Path) -> RegisterInputs:
     """Read and check everything register needs before any MLflow call."""
-    cand_dir = root / params.train.output_dir
-    meta = _read_json(cand_dir / "opsd_candidate.json", "candidate metadata")
+    layout = Layout.of(params, root)
+    cand_dir = layout.candidate
+    meta = _read_json(layout.candidate_meta, "candidate metadata")
     for key in ("base_model", "content_hash"):
         if not meta.get(key):
-            raise RegistryError(f"{cand_dir / 'opsd_candidate.json'}: missing {key!r}")
+            raise RegistryError(f"{layout.candidate_meta}: missing {key!r}")
     needed = ("adapter_config.json", "adapter_model.safetensors") if meta.get("adapter") else ("config.json",)
     missing = [f for f in needed if not (cand_dir / f).is_file()]
     if missing:
         raise RegistryError(f"candidate {cand_dir} lacks {', '.join(missing)}")
-    reports = root / params.train.reports_dir
-    report = _read_json(reports / "eval.json", "evaluation report")
-    _check_report(report, reports / "eval.json")
+    report = _read_json(layout.eval_report, "evaluation report")
+    _check_report(report, layout.eval_report)
     evaluated = ((report.get("models") or {}).get("candidate") or {}).get("content_hash")
     if evaluated and evaluated != meta["content_hash"]:  # a stale report must not gate new weights
-        raise RegistryError(f"eval.json scored candidate {evaluated}, but models hold {meta['content_hash']}: "
+        raise RegistryError(f"{EVAL_REPORT} scored candidate {evaluated}, but models hold {meta['content_hash']}: "
                             "re-run evaluate")
-    data_path = reports / "data.json"
-    return {
-        "candidate_dir": cand_dir, "meta": meta, "report": report,
-        "train": _read_json(reports / "train.json", "training report"),
-        "curve": card.read_curve(reports / "train_curve.csv"),
-        "data": json.loads(data_path.read_text()) if data_path.is_file() else {},
-        "reports_dir": reports,
-    }
+    data_path = layout.data_report
+    return RegisterInputs(layout=layout, meta=meta, report=report,
+                          train=_read_json(layout.train_report, "training report"),
+                          curve=card.read_curve(layout.train_curve),
+                          data=json.loads(data_path.read_text()) if data_path.is_file() else {})
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -103,15 +119,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {k: v[:_PARAM_MAX] for k, v in out.items()}
 
 
-def _version_tags(inp: dict[str, Any], lin: dict[str, Any], verdict: dict[str, Any], cfg: Any) -> dict[str, str]:
-    meta, tags = inp["meta"], {}
+def _version_tags(inp: RegisterInputs, lin: dict[str, Any], verdict: dict[str, Any], cfg: Any) -> dict[str, str]:
+    meta, tags = inp.meta, {}
     tags.update({"content_hash": meta["content_hash"], "base_model": str(meta["base_model"]),
                  "adapter": str(bool(meta.get("adapter"))).lower(), "steps": str(meta.get("steps")),
                  "train_params_hash": str(meta.get("params_hash")),
-                 "eval.settings_hash": str(inp["report"].get("settings", {}).get("settings_hash")),
+                 "eval.settings_hash": str(inp.report.get("settings", {}).get("settings_hash")),
                  "primary_task": cfg.primary_task})
     tags.update({f"lineage.{k}": str(v) for k, v in lin.items() if v is not None})
-    for task, res in inp["report"]["tasks"].items():
+    for task, res in inp.report["tasks"].items():
         tags[f"score.{task}.base"] = f"{float(res['base']['score']):.6g}"
         tags[f"score.{task}.candidate"] = f"{float(res['candidate']['score']):.6g}"
         for k in ("mean_diff", "ci_low", "ci_high", "p_better"):
@@ -132,10 +148,10 @@ def applicable_params(params: Params) -> dict[str, Any]:
     return dump
 
 
-def headline_metrics(inp: dict[str, Any], primary: str) -> dict[str, float]:
+def headline_metrics(inp: RegisterInputs, primary: str) -> dict[str, float]:
     """A few short-named metrics the MLflow runs list shows as columns."""
     out: dict[str, float] = {}
-    task = inp["report"]["tasks"].get(primary) or {}
+    task = inp.report["tasks"].get(primary) or {}
     for who in ("base", "candidate"):
         if who in task:
             out[f"{who}_score"] = float(task[who]["score"])
@@ -144,44 +160,44 @@ def headline_metrics(inp: dict[str, Any], primary: str) -> dict[str, float]:
         if key in diff:
             out[name] = float(diff[key])
     for key, name in (("final_loss", "final_loss"), ("final_kl", "final_kl"), ("wall_s", "train_wall_s")):
-        value = inp["train"].get(key)
+        value = inp.train.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[name] = float(value)
     return out
 
 
-def _log_run(client: MlflowClient, run_id: str, inp: dict[str, Any], params: Params, tmp: Path) -> None:
+def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Params, tmp: Path) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
     # the paths the candidate was trained on (opsd env's record, from train.json): device, dtypes, packs
-    runtime = {k: inp["train"][k] for k in ("execution", "machine", "versions") if isinstance(inp["train"].get(k), dict)}
-    flat = flatten({**applicable_params(params), "candidate": inp["meta"], **runtime})
-    metrics = [Metric(f"train/{k}", v, now, int(row["step"])) for row in inp["curve"]
+    runtime = {k: inp.train[k] for k in ("execution", "machine", "versions") if isinstance(inp.train.get(k), dict)}
+    flat = flatten({**applicable_params(params), "candidate": inp.meta, **runtime})
+    metrics = [Metric(f"train/{k}", v, now, int(row["step"])) for row in inp.curve
                for k, v in row.items() if k != "step"]
-    for task, res in inp["report"]["tasks"].items():
+    for task, res in inp.report["tasks"].items():
         metrics += [Metric(f"eval/{task}/{who}", float(res[who]["score"]), now, 0) for who in ("base", "candidate")]
         metrics += [Metric(f"eval/{task}/{k}", float(v), now, 0) for k, v in (res.get("diff") or {}).items()
                     if k in ("mean_diff", "ci_low", "ci_high", "p_better")]
-    metrics += [Metric(f"train_summary/{k}", float(v), now, 0) for k, v in inp["train"].items()
+    metrics += [Metric(f"train_summary/{k}", float(v), now, 0) for k, v in inp.train.items()
                 if isinstance(v, int | float) and not isinstance(v, bool)]
     metrics += [Metric(k, v, now, 0) for k, v in headline_metrics(inp, params.registry.primary_task).items()]
     # the self-teacher gap the training started from (algorithm/diagnose.py): the figures, and its reading as a tag
-    diagnosis = inp["train"].get("diagnosis") or {}
+    diagnosis = inp.train.get("diagnosis") or {}
     metrics += [Metric(f"diagnosis/{k}", float(v), now, 0) for k, v in diagnosis.items()
                 if isinstance(v, int | float) and not isinstance(v, bool)]
     tags = [RunTag("opsd.diagnosis", str(diagnosis["reading"]))] if diagnosis.get("reading") else []
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()], tags=tags)
     plots = tmp / "plots"
     plots.mkdir()
-    card.plot_training_curve(inp["curve"], plots / "training_curve.png")
-    card.plot_eval(inp["report"], plots / "eval.png")
+    card.plot_training_curve(inp.curve, plots / "training_curve.png")
+    card.plot_eval(inp.report, plots / "eval.png")
     client.log_artifacts(run_id, str(plots), "plots")
-    for name in ("eval.json", "train.json", "train_curve.csv", "data.json"):
-        path = inp["reports_dir"] / name
+    layout = inp.layout
+    for path in (layout.eval_report, layout.train_report, layout.train_curve, layout.data_report):
         if path.is_file():
-            client.log_artifact(run_id, str(path), "eval" if name == "eval.json" else "reports")
-    client.log_artifacts(run_id, str(inp["candidate_dir"]), MODEL_DIR)
+            client.log_artifact(run_id, str(path), "eval" if path == layout.eval_report else "reports")
+    client.log_artifacts(run_id, str(layout.candidate), MODEL_DIR)
 
 
 def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path) -> ChampionEvidence | None:
@@ -198,7 +214,7 @@ def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path)
 
 
 def _write_result(params: Params, root: Path, result: dict[str, Any]) -> dict[str, Any]:
-    write_json(root / params.train.reports_dir / "registry.json", result)
+    write_json(Layout.of(params, root).registry_report, result)
     return result
 
 
@@ -208,12 +224,12 @@ def _version_of(mv: ModelVersion | None) -> str | None:
 
 def _existing(client: MlflowClient, store: Store, params: Params, mv: ModelVersion) -> dict[str, Any]:
     name = params.registry.model_name
-    champ, chall = version_by_alias(client, name, "champion"), version_by_alias(client, name, "challenger")
+    champ, chall = version_by_alias(client, name, CHAMPION), version_by_alias(client, name, CHALLENGER)
     verdict = json.loads(mv.tags.get("gate.verdict", "null"))
     return {"model_name": name, "version": str(mv.version), "run_id": mv.run_id, "already_registered": True,
             "content_hash": mv.tags.get("content_hash"), "verdict": verdict, "alias_moves": [],
             "promoted": bool(verdict and verdict.get("promote")),
-            "champion": str(champ.version) if champ else None, "challenger": str(chall.version) if chall else None,
+            CHAMPION: _version_of(champ), CHALLENGER: _version_of(chall),
             "tracking_uri": store.tracking_uri}
 
 
@@ -232,19 +248,25 @@ def _undo(client: MlflowClient, store: Store, name: str, version: str, before: d
 
 
 def _register_locked(
-    client: MlflowClient, store: Store, params: Params, root: Path, inp: dict[str, Any],
+    client: MlflowClient, store: Store, params: Params, inp: RegisterInputs,
     run: Any, lin: dict[str, Any], tmp: Path, lease: PromotionLease,
 ) -> dict[str, Any]:
     """Gate + version + aliases; the caller holds the registry lock and the promotion lease, so the
     champion read here is the one the aliases are moved from."""
-    cfg, run_id, content_hash = params.registry, run.info.run_id, inp["meta"]["content_hash"]
+    cfg, run_id, content_hash = params.registry, run.info.run_id, inp.content_hash
     dup = find_by_content_hash(client, cfg.model_name, content_hash)
     if dup is not None:  # a racing run registered the same weights first
         client.set_tag(run_id, "opsd.duplicate_of_version", str(dup.version))
         return _existing(client, store, params, dup)
-    evidence = _champion_evidence(client, version_by_alias(client, cfg.model_name, "champion"), tmp)
-    verdict = decide(inp["report"], cfg, evidence, content_hash, params.eval.bootstrap_samples, params.eval.seed)
-    text = card.model_card(inp["meta"], inp["report"], inp["train"], applicable_params(params), lin,
+    champion = version_by_alias(client, cfg.model_name, CHAMPION)
+    # a champion set by hand (MLflow UI or API) is still what the gate compares with; the user is told
+    unaudited = unaudited_champion(read_audit(store.state_dir, cfg.model_name), _version_of(champion))
+    if unaudited:
+        print(f"opsd register: warning: {unaudited}", file=sys.stderr)
+        client.set_tag(run_id, "opsd.unaudited_champion", unaudited)
+    evidence = _champion_evidence(client, champion, tmp)
+    verdict = decide(inp.report, cfg, evidence, content_hash, params.eval.bootstrap_samples, params.eval.seed)
+    text = card.model_card(inp.meta, inp.report, inp.train, applicable_params(params), lin,
                            verdict, cfg.model_name)
     (tmp / "model_card.md").write_text(text)
     (tmp / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True, default=str))
@@ -255,28 +277,28 @@ def _register_locked(
     # the run's description in the MLflow UI: the decision as a table
     client.set_tag(run_id, "mlflow.note.content", decision.render(verdict, markdown=True))
     ensure_registered_model(client, cfg.model_name)
-    before = {a: _version_of(version_by_alias(client, cfg.model_name, a)) for a in ("challenger", "champion")}
+    before = {a: _version_of(version_by_alias(client, cfg.model_name, a)) for a in (CHALLENGER, CHAMPION)}
     mv = client.create_model_version(
         cfg.model_name, source=f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run_id,
         tags=_version_tags(inp, lin, verdict, cfg),
-        description=f"OPSD candidate {content_hash[:16]} on {inp['meta']['base_model']}",
+        description=f"OPSD candidate {content_hash[:16]} on {inp.meta['base_model']}",
     )
     version = str(mv.version)
     moves = []
     try:
-        moves.append(move_alias(client, store.state_dir, cfg.model_name, "challenger", version, "register",
+        moves.append(move_alias(client, store.state_dir, cfg.model_name, CHALLENGER, version, "register",
                                 f"registered candidate {content_hash[:16]}", run_id, lease))
         if verdict["promote"]:
-            moves.append(move_alias(client, store.state_dir, cfg.model_name, "champion", version, "promote",
+            moves.append(move_alias(client, store.state_dir, cfg.model_name, CHAMPION, version, "promote",
                                     "gate passed: " + "; ".join(verdict["reasons"]), run_id, lease))
     except BaseException:
         _undo(client, store, cfg.model_name, version, before, run_id, lease)
         raise
-    champ = version_by_alias(client, cfg.model_name, "champion")
+    champ = version_by_alias(client, cfg.model_name, CHAMPION)
     return {"model_name": cfg.model_name, "version": version, "run_id": run_id, "already_registered": False,
             "content_hash": content_hash, "verdict": verdict, "alias_moves": [m for m in moves if m],
-            "promoted": bool(verdict["promote"]), "champion": _version_of(champ), "challenger": version,
-            "tracking_uri": store.tracking_uri}
+            "promoted": bool(verdict["promote"]), CHAMPION: _version_of(champ), CHALLENGER: version,
+            "tracking_uri": store.tracking_uri, "unaudited_champion": unaudited}
 
 
 def register(params: Params, root: Path) -> dict[str, Any]:
@@ -319,117 +341,29 @@ def _register(params: Params, root: Path) -> dict[str, Any]:
     client = open_client(store)
     with registry_lock(store.state_dir):
         exp_id = ensure_experiment(client, store, cfg.experiment)
-    existing = find_by_content_hash(client, cfg.model_name, inp["meta"]["content_hash"])
+    existing = find_by_content_hash(client, cfg.model_name, inp.content_hash)
     if existing is not None:
         return _write_result(params, root, _existing(client, store, params, existing))
-    lin = lineage.collect(params, root, inp["data"].get("data_hash") or inp["meta"].get("data_hash"))
+    lin = lineage.collect(params, root, inp.data.get("data_hash") or inp.meta.get("data_hash"))
     tags = {f"lineage.{k}": str(v)[:_TAG_MAX] for k, v in lin.items() if v is not None}
-    tags["opsd.content_hash"] = inp["meta"]["content_hash"]
-    pipeline_run = os.environ.get(PIPELINE_RUN_ENV)
+    tags["opsd.content_hash"] = inp.content_hash
+    pipeline_run = os.environ.get(Env.PIPELINE_RUN)
     if pipeline_run:  # the flow's run: one pipeline run is one MLflow run, and the flow closes it
         from mlflow.entities import RunTag
 
         run = client.get_run(pipeline_run)
         client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     else:
-        run = client.create_run(exp_id, run_name=f"register-{inp['meta']['content_hash'][:12]}",
+        run = client.create_run(exp_id, run_name=f"register-{inp.content_hash[:12]}",
                                 tags={**tags, **lineage.source_tags(root, "opsd register")})
     try:
         with tempfile.TemporaryDirectory(prefix="opsd-register-") as tmp:
             _log_run(client, run.info.run_id, inp, params, Path(tmp))
             with registry_lock(store.state_dir), promotion_lease(client, cfg.model_name, actor()) as lease:
-                result = _register_locked(client, store, params, root, inp, run, lin, Path(tmp), lease)
+                result = _register_locked(client, store, params, inp, run, lin, Path(tmp), lease)
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     if not pipeline_run:
         client.set_terminated(run.info.run_id, "FINISHED")
     return _write_result(params, root, result)
-
-
-def rollback(params: Params, root: Path) -> dict[str, Any]:
-    """Move ``champion`` back to the champion before it, per the audit log."""
-    root = Path(root).resolve()
-    cfg, store = params.registry, resolve_store(params, root)
-    if not store.exists():  # reading must not create an empty database
-        raise RegistryError(f"no registry at {store.tracking_uri} yet: nothing to roll back")
-    client = open_client(store)
-    with registry_lock(store.state_dir), promotion_lease(client, cfg.model_name, actor()) as lease:
-        current = version_by_alias(client, cfg.model_name, "champion")
-        if current is None:
-            raise RegistryError(f"{cfg.model_name} has no champion to roll back")
-        stack = champion_stack(read_audit(store.state_dir, cfg.model_name))
-        if not stack or stack[-1] != str(current.version):
-            raise RegistryError(f"audit log does not match the registry: champion is v{str(current.version)}, "
-                                f"the log ends at {('v' + stack[-1]) if stack else 'nothing'}")
-        if len(stack) < 2:
-            raise RegistryError(f"v{str(current.version)} is the first champion: no previous champion to restore")
-        target = stack[-2]
-        client.get_model_version(cfg.model_name, target)  # raises if it was deleted
-        entry = move_alias(client, store.state_dir, cfg.model_name, "champion", target, "rollback",
-                           f"rollback from v{str(current.version)} to v{target}", lease=lease)
-        client.set_model_version_tag(cfg.model_name, str(current.version), "rolled_back_at", entry["time"] if entry else "")
-    return {"model_name": cfg.model_name, "champion": target, "previous": str(current.version), "alias_moves": [entry]}
-
-
-def _describe(mv: ModelVersion | sqlite_read.VersionRow | None, primary: str) -> dict[str, Any] | None:
-    if mv is None:
-        return None
-    t = mv.tags
-    return {"version": str(mv.version), "run_id": mv.run_id, "content_hash": t.get("content_hash"),
-            "base_model": t.get("base_model"), "primary_task": primary,
-            "scores": {k: t.get(f"score.{primary}.{k}") for k in ("base", "candidate", "mean_diff", "ci_low",
-                                                                   "ci_high")},
-            "gate_promote": t.get("gate.promote"),
-            "verdict": decision.from_tag(t.get("gate.verdict")),
-            "lineage": {k.removeprefix("lineage."): v for k, v in sorted(t.items()) if k.startswith("lineage.")}}
-
-
-def status(params: Params, root: Path) -> dict[str, Any]:
-    """Champion and challenger with their primary-task scores and lineage, plus recent alias moves."""
-    root = Path(root).resolve()
-    cfg, store = params.registry, resolve_store(params, root)
-    if not store.exists():  # nothing registered yet; reading must not create an empty database
-        return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri, "champion": None,
-                "challenger": None, "recent_moves": []}
-    primary = cfg.primary_task
-    # the common case (no dead pipeline run to mark, the embedded store): read the aliases without importing
-    # MLflow, ~2 s of a ~2.2 s command; marking a dead run FAILED, or any other store, goes through MLflow
-    aliases = ("champion", "challenger")
-    reaped: list[dict[str, Any]] = []
-    found = None if leases.any_dead(store.state_dir) else sqlite_read.read_aliases(store.tracking_uri,
-                                                                                  cfg.model_name, aliases)
-    if found is None:
-        client = open_client(store)
-        reaped = leases.reap(store.state_dir, client)
-        found = {alias: version_by_alias(client, cfg.model_name, alias) for alias in aliases}
-    return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri, "reaped_runs": reaped,
-            "champion": _describe(found["champion"], primary),
-            "challenger": _describe(found["challenger"], primary),
-            "recent_moves": read_audit(store.state_dir, cfg.model_name)[-5:]}
-
-
-def render_status(st: dict[str, Any]) -> str:
-    lines = [f"model {st['model_name']}  (tracking {st['tracking_uri']})"]
-    for alias in ("champion", "challenger"):
-        d = st.get(alias)
-        if d is None:
-            lines.append(f"{alias:<10}: none")
-            continue
-        s = d["scores"]
-        lines.append(f"{alias:<10}: v{d['version']}  {str(d['content_hash'])[:16]}  base {d['base_model']}")
-        lines.append(f"{'':<12}{d['primary_task']}: candidate {s['candidate']} vs base {s['base']} "
-                     f"(diff {s['mean_diff']}, 95% CI [{s['ci_low']}, {s['ci_high']}])")
-        lines.append(f"{'':<12}lineage: " + ", ".join(f"{k}={str(v)[:12]}" for k, v in d["lineage"].items()))
-        if alias == "challenger" and d.get("verdict"):
-            lines += [f"{'':<12}{row}" for row in decision.render(d["verdict"]).splitlines()]
-    def v(x: str | None) -> str:
-        return f"v{x}" if x else "none"
-
-    for dead in st.get("reaped_runs", []):
-        lines.append(f"pipeline run {dead['run_id']} marked FAILED: {dead['reason']}")
-    if st.get("recent_moves"):
-        lines.append("recent alias moves:")
-    for m in st.get("recent_moves", []):
-        lines.append(f"  {m['time']}  {m['alias']}: {v(m['from_version'])} -> {v(m['to_version'])}  ({m['action']})")
-    return "\n".join(lines)

@@ -22,6 +22,7 @@ from opsd_core import checkpoint as ckpt
 from opsd_core.algorithm.diagnose import record_gap
 from opsd_core.algorithm.losses import DivergenceSpec
 from opsd_core.algorithm.optim import build_optimizer
+from opsd_core.algorithm.prompts import student_prompt_ids
 from opsd_core.algorithm.teacher import make_teacher
 from opsd_core.algorithm.trainer import (
     CURVE_FIELDS,
@@ -42,6 +43,9 @@ from opsd_core.backends.plan import ExecutionPlan, make_plan
 from opsd_core.backends.runtime import configure_threads, peak_rss_mb, tune_allocator
 from opsd_core.config import Params
 from opsd_core.io import atomic_dir, atomic_write, file_hash, write_json, write_metrics
+from opsd_core.layout import CANDIDATE_META, DIAGNOSIS_REPORT, Layout
+from opsd_core.models.lora import wrap_lora
+from opsd_core.models.sources import load_candidate, load_model_and_tokenizer, resolve_base_dir, weights_hash
 
 
 def execution_plan(params: Params, world_size: int | None = None) -> ExecutionPlan:
@@ -52,19 +56,17 @@ def execution_plan(params: Params, world_size: int | None = None) -> ExecutionPl
 
 
 def _data_hash(params: Params, root: Path) -> str:
-    report = root / params.train.reports_dir / "data.json"
+    layout = Layout.of(params, root)
+    report = layout.data_report
     if report.is_file():
         value = json.loads(report.read_text()).get("data_hash")
         if value:
             return str(value)
-    return file_hash(root / params.data.prepared_dir / "train.jsonl")
+    return file_hash(layout.train_split)
 
 
 def build_policy(params: Params, root: Path, plan: ExecutionPlan) -> tuple[torch.nn.Module, Any, str]:
     """Base model (+ LoRA) ready to train; returns (model, tokenizer, resolved base path)."""
-    from opsd_core.models.lora import wrap_lora
-    from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
-
     base_path = resolve_base_dir(params.model, root)
     model, tokenizer = load_model_and_tokenizer(params.model, root, dtype=getattr(torch, plan.precision))
     torch.manual_seed(params.train.seed)  # LoRA A init
@@ -151,8 +153,6 @@ def whole_policy(params: Params, root: Path, plan: ExecutionPlan, weights: dict[
 
 
 def _probe_logits(model: torch.nn.Module, tokenizer: Any, dev: torch.device) -> torch.Tensor:
-    from opsd_core.algorithm.prompts import student_prompt_ids
-
     # the probe only compares the in-memory and the reloaded model: any fixed prompt does
     ids = torch.tensor([student_prompt_ids(tokenizer, "What is 12 + 30?")], device=dev)
     model.eval()
@@ -165,9 +165,7 @@ def save_candidate(
     data_hash: str, dev: torch.device,
 ) -> dict[str, Any]:
     """Write the candidate atomically, reload it and compare logits with the in-memory model."""
-    from opsd_core.models.sources import load_candidate, weights_hash
-
-    out = root / params.train.output_dir
+    out = Layout.of(params, root).candidate
     # any failure below (a full disk, a candidate that does not reload) leaves the previous candidate in place
     with atomic_dir(out) as tmp:
         try:
@@ -193,7 +191,7 @@ def save_candidate(
             "steps": params.train.steps,
             "profile": params.profile,
         }
-        write_json(tmp / "opsd_candidate.json", meta)
+        write_json(tmp / CANDIDATE_META, meta)
     return meta
 
 
@@ -217,7 +215,8 @@ def _device(plan: ExecutionPlan) -> torch.device:
 def train(params: Params, root: Path) -> dict[str, Any] | None:
     """Train and write the candidate; under torchrun every rank trains its share and rank 0 writes
     (the other ranks return None)."""
-    train_file = root / params.data.prepared_dir / "train.jsonl"
+    layout = Layout.of(params, root)
+    train_file = layout.train_split
     if not train_file.is_file():  # before loading (or converting) any model
         raise TrainingError(f"{train_file} does not exist: run `opsd prepare` first")
     size = distributed.launched_size()
@@ -240,7 +239,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     try:
         per_rank = params_per_rank(model, world, dev)
         # the starting model's gap, before any step (rank 0 alone: a sharded model's passes are collectives)
-        diagnosis = record_gap(trainer, run_dir / "diagnosis.json", log) \
+        diagnosis = record_gap(trainer, run_dir / DIAGNOSIS_REPORT, log) \
             if world.main and not fsdp.is_sharded(model) else None
         state = trainer.run()
         # gathered by every rank (a collective), kept by rank 0 only, which writes the candidate from them
@@ -254,8 +253,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     if final is not None:
         del trainer, model
         model = whole_policy(params, root, plan, final)
-    reports = root / params.train.reports_dir
-    _write_curve(reports / "train_curve.csv", state.curve)
+    _write_curve(layout.train_curve, state.curve)
     meta = save_candidate(params, root, model, tokenizer, base_path, data_hash, dev)
     for old in ckpt.prune_other_runs(run_dir, started_at):  # retention across trainings, not only within one
         log(f"removed the checkpoints of an earlier training: {old.name}")
@@ -294,10 +292,10 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     }
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    write_json(reports / "train.json", summary)
-    write_metrics(reports, "train",
+    write_json(layout.train_report, summary)
+    write_metrics(layout.reports, "train",
                   {k: v for k, v in summary.items()
                    if k not in ("machine", "execution", "versions", "rollouts_per_rank", "diagnosis")}
                   | {f"diagnosis_{k}": v for k, v in (diagnosis or {}).items() if k != "reading"})
-    print(f"candidate written to {root / params.train.output_dir}", file=sys.stderr)
+    print(f"candidate written to {layout.candidate}", file=sys.stderr)
     return summary
