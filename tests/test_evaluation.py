@@ -423,3 +423,22 @@ def test_answer_task_scores_the_final_line_behind_the_prompt_and_the_rest_of_the
         logp = logits[len(context) - 1:-1].log_softmax(-1).gather(1, torch.tensor(ids[len(context):])[:, None]).sum()
         assert value == pytest.approx(float(logp) / len(tok(line, add_special_tokens=False)["input_ids"]),
                                       rel=1e-3, abs=1e-3), key
+
+
+def test_the_evaluation_takes_its_device_from_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opsd_core.backends.capabilities import CapabilityError, probe
+    from opsd_core.stages.evaluate import eval_device
+
+    probe.cache_clear()  # probed again under OPSD_HIDE, and again after the test
+    monkeypatch.setenv("OPSD_HIDE", "cuda")  # the plan's probe sees no GPU, whatever the machine has
+    try:
+        assert eval_device(Params()) == "cpu"
+        params = Params()
+        params.train.device = "cpu"
+        assert eval_device(params) == "cpu"
+        params = Params()
+        params.eval.device = "cuda"  # explicit: honoured or refused, never silently moved
+        with pytest.raises(CapabilityError, match="evaluation on cuda: .*no CUDA device"):
+            eval_device(params)
+    finally:
+        probe.cache_clear()
