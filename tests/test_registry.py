@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_registry_gate import GUARD, PRIMARY, eval_report
 
 from opsd_core.config import Params
 from opsd_core.registry import RegistryError
@@ -26,6 +20,15 @@ from opsd_core.registry.store import download_version, ensure_experiment, open_c
 from opsd_core.stages.promote import rollback
 from opsd_core.stages.register import register
 from opsd_core.stages.status import render_status, status
+from tests.support import (
+    GUARD,
+    PRIMARY,
+    eval_report,
+    free_port,
+    probe_logits,
+    registry_project,
+    serve_mlflow,
+)
 
 pytestmark = pytest.mark.slow  # MLflow servers and registering processes: out of the fast lane (make test-fast)
 
@@ -43,51 +46,6 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("base")
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
-
-
-PROBE = torch.tensor([[1, 5, 9, 13, 17, 21]])
-
-
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=PROBE).logits
-
-
-def make_candidate(out: Path, base_dir: Path, seed: int) -> torch.Tensor:
-    """Write a LoRA adapter with non-zero B weights; returns its logits on PROBE."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.5
-    model.save_pretrained(out)
-    weights = (out / "adapter_model.safetensors").read_bytes()
-    meta = {"base_model": "tiny", "base_path": str(base_dir), "adapter": True, "params_hash": "p" * 16,
-            "data_hash": "d" * 16, "content_hash": hashlib.sha256(weights).hexdigest(), "steps": 3}
-    (out / "opsd_candidate.json").write_text(json.dumps(meta))
-    return _logits(model)
-
-
-def make_project(root: Path, base_dir: Path, seed: int, report: dict) -> torch.Tensor:
-    reports = root / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "eval.json").write_text(json.dumps(report))
-    diagnosis = {"problems": 16, "accuracy_gap": 0.55, "answer_ll_gap": 1.25, "reading": "room for OPSD"}
-    (reports / "train.json").write_text(json.dumps({"final_loss": 0.5, "steps": 3, "device": "cpu",
-                                                    "diagnosis": diagnosis}))
-    (reports / "data.json").write_text(json.dumps({"data_hash": "d" * 16}))
-    (reports / "train_curve.csv").write_text(
-        "step,loss,kl,clipped_frac,completion_len,ended_frac,sample_tok_s,train_tok_s,lr,grad_norm\n"
-        "1,0.9,0.9,0.1,12,0.5,100,200,1e-4,1.0\n2,0.7,0.7,0.05,11,0.75,100,200,9e-5,0.8\n")
-    (root / "data").mkdir(exist_ok=True)
-    (root / "data" / "raw.dvc").write_text("outs:\n- md5: abc123.dir\n  path: raw\n")
-    (root / "dvc.lock").write_text("schema: '2.0'\n")
-    return make_candidate(root / "models" / "candidate", base_dir, seed)
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +81,13 @@ def load_version(client: Any, name: str, version: str, base_dir: Path, dst: Path
     from transformers import LlamaForCausalLM
 
     local = download_version(client, name, version, dst)
-    return _logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), str(local)))
+    return probe_logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), str(local)))
 
 
 # -- register / promote / rollback on SQLite ----------------------------------------------------
 def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], base_dir: Path) -> None:
     root, params = project
-    expected = make_project(root, base_dir, seed=1, report=eval_report(cand=30))
+    expected = registry_project(root, base_dir, seed=1, report=eval_report(cand=30))
     res = register(params, root)
     assert res["version"] == "1" and res["champion"] == "1" and res["challenger"] == "1"
     assert res["verdict"]["promote"] is True and not res["already_registered"]
@@ -167,7 +125,7 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     assert torch.allclose(got, expected, atol=1e-5)
     from transformers import LlamaForCausalLM
 
-    assert not torch.allclose(_logits(LlamaForCausalLM.from_pretrained(base_dir)), expected, atol=1e-3)
+    assert not torch.allclose(probe_logits(LlamaForCausalLM.from_pretrained(base_dir)), expected, atol=1e-3)
 
     # same weights again: no new run, no new version
     again = register(params, root)
@@ -186,7 +144,7 @@ def test_gate_champion_rollback_audit_and_status(
     flow_run = client.create_run(ensure_experiment(client, resolve_store(params, root), "opsd")).info.run_id
     monkeypatch.setenv("OPSD_MLFLOW_RUN_ID", flow_run)
     for seed, cand in ((1, 20), (2, 30), (3, 25)):  # v1 champion, v2 beats it, v3 worse than v2
-        make_project(root, base_dir, seed, eval_report(cand=cand))
+        registry_project(root, base_dir, seed, eval_report(cand=cand))
         res = register(params, root)
         monkeypatch.delenv("OPSD_MLFLOW_RUN_ID", raising=False)
         if seed == 1:
@@ -207,7 +165,8 @@ def test_gate_champion_rollback_audit_and_status(
     # champion set by hand (the MLflow UI), past the gate: status and the next registration say so
     client.set_registered_model_alias(name, "champion", "3")
     assert "WARNING: champion is v3 but opsd's audit log ends at v2" in render_status(status(params, root))
-    client.set_registered_model_alias(name, "champion", "2")
+    repaired = rollback(params, root)  # the first rollback repairs: back to the audited champion
+    assert repaired["champion"] == "2" and repaired["previous"] == "3" and repaired["repaired"]
     assert "WARNING" not in render_status(status(params, root))
 
     back = rollback(params, root)
@@ -220,19 +179,20 @@ def test_gate_champion_rollback_audit_and_status(
     assert moves == [
         ("challenger", None, "1", "register"), ("champion", None, "1", "promote"),
         ("challenger", "1", "2", "register"), ("champion", "1", "2", "promote"),
-        ("challenger", "2", "3", "register"), ("champion", "2", "1", "rollback"),
+        ("challenger", "2", "3", "register"), ("champion", "3", "2", "repair"), ("champion", "2", "1", "rollback"),
     ]
     assert all(e["actor"] and e["time"] for e in log)
     history = json.loads(client.get_model_version(name, "2").tags["alias_history"])
     assert [(h["alias"], h["action"]) for h in history] == [
-        ("challenger", "register"), ("champion", "promote"), ("challenger", "register"), ("champion", "rollback")]
+        ("challenger", "register"), ("champion", "promote"), ("challenger", "register"), ("champion", "repair"),
+        ("champion", "rollback")]
 
 
 def test_malformed_or_stale_report_is_refused_before_any_run(project: tuple[Path, Params], base_dir: Path) -> None:
     root, params = project
     report = eval_report(cand=30)
     del report["tasks"][GUARD]["candidate"]["score"]
-    make_project(root, base_dir, 1, report)
+    registry_project(root, base_dir, 1, report)
     with pytest.raises(RegistryError, match="opsd_gsm8k100.candidate.score"):
         register(params, root)
     stale = eval_report(cand=30)
@@ -253,7 +213,7 @@ def test_failure_mid_registration_leaves_registry_as_it_was(
 
     root, params = project
     name = params.registry.model_name
-    make_project(root, base_dir, 1, eval_report(cand=20))
+    registry_project(root, base_dir, 1, eval_report(cand=20))
     register(params, root)
     real_move = reg_module.move_alias
 
@@ -264,7 +224,7 @@ def test_failure_mid_registration_leaves_registry_as_it_was(
         return entry
 
     monkeypatch.setattr(reg_module, "move_alias", failing_move)
-    make_project(root, base_dir, 2, eval_report(cand=35))
+    registry_project(root, base_dir, 2, eval_report(cand=35))
     with pytest.raises(OSError, match="disk full"):
         register(params, root)
     client = open_client(resolve_store(params, root))
@@ -298,8 +258,8 @@ def test_two_racing_registrations_leave_one_consistent_champion(
     shared = tmp_path / "state"  # two checkouts, one registry
     params = Params(registry={"state_dir": str(shared)}, eval={"bootstrap_samples": 500})
     roots = [tmp_path / "a", tmp_path / "b"]
-    make_project(roots[0], base_dir, 1, eval_report(cand=20))
-    make_project(roots[1], base_dir, 2, eval_report(cand=35))  # b beats a whichever goes first
+    registry_project(roots[0], base_dir, 1, eval_report(cand=20))
+    registry_project(roots[1], base_dir, 2, eval_report(cand=35))  # b beats a whichever goes first
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(r), params.model_dump_json()], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for r in roots]
@@ -323,55 +283,10 @@ def test_two_racing_registrations_leave_one_consistent_champion(
 
 
 # -- a real tracking server, as a user would run it ---------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_mlflow(tmp_path: Path, port: int) -> Any:
-    """A real `mlflow server` on 127.0.0.1:``port`` (SQLite backend under ``tmp_path``) while the block runs."""
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (tmp_path / "server.log").open("a")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, tmp_path / "server.log")
-        yield url
-    finally:  # the server runs its app in child processes: stop the group this started
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Any:
-    with serve_mlflow(tmp_path, _free_port()) as url:
+    with serve_mlflow(tmp_path, free_port()) as url:
         yield url
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, attempts: int = 240) -> None:
-    for _ in range(attempts):
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=0.5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            try:  # pause between probes by waiting on the server process (returns early if it dies)
-                proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
-    raise RuntimeError("mlflow server did not become healthy")
 
 
 @pytest.mark.slow
@@ -385,14 +300,14 @@ def test_tracking_server_as_registry(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the user's way of pointing at a server
     params = Params(eval={"bootstrap_samples": 200})
     root = tmp_path / "proj"
-    expected = make_project(root, base_dir, 1, eval_report(cand=30))
+    expected = registry_project(root, base_dir, 1, eval_report(cand=30))
     res = register(params, root)
     assert res["champion"] == "1" and res["tracking_uri"] == mlflow_server
     assert not (root / ".opsd" / "mlflow.db").exists()
     local = mlflow.artifacts.download_artifacts(
         f"models:/{params.registry.model_name}@champion", dst_path=str(tmp_path / "dl"),
         tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    got = _logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), local))
+    got = probe_logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), local))
     assert torch.allclose(got, expected, atol=1e-5)
     assert list((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))
     assert register(params, root)["already_registered"]
@@ -426,13 +341,13 @@ def test_mlflow_params_hold_only_the_settings_that_apply(project: tuple[Path, Pa
 def test_an_unreachable_tracking_server_registers_nothing_and_the_next_run_registers_once(
     tmp_path: Path, base_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
     params = Params(eval={"bootstrap_samples": 200})
     root = tmp_path / "proj"
-    make_project(root, base_dir, 1, eval_report(cand=30))
+    registry_project(root, base_dir, 1, eval_report(cand=30))
     with pytest.raises(RegistryError, match=rf"^the MLflow server at {url} cannot be reached .*nothing was "
                                             r"registered or promoted: rerun `opsd register`"):
         register(params, root)
