@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark cases: environment, clocks, memory, statistics, problems.
+"""Shared helpers of the benchmark cases: environment, clocks, memory, statistics, problems, a fresh clone.
 
 Imported first by every case process, so it must not import torch at module level (threads are set
 through the environment before torch starts).
@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 import re
 import resource
+import shutil
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from opsd_core.backends.capabilities import apply_isa_cap
 from opsd_core.offline import OFFLINE_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +28,22 @@ SMOLLM2 = "bundled:smollm2-135m-instruct"
 PROBLEM_CACHE = Path(os.environ.get("OPSD_BENCH_PROBLEMS") or REPO / ".opsd" / "bench" / "problems")
 
 OFFLINE_ENV = {**OFFLINE_DEFAULTS, "TRL_EXPERIMENTAL_SILENCE": "1", "WANDB_DISABLED": "true"}
+
+
+def fresh_smoke_clone(path: Path, model_cache: Path, with_dvc_config: bool = False) -> Path:
+    """``path`` as a new checkout running the smoke profile (models cached in ``model_cache``); the soak
+    benchmark's project, and the tests' (tests/projects.py)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, path / name)
+    if with_dvc_config:
+        shutil.copytree(REPO / ".dvc", path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    tree = yaml.safe_load((path / "params.yaml").read_text())
+    tree["profile"] = "smoke"
+    tree["model"]["cache_dir"] = str(model_cache)
+    (path / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    return path
 
 
 def case_env(threads: int) -> dict[str, str]:
@@ -35,6 +56,9 @@ def case_env(threads: int) -> dict[str, str]:
 
 
 def set_threads(threads: int) -> None:
+    """This process's torch settings, made where it starts, before torch runs a kernel: ``OPSD_CPU_ISA``'s caps
+    (oneDNN and MKL read them once, on first use), then the thread counts."""
+    apply_isa_cap()
     import torch
 
     torch.set_num_threads(threads)

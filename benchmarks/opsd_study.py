@@ -31,6 +31,7 @@ import torch
 
 from opsd_core.algorithm.prompts import student_prompt_ids
 from opsd_core.algorithm.rollout import eos_token_ids, sample
+from opsd_core.backends.capabilities import apply_isa_cap
 from opsd_core.config import Params, load_params
 from opsd_core.data.arithmetic import ArithmeticDifficulty, arithmetic_rows
 from opsd_core.evaluation.bootstrap import paired_bootstrap
@@ -195,6 +196,7 @@ def table(cells: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_isa_cap()  # OPSD_CPU_ISA's caps before torch runs a kernel
     apply_offline_defaults()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from opsd_core.algorithm.prompts import student_prompt_ids
+from opsd_core.backends.capabilities import apply_isa_cap
 from opsd_core.config import Params, load_params
 from opsd_core.evaluation.bootstrap import paired_bootstrap
 from opsd_core.evaluation.tasks import answer_split
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="NAME[:k=v,k=v...]")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    apply_isa_cap()  # OPSD_CPU_ISA's caps before torch runs a kernel
     apply_offline_defaults()
     root = args.project.resolve()
     common = load_params(root / "params.yaml", args.profile, args.sets)

@@ -107,8 +107,8 @@ def _opsd(project: Path, env: dict[str, str], *args: str) -> subprocess.Complete
 
 def soak(runs: int, work: Path) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
+    from benchmarks.common import fresh_smoke_clone
     from opsd_core.offline import apply_offline_defaults
-    from tests.projects import fresh_smoke_clone
 
     apply_offline_defaults()
     project = fresh_smoke_clone(work / "clone", work / "clone" / ".opsd" / "models", with_dvc_config=True)

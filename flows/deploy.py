@@ -13,14 +13,17 @@ import os
 import sys
 from pathlib import Path
 
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from pydantic import ValidationError
+
+from flows import server
+from flows.retrain import retrain
 from opsd_core.config import ConfigError, Params, load_params
 
 
 def check_cron(cron: str) -> None:
     """A cron expression Prefect accepts, or a one-line :class:`ConfigError` (before any server starts)."""
-    from prefect.client.schemas.schedules import CronSchedule
-    from pydantic import ValidationError
-
     try:
         CronSchedule(cron=cron)
     except ValidationError:
@@ -35,10 +38,6 @@ def deploy(params_path: str, profile: str | None, overrides: list[str] | None, c
     params = load_params(Path(params_path).resolve(), profile, overrides)
     if state_dir is None or params.flow.work_pool or os.environ.get("PREFECT_API_URL"):
         return _deploy(params_path, params, cron, name, register_only)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows import server
-
     record = server.start(state_dir)
     print(f"opsd deploy: the project's Prefect server at {record['url']} "
           f"({'already running' if record['already_running'] else 'started'}; `opsd server stop` stops it)",
@@ -48,23 +47,23 @@ def deploy(params_path: str, profile: str | None, overrides: list[str] | None, c
 
 
 def _deploy(params_path: str, params: Params, cron: str, name: str, register_only: bool) -> int:
-    from flows.retrain import retrain
-
     params_file = Path(params_path).resolve()
     parameters = {"params_path": str(params_file)}
+    # each run's own name carries its params and data hashes (flows/retrain.py: _run_name)
+    labels = ["opsd", "scheduled", f"profile:{params.profile}"]
     if params.flow.work_pool:
         deployment_id = retrain.from_source(
             source=str(params_file.parent), entrypoint="flows/retrain.py:retrain",
         ).deploy(name=name, work_pool_name=params.flow.work_pool, cron=cron, parameters=parameters,
-                 build=False, push=False, print_next_steps=False)
+                 tags=labels, build=False, push=False, print_next_steps=False)
         print(f"deployment opsd-retrain/{name} ({deployment_id}) on work pool {params.flow.work_pool!r}, "
               f"cron {cron!r}")
         return 0
     if register_only:
-        deployment = retrain.to_deployment(name=name, cron=cron, parameters=parameters)
+        deployment = retrain.to_deployment(name=name, cron=cron, parameters=parameters, tags=labels)
         deployment_id = deployment.apply()
         print(f"deployment opsd-retrain/{name} ({deployment_id}) registered, cron {cron!r}")
         return 0
     print(f"serving opsd-retrain/{name} on cron {cron!r} (Ctrl-C stops; the schedule pauses)", file=sys.stderr)
-    retrain.serve(name=name, cron=cron, parameters=parameters)
+    retrain.serve(name=name, cron=cron, parameters=parameters, tags=labels)
     return 0

@@ -1,4 +1,4 @@
-"""Test-session isolation: offline hubs, one torch thread, private state folders."""
+"""Test-session isolation: offline hubs, one torch thread, private state folders; ``OPSD_CPU_ISA`` honoured."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
+from opsd_core.backends.capabilities import apply_isa_cap  # noqa: E402
+from opsd_core.config import Params, load_params  # noqa: E402
 from opsd_core.offline import apply_offline_defaults  # noqa: E402
 
+# the test session is a process start: OPSD_CPU_ISA's caps before torch runs a kernel (`make test`'s AVX2 pass)
+apply_isa_cap()
 apply_offline_defaults()
 
 import torch  # noqa: E402
@@ -61,6 +65,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         seed = seed.removeprefix("default:")
         terminalreporter.write_line(f"test order: --random-order-bucket={bucket} --random-order-seed={seed} "
                                     f"(this order again: make test TEST_SEED={seed})")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Params:
+    """The smoke profile's params (the tiny model), with a model cache of the test module's own."""
+    root = Path(__file__).resolve().parents[1]
+    return load_params(root / "params.yaml", "smoke", [f"model.cache_dir={tmp_path_factory.mktemp('models')}"])
 
 
 @pytest.fixture(scope="session")

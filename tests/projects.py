@@ -1,5 +1,7 @@
 """Smoke projects for the tests: a fresh clone as a user makes one, and one reproduced pipeline that several
-test files share (running the whole smoke pipeline costs ~45-60 s on a 2-core CI machine, so it runs once)."""
+test files share (running the whole smoke pipeline costs ~45-60 s on a 2-core CI machine, so it runs once).
+The fresh clone itself is benchmarks/common.py's (the soak benchmark makes the same one; benchmarks import
+nothing from the tests)."""
 
 from __future__ import annotations
 
@@ -11,22 +13,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def fresh_smoke_clone(path: Path, model_cache: Path, with_dvc_config: bool = False) -> Path:
-    """``path`` as a new checkout running the smoke profile (models cached in ``model_cache``)."""
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, path / name)
-    if with_dvc_config:
-        shutil.copytree(ROOT / ".dvc", path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
-    tree = yaml.safe_load((path / "params.yaml").read_text())
-    tree["profile"] = "smoke"
-    tree["model"]["cache_dir"] = str(model_cache)
-    (path / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    return path
+from benchmarks.common import fresh_smoke_clone
 
 
 def committed_smoke_project(path: Path, model_cache: Path) -> Path:

@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 from flows.artifacts import eval_table, publish
 from opsd_core.config import Params
 from opsd_core.registry import decide
-from tests.test_registry_gate import GUARD, PRIMARY, eval_report
+from tests.support import GUARD, PRIMARY, eval_report
 
 pytestmark = pytest.mark.slow  # Prefect flows on the test harness: out of the fast lane (make test-fast)
 

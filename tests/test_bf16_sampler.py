@@ -24,7 +24,7 @@ from opsd_core.backends.sampler import PolicySampler
 from opsd_core.config import Params
 from opsd_core.models.lora import iter_effective_weights, lora_layers, wrap_lora
 from opsd_core.models.sources import load_model_and_tokenizer
-from tests.test_training import _policy, _problems, smoke  # noqa: F401 (fixture)
+from tests.support import load_policy, toy_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -99,7 +99,7 @@ def test_the_bf16_sampler_is_described_and_samples_on_every_path(smoke: Params) 
     backend = Backend(policy, torch.bfloat16, "static")
     assert backend.describe_sampler() == "transformers generate, static cache on a bfloat16 copy, LoRA delta unmerged"
     _, tok = load_model_and_tokenizer(smoke.model, ROOT)
-    prompts = [p.student_ids for p in _problems(tok)]
+    prompts = [p.student_ids for p in toy_problems(tok)]
     cfg = smoke.opsd.sampling.model_copy(update={"max_new_tokens": 6})
     for kind in ("engine", "generate", "static"):
         sampler = PolicySampler(policy, torch.bfloat16, kind)
@@ -111,7 +111,7 @@ def test_the_bf16_sampler_is_described_and_samples_on_every_path(smoke: Params) 
 @pytest.mark.parametrize("backend", ["engine", "generate", "static"])
 def test_the_fp32_sampler_still_decodes_the_merged_copy_bit_for_bit(smoke: Params, backend: str) -> None:  # noqa: F811
     """float32 sampling (the CPU default) is what it was: the merged copy, its logits and rollouts unchanged."""
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -127,9 +127,9 @@ def test_the_fp32_sampler_still_decodes_the_merged_copy_bit_for_bit(smoke: Param
     if backend == "generate":  # in the policy's own dtype, generate samples the policy itself, as before
         assert module is model
         old = model
-    ids = torch.tensor([p.student_ids[:24] for p in _problems(tok)[:2]])
+    ids = torch.tensor([p.student_ids[:24] for p in toy_problems(tok)[:2]])
     assert torch.equal(_logits(module, ids), _logits(old, ids))
-    prompts = [p.student_ids for p in _problems(tok)]
+    prompts = [p.student_ids for p in toy_problems(tok)]
     cfg = smoke.opsd.sampling.model_copy(update={"max_new_tokens": 12})
     draws = [sample(m, prompts, cfg, tok.pad_token_id, eos_token_ids(model, tok), [1, 2, 3, 4], torch.device("cpu"),
                     options=sampler.generate_options) for m in (module, old)]

@@ -26,7 +26,7 @@ from opsd_core.backends.capabilities import (
     measure_pack_speedup,
     probe,
 )
-from tests.test_train_cli import make_project, opsd
+from tests.support import cli_project, opsd
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow  # `opsd` CLI subprocesses on simulated CPUs: out 
 
 _PROBE = """
 import json, torch
-from opsd_core.backends.capabilities import probe
+from opsd_core.backends.capabilities import apply_isa_cap, probe
+apply_isa_cap()  # a process start, as the opsd command's (importing opsd applies nothing)
 caps = probe().as_dict()
 try:
     torch.ops.mkldnn._reorder_linear_weight(torch.randn(64, 64).bfloat16())
@@ -111,7 +112,7 @@ def test_the_pack_probe_measures_a_ratio() -> None:
 # -- whole runs on the simulated machines --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = make_project(tmp_path_factory.mktemp("project"), tmp_path_factory.mktemp("models"))
+    project = cli_project(tmp_path_factory.mktemp("project"), tmp_path_factory.mktemp("models"))
     opsd(project, "data", "generate")
     opsd(project, "prepare")
     return project
@@ -168,7 +169,7 @@ def test_opsd_env_prints_the_machine_the_paths_and_the_versions(project: Path) -
 
 def test_opsd_run_refuses_an_impossible_setting_before_the_flow_starts(tmp_path: Path) -> None:
     """Written bare, as YAML users write it (``on`` is a boolean to YAML), on a machine without oneDNN."""
-    project = make_project(tmp_path / "clone", tmp_path / "models")
+    project = cli_project(tmp_path / "clone", tmp_path / "models")
     text = (project / "params.yaml").read_text().replace("packed_weights: auto", "packed_weights: on", 1)
     (project / "params.yaml").write_text(text)
     proc = opsd(project, "run", env={"OPSD_HIDE": "onednn"}, check=False)

@@ -12,16 +12,9 @@ import pytest
 import torch
 
 from opsd_core import checkpoint as ckpt
-from opsd_core.config import Params, load_params
+from opsd_core.config import Params
 from opsd_core.stages.train import build_trainer
-from tests.test_training import _fixed_rollouts, _policy, _problems, _train
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Params:
-    return load_params(ROOT / "params.yaml", "smoke", [f"model.cache_dir={tmp_path_factory.mktemp('models')}"])
+from tests.support import fixed_rollouts, load_policy, toy_problems, train_steps
 
 
 class _Payload:
@@ -78,20 +71,20 @@ def test_rng_state_round_trips_through_plain_types() -> None:
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(smoke: Params, tmp_path: Path) -> None:
     params = smoke.model_copy(deep=True)
     params.train.keep_checkpoints = 3
-    model, tok = _policy(params)
+    model, tok = load_policy(params)
     logs: list[str] = []
-    trainer = build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp_path / "run", log=logs.append)
-    rollouts = _fixed_rollouts(tok, 4)
+    trainer = build_trainer(params, model, tok, toy_problems(tok), torch.device("cpu"), tmp_path / "run", log=logs.append)
+    rollouts = fixed_rollouts(tok, 4)
     for step in (1, 2):
-        _train(trainer, rollouts, 1)
+        train_steps(trainer, rollouts, 1)
         trainer.state.step = step
         trainer.save_checkpoint()
     newest = ckpt.latest(tmp_path / "run")
     assert newest is not None and newest.step == 2
     (newest.path / "state.pt").write_bytes(b"\x00" * 64)  # a torn write
 
-    model2, _ = _policy(params)
-    resumed = build_trainer(params, model2, tok, _problems(tok), torch.device("cpu"), tmp_path / "run", log=logs.append)
+    model2, _ = load_policy(params)
+    resumed = build_trainer(params, model2, tok, toy_problems(tok), torch.device("cpu"), tmp_path / "run", log=logs.append)
     assert resumed.resume() and resumed.state.step == 1
     assert any("skipping checkpoint" in m and "step-0000002" in m for m in logs), logs
     assert any("resumed from" in m and "step-0000001" in m for m in logs), logs
@@ -100,12 +93,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(smoke: Param
 def test_only_the_newest_checkpoints_are_kept_and_resume_takes_the_newest(smoke: Params, tmp_path: Path) -> None:
     params = smoke.model_copy(deep=True)
     params.train.keep_checkpoints = 2
-    model, tok = _policy(params)
+    model, tok = load_policy(params)
     run = tmp_path / "run"
-    trainer = build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), run, log=lambda _m: None)
-    rollouts = _fixed_rollouts(tok, 4)
+    trainer = build_trainer(params, model, tok, toy_problems(tok), torch.device("cpu"), run, log=lambda _m: None)
+    rollouts = fixed_rollouts(tok, 4)
     for step in range(1, 6):
-        _train(trainer, rollouts, 1)  # different weights at every checkpoint
+        train_steps(trainer, rollouts, 1)  # different weights at every checkpoint
         trainer.state.step = step
         trainer.save_checkpoint()
         kept = [c.step for c in ckpt.complete(run)]
@@ -114,8 +107,8 @@ def test_only_the_newest_checkpoints_are_kept_and_resume_takes_the_newest(smoke:
     weights = {n: p.detach().clone() for n, p in trainer.trainable.items()}
 
     logs: list[str] = []
-    model2, _ = _policy(params)
-    resumed = build_trainer(params, model2, tok, _problems(tok), torch.device("cpu"), run, log=logs.append)
+    model2, _ = load_policy(params)
+    resumed = build_trainer(params, model2, tok, toy_problems(tok), torch.device("cpu"), run, log=logs.append)
     assert resumed.resume() and resumed.state.step == 5
     assert logs == [f"resumed from {run / 'step-0000005'} (step 5/{params.train.steps})"]
     for name, p in resumed.trainable.items():

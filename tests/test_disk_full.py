@@ -17,7 +17,7 @@ from opsd_core.algorithm.trainer import TrainingError
 from opsd_core.config import Params
 from opsd_core.models.sources import resolve_base_dir
 from opsd_core.stages.train import build_trainer, save_candidate
-from tests.test_training import ROOT, _policy, _problems, smoke  # noqa: F401 (fixture)
+from tests.support import ROOT, load_policy, toy_problems
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
@@ -27,8 +27,8 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_older_ones_and_the_rerun_resumes(
     params = smoke.model_copy(deep=True)
     params.train.steps, params.train.checkpoint_every, params.train.progress = 4, 1, False
     run_dir = tmp_path / "run"
-    model, tok = _policy(params)
-    trainer = build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), run_dir, log=lambda _m: None)
+    model, tok = load_policy(params)
+    trainer = build_trainer(params, model, tok, toy_problems(tok), torch.device("cpu"), run_dir, log=lambda _m: None)
     real_save, calls = torch.save, []
 
     def save_until_full(obj: object, f: object, *args: object, **kwargs: object) -> None:
@@ -45,16 +45,16 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_older_ones_and_the_rerun_resumes(
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]  # no half-written state
     monkeypatch.setattr(torch, "save", real_save)  # space freed
 
-    model2, _ = _policy(params)
+    model2, _ = load_policy(params)
     logs: list[str] = []
-    again = build_trainer(params, model2, tok, _problems(tok), torch.device("cpu"), run_dir, log=logs.append)
+    again = build_trainer(params, model2, tok, toy_problems(tok), torch.device("cpu"), run_dir, log=logs.append)
     state = again.run()
     assert state.step == 4 and any("resumed from" in line and "step 2/4" in line for line in logs)
 
 
 def test_a_full_disk_writing_the_candidate_keeps_the_previous_one(
         smoke: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     base_path = resolve_base_dir(smoke.model, ROOT)
     first = save_candidate(smoke, tmp_path, model, tok, base_path, "a" * 16, torch.device("cpu"))
     candidate = tmp_path / smoke.train.output_dir

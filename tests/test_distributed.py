@@ -18,10 +18,10 @@ from opsd_core.backends import fsdp
 from opsd_core.backends.distributed import World
 from opsd_core.backends.engine import DecoderEngine
 from opsd_core.backends.row_noise import gumbel_pick, uniform
-from opsd_core.config import Params, load_params
+from opsd_core.config import Params
 from opsd_core.models.sources import load_model_and_tokenizer
 from tests.faults import kill_after_checkpoint
-from tests.test_train_cli import make_project, opsd
+from tests.support import cli_project, opsd
 
 pytestmark = pytest.mark.slow  # torchrun and `opsd train` subprocesses: out of the fast lane (make test-fast)
 
@@ -59,11 +59,6 @@ def test_gumbel_pick_draws_from_the_distribution() -> None:
     ids = torch.tensor([[11, 22, 33]])
     flipped = gumbel_pick(torch.tensor([[0.2, 0.3, 0.5]]).flip(1), ids.flip(1), torch.tensor([5]), 2)
     assert flipped == gumbel_pick(torch.tensor([[0.2, 0.3, 0.5]]), ids, torch.tensor([5]), 2)
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Params:
-    return load_params(ROOT / "params.yaml", "smoke", [f"model.cache_dir={tmp_path_factory.mktemp('m')}"])
 
 
 def test_a_rollout_is_the_same_sample_in_any_batch_and_either_sampler(smoke: Params) -> None:
@@ -114,7 +109,7 @@ def test_gathered_state_is_a_snapshot_on_the_writing_rank_and_nothing_elsewhere(
 # -- the real command under torchrun ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = make_project(tmp_path_factory.mktemp("project"), tmp_path_factory.mktemp("models"))
+    project = cli_project(tmp_path_factory.mktemp("project"), tmp_path_factory.mktemp("models"))
     opsd(project, "data", "generate")
     opsd(project, "prepare")
     return project

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from faults import kill_dvc_after_writes
 
 from opsd_core.config import Params
+from tests.faults import kill_dvc_after_writes
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = Params()

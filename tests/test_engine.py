@@ -14,25 +14,10 @@ from opsd_core.algorithm.rollout import left_pad
 from opsd_core.backends.engine import DecoderEngine, candidates, filter_logits, supports
 from opsd_core.config import load_params
 from opsd_core.models.sources import load_model_and_tokenizer
+from tests.support import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [list(range(40, 57)), list(range(60, 65)), list(range(70, 81))]  # different lengths: padding matters
-
-
-def _random_model(kind: str) -> torch.nn.Module:
-    """A 2-layer model of one architecture, random weights (no download: built from a config)."""
-    extra = {"qwen2": {"use_sliding_window": False}, "qwen3": {"head_dim": 16, "use_sliding_window": False}}
-    cfg = AutoConfig.for_model(kind, vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                               tie_word_embeddings=False, **extra.get(kind, {}))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    if kind == "qwen2":  # biases start at zero: make them matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +28,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
 
 
 def _models(tiny: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {"tiny-llama": tiny, "qwen2": _random_model("qwen2"), "qwen3": _random_model("qwen3")}
+    return {"tiny-llama": tiny, "qwen2": random_model("qwen2"), "qwen3": random_model("qwen3")}
 
 
 def test_engine_logits_equal_the_transformers_forward(tiny: torch.nn.Module) -> None:

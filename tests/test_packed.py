@@ -17,10 +17,11 @@ from opsd_core.backends.engine import DecoderEngine
 from opsd_core.backends.fused_lora import installed
 from opsd_core.backends.packs import LinearPacks, PackedLinear, for_plan
 from opsd_core.backends.plan import make_plan
-from opsd_core.config import Params, load_params
+from opsd_core.config import Params
 from opsd_core.models.lora import wrap_lora
 from opsd_core.models.sources import load_model_and_tokenizer
 from opsd_core.stages.train import build_trainer
+from tests.support import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # without oneDNN the plan turns packs off: tests/test_capabilities.py trains that fallback on every machine
@@ -30,11 +31,6 @@ pytestmark = pytest.mark.skipif(not probe().onednn_fp32, reason="this torch buil
 # tests/test_capabilities.py cover that on every machine)
 needs_bf16_packs = pytest.mark.skipif(not probe().onednn_bf16, reason="oneDNN cannot pack bf16 weights on this CPU")
 BF16_PACKS = (torch.float32, torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Params:
-    return load_params(ROOT / "params.yaml", "smoke", [f"model.cache_dir={tmp_path_factory.mktemp('m')}"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packs)])
@@ -204,9 +200,7 @@ def test_installed_packs_leave_the_student_pass_and_its_gradient_unchanged(smoke
 def test_engine_with_packs_matches_the_plain_engine_after_a_weight_rewrite(smoke: Params, kind: str) -> None:
     """Packed q/k/v (with qwen2's biases) and gate/up, per-layer packs and the head, before and after a sync."""
     if kind == "qwen2":
-        from tests.test_engine import _random_model
-
-        model = _random_model("qwen2")
+        model = random_model("qwen2")
     else:
         model, _ = load_model_and_tokenizer(smoke.model, ROOT)
     model = model.eval().requires_grad_(False)

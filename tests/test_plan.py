@@ -1,4 +1,5 @@
-"""The execution plan's rules on every kind of machine, from capabilities written down (no probing).
+"""The execution plan's rules on every kind of machine, from capabilities written down (no probing:
+tests/support.py holds the machines).
 
 Each machine here is one users have: an AVX2-only x86 VM or laptop, a Skylake-class AVX-512 server
 without bf16 units, an AVX512-BF16 server, arm64 Linux with and without bf16 and with packs that do
@@ -15,25 +16,9 @@ import pytest
 from opsd_core.backends.capabilities import Capabilities, CapabilityError
 from opsd_core.backends.plan import MIN_PACK_SPEEDUP, make_plan
 from opsd_core.config import ConfigError, Params, load_params
+from tests.support import APPLE, AVX2, GRAVITON3, H100, NO_ONEDNN, SAPPHIRE, SKYLAKE, T4
 
 ROOT = Path(__file__).resolve().parents[1]
-
-_X86 = dict(machine="x86_64", system="Linux", mallopt=True, cuda=False, cuda_bf16=False, mps=False)
-AVX2 = Capabilities(torch_cpu="AVX2", flags=("avx", "avx2", "fma", "f16c"), onednn_fp32=True, onednn_bf16=False,
-                    bf16_units=False, **_X86)
-SKYLAKE = Capabilities(torch_cpu="AVX512", flags=("avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
-                       onednn_fp32=True, onednn_bf16=True, bf16_units=False, **_X86)
-SAPPHIRE = Capabilities(torch_cpu="AVX512", flags=("avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq",
-                                                   "avx512_bf16", "amx_bf16"),
-                        onednn_fp32=True, onednn_bf16=True, bf16_units=True, **_X86)
-GRAVITON3 = Capabilities(machine="aarch64", system="Linux", torch_cpu="SVE256", flags=("asimd", "bf16", "sve"),
-                         onednn_fp32=True, onednn_bf16=True, bf16_units=True, mallopt=True, cuda=False,
-                         cuda_bf16=False, mps=False, pack_speedup=1.4)
-APPLE = Capabilities(machine="arm64", system="Darwin", torch_cpu="DEFAULT", flags=("asimd", "bf16"), onednn_fp32=False,
-                     onednn_bf16=False, bf16_units=True, mallopt=False, cuda=False, cuda_bf16=False, mps=True)
-NO_ONEDNN = replace(AVX2, onednn_fp32=False)
-H100 = replace(SAPPHIRE, cuda=True, cuda_bf16=True, cuda_name="NVIDIA H100")
-T4 = replace(AVX2, cuda=True, cuda_bf16=False, cuda_name="Tesla T4")
 
 
 @pytest.fixture(scope="module")

@@ -1,46 +1,20 @@
 """Registry stage, pure parts: the promotion gate, the champion history replay, store resolution.
 
-The fabricated evaluation reports defined here are shared with tests/test_registry.py.
+The fabricated evaluation reports come from tests/support.py (tests/test_registry.py uses them too).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from opsd_core.config import Params
-from opsd_core.evaluation.bootstrap import paired_bootstrap
 from opsd_core.registry import ChampionEvidence, decide
 from opsd_core.registry.audit import champion_stack, unaudited_champion
 from opsd_core.registry.store import resolve_store
-
-DOCS = [f"d{i:02d}" for i in range(40)]
-PRIMARY, GUARD = "opsd_val", "opsd_gsm8k100"
-
-
-# -- fabricated evaluation reports ------------------------------------------------------------
-def _samples(ones: int) -> dict[str, list[int]]:
-    # nested sets: a model with more ones is at least as good on every doc, so the pairing matters
-    return {d: [int(i < ones)] for i, d in enumerate(DOCS)}
-
-
-def _side(ones: int) -> dict[str, Any]:
-    return {"score": ones / len(DOCS), "n": len(DOCS), "samples": _samples(ones)}
-
-
-def _task(base: int, cand: int) -> dict[str, Any]:
-    b, c = _side(base), _side(cand)
-    keys = sorted(b["samples"])
-    diff = paired_bootstrap([b["samples"][k][0] for k in keys], [c["samples"][k][0] for k in keys], 1000, 0)
-    return {"base": b, "candidate": c, "diff": diff}
-
-
-def eval_report(cand: int, base: int = 10, guard: tuple[int, int] = (20, 20), settings: str = "s1") -> dict:
-    return {"settings": {"settings_hash": settings},
-            "tasks": {PRIMARY: _task(base, cand), GUARD: _task(*guard)}}
+from tests.support import GUARD, PRIMARY, eval_report
 
 
 def champ(cand: int, version: str = "1", settings: str = "s1", content: str = "old") -> ChampionEvidence:

@@ -19,12 +19,11 @@ from typing import Any
 
 import pytest
 import torch
-from test_registry import _free_port, make_project, serve_mlflow
-from test_registry_gate import eval_report
 
 from opsd_core.config import Params
 from opsd_core.registry.audit import read_audit
 from opsd_core.registry.promotion_lease import LeaseLostError, acquire, lease_model, promotion_lease
+from tests.support import eval_report, free_port, registry_project, serve_mlflow
 
 pytestmark = pytest.mark.slow  # an MLflow server and racing processes: out of the fast lane (make test-fast)
 
@@ -37,7 +36,7 @@ def server_and_base(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A real `mlflow server` on 127.0.0.1 and a tiny base model, built while the server starts."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    serving = serve_mlflow(tmp_path_factory.mktemp("server"), _free_port())
+    serving = serve_mlflow(tmp_path_factory.mktemp("server"), free_port())
     with ThreadPoolExecutor(1) as pool:
         started = pool.submit(serving.__enter__)
         torch.manual_seed(0)
@@ -80,7 +79,7 @@ def test_racing_promotions_from_separate_state_folders_leave_one_champion_and_a_
     params = Params(registry={"model_name": model}, eval={"bootstrap_samples": 200})
     roots = [tmp_path / f"machine{i}" for i in range(len(SCORES))]  # each its own .opsd state folder
     for i, (root, score) in enumerate(zip(roots, SCORES, strict=True)):
-        make_project(root, base_dir, seed=i + 1, report=eval_report(cand=score))
+        registry_project(root, base_dir, seed=i + 1, report=eval_report(cand=score))
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": server}
     env.pop("OPSD_MLFLOW_RUN_ID", None)
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(r), params.model_dump_json()], env=env,

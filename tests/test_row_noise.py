@@ -12,7 +12,7 @@ from opsd_core.backends.nucleus import nucleus
 from opsd_core.backends.row_noise import gumbel_pick
 from opsd_core.backends.sampler import PolicySampler
 from opsd_core.config import Params
-from tests.test_training import _policy, _problems, smoke  # noqa: F401 (fixture)
+from tests.support import load_policy, toy_problems
 
 
 def _zipf(rows: int, vocab: int, exponents: list[float], seed: int = 0) -> torch.Tensor:
@@ -76,8 +76,8 @@ def test_nucleus_draws_follow_the_top_p_softmax() -> None:
 
 @pytest.mark.parametrize("kind", ["engine", "generate", "static"])
 def test_full_vocabulary_rollouts_are_per_row_and_the_same_on_every_path(smoke: Params, kind: str) -> None:  # noqa: F811
-    model, tok = _policy(smoke)
-    prompts = [p.student_ids for p in _problems(tok)]
+    model, tok = load_policy(smoke)
+    prompts = [p.student_ids for p in toy_problems(tok)]
     cfg = smoke.opsd.sampling.model_copy(update={"max_new_tokens": 10, "top_k": 0, "top_p": 0.9})
     eos, seeds = eos_token_ids(model, tok), [21, 22, 23, 24]
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # `opsd run` and `opsd status` subprocesses, Prefect: out of the fast lane (make test-fast)
+from tests.support import BIN, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = str(Path(sys.executable).parent)
+pytestmark = pytest.mark.slow  # `opsd run` and `opsd status` subprocesses, Prefect: out of the fast lane (make test-fast)
 
 
 def opsd(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -37,10 +36,10 @@ def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_pat
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_API_URL
 
+    from benchmarks.common import fresh_smoke_clone
     from opsd_core.config import load_params
     from opsd_core.registry import leases
     from opsd_core.registry.store import resolve_store
-    from tests.projects import fresh_smoke_clone
 
     project = fresh_smoke_clone(tmp_path / "clone", tmp_path / "models", with_dvc_config=True)
     params = load_params(project / "params.yaml")

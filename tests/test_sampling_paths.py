@@ -14,8 +14,7 @@ from opsd_core.backends.base import Backend
 from opsd_core.backends.plan import make_plan
 from opsd_core.backends.sampler import PolicySampler
 from opsd_core.config import Params
-from tests.test_plan import AVX2, H100
-from tests.test_training import _policy, _problems, smoke  # noqa: F401 (fixture)
+from tests.support import AVX2, H100, load_policy, toy_problems
 
 
 def test_left_pad_rounds_the_width_up_to_the_bucket() -> None:
@@ -46,8 +45,8 @@ def test_the_plan_resolves_the_sampler_for_the_device(smoke: Params, caps, setti
 
 
 def test_static_cache_draws_the_rollouts_generate_and_the_engine_draw(smoke: Params) -> None:  # noqa: F811
-    model, tok = _policy(smoke)
-    prompts = [p.student_ids for p in _problems(tok)]
+    model, tok = load_policy(smoke)
+    prompts = [p.student_ids for p in toy_problems(tok)]
     assert len({len(p) for p in prompts}) > 1  # really different prompt lengths: padding matters
     cfg = smoke.opsd.sampling.model_copy(update={"max_new_tokens": 12})
     eos, seeds = eos_token_ids(model, tok), [11, 12, 13, 14][: len(prompts)]
@@ -67,7 +66,7 @@ def test_static_cache_draws_the_rollouts_generate_and_the_engine_draw(smoke: Par
 
 
 def test_the_static_sampler_decodes_a_merged_copy_and_follows_training(smoke: Params) -> None:  # noqa: F811
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     backend = Backend(model, torch.float32, "static")
     assert backend.sampler.copy is not None and backend.sampler.engine is None
     assert backend.describe_sampler() == "transformers generate, static cache on a merged float32 copy"

@@ -24,7 +24,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows import server
 from tests.projects import copy_project
-from tests.test_run_cli import BIN
+from tests.support import BIN
 
 pytestmark = pytest.mark.slow  # a Prefect server and a scheduled flow run: out of the fast lane (make test-fast)
 

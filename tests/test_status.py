@@ -17,8 +17,7 @@ from mlflow.tracking import MlflowClient
 from opsd_core.config import load_params
 from opsd_core.registry import leases, sqlite_read
 from opsd_core.registry.store import resolve_store, version_by_alias
-from tests.test_crash_accounting import _run as hold_lease
-from tests.test_run_cli import ROOT
+from tests.support import ROOT, hold_lease
 
 pytestmark = pytest.mark.slow  # `opsd status` in subprocesses: out of the fast lane (make test-fast)
 

@@ -3,45 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.faults import kill_after_checkpoint
+from tests.support import cli_project, opsd
 
 pytestmark = pytest.mark.slow  # `opsd` CLI subprocesses: out of the fast lane (make test-fast)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def opsd(project: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
-         ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=project, env=full_env,
-        capture_output=True, text=True, timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"opsd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def make_project(path: Path, cache: Path, extra: str = "") -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    text = (ROOT / "params.yaml").read_text().replace("profile: default", "profile: smoke", 1)
-    text = text.replace("cache_dir: .opsd/models", f"cache_dir: {cache}", 1)
-    (path / "params.yaml").write_text(text + extra)
-    return path
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("models")
-    project = make_project(tmp_path_factory.mktemp("project"), cache)
+    project = cli_project(tmp_path_factory.mktemp("project"), cache)
     opsd(project, "data", "generate")
     opsd(project, "prepare")
     return project
@@ -119,7 +95,7 @@ def test_full_finetuning_writes_and_verifies_full_weights(prepared: Path, tmp_pa
 
 
 def test_train_before_prepare_says_what_to_run_without_loading_a_model(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "fresh", tmp_path / "models")
+    project = cli_project(tmp_path / "fresh", tmp_path / "models")
     proc = opsd(project, "train", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].endswith("train.jsonl does not exist: run `opsd prepare` first")

@@ -24,7 +24,6 @@ from opsd_core.algorithm.scoring import ScoringBatch, build_scoring_batch, compl
 from opsd_core.algorithm.teacher import EmaTeacher, FixedTeacher, LiveTeacher
 from opsd_core.algorithm.trainer import (
     OPSDTrainer,
-    Problem,
     TrainingError,
     load_problems,
     shuffled_partners,
@@ -38,51 +37,17 @@ from opsd_core.config import ConfigError, Params, TrainConfig, load_params
 from opsd_core.models.lora import effective_weights, wrap_lora
 from opsd_core.models.sources import load_model_and_tokenizer, resolve_base_dir
 from opsd_core.stages.train import build_backend, build_trainer, save_candidate
+from tests.support import fixed_rollouts, load_policy, toy_problems, train_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Params:
-    cache = tmp_path_factory.mktemp("models")
-    return load_params(ROOT / "params.yaml", "smoke", [f"model.cache_dir={cache}"])
-
-
-def _policy(params: Params, lora: bool = True) -> tuple[torch.nn.Module, object]:
-    model, tok = load_model_and_tokenizer(params.model, ROOT)
-    torch.manual_seed(0)
-    if lora:
-        model = wrap_lora(model, params.lora)
-    else:
-        model.requires_grad_(True)
-    return model, tok
-
-
-def _problems(tok: object) -> list[Problem]:
-    rows = [
-        ("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7\n#### 7"),
-        ("A book costs 12 dollars. What do 5 books cost in dollars, in total?", "5 * 12 = 60\n#### 60"),
-        ("Sam ran 2 km.", "#### 2"),
-        ("What is 9 times 9? Think about it carefully before you answer.", "9 * 9 = 81\n#### 81"),
-    ]
-    return [Problem(str(i), student_prompt_ids(tok, p), teacher_prompt_ids(tok, p, s))
-            for i, (p, s) in enumerate(rows)]
-
-
-def _fixed_rollouts(tok: object, n: int, length: int = 6, seed: int = 0) -> Rollouts:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(10, 200, (n, length), generator=gen)
-    ids[0, 3] = tok.eos_token_id  # one rollout ends early: the tokens after it must be masked
-    mask, ended = completion_mask_from_ids(ids, {tok.eos_token_id})
-    return Rollouts(ids.masked_fill(~mask, tok.pad_token_id), mask, ended, 1.0)
-
-
 def test_student_and_teacher_score_the_same_tokens_at_the_same_positions(smoke: Params) -> None:
     """Batched, left-padded scoring equals scoring each row alone without any padding."""
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     model.eval()
-    problems = _problems(tok)
-    rollouts = _fixed_rollouts(tok, len(problems))
+    problems = toy_problems(tok)
+    rollouts = fixed_rollouts(tok, len(problems))
     head = lm_head(model).weight
     for prompts in ([p.student_ids for p in problems], [p.teacher_ids for p in problems]):
         assert len({len(p) for p in prompts}) > 1  # really different prompt lengths
@@ -98,14 +63,8 @@ def test_student_and_teacher_score_the_same_tokens_at_the_same_positions(smoke: 
 
 
 def _trainer(params: Params, model: torch.nn.Module, tok: object, tmp: Path) -> OPSDTrainer:
-    return build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp / "run",
+    return build_trainer(params, model, tok, toy_problems(tok), torch.device("cpu"), tmp / "run",
                        log=lambda _m: None)
-
-
-def _train(trainer: OPSDTrainer, rollouts: Rollouts, steps: int) -> None:
-    for _ in range(steps):
-        trainer.accumulate(trainer.problems, rollouts)
-        trainer.optimizer_step()
 
 
 def _assert_close_where_valid(got: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, tol: float) -> None:
@@ -120,10 +79,10 @@ def _teacher_batch(trainer: OPSDTrainer, rollouts: Rollouts, tok: object) -> Sco
 
 
 def test_training_lowers_the_divergence_on_a_fixed_batch(smoke: Params, tmp_path: Path) -> None:
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     trainer = _trainer(smoke, model, tok, tmp_path)
     batch = trainer.problems
-    rollouts = _fixed_rollouts(tok, len(batch), length=8)
+    rollouts = fixed_rollouts(tok, len(batch), length=8)
     losses = []
     for _ in range(6):
         losses.append(trainer.accumulate(batch, rollouts)["kl"])
@@ -149,13 +108,13 @@ def test_micro_batch_grouping_and_trimming_leave_the_gradient_unchanged(smoke: P
     for mb in (1, 2, 4):
         params = smoke.model_copy(deep=True)
         params.train.micro_batch_size = mb
-        model, _ = _policy(params)
+        model, _ = load_policy(params)
         trainer = _trainer(params, model, tok, tmp_path / str(mb))
         trainer.accumulate(trainer.problems, rollouts)
         grads[mb] = {n: p.grad.clone() for n, p in trainer.trainable.items()}
 
     # reference: every row, original order, the full completion block, one pass
-    model, _ = _policy(smoke)
+    model, _ = load_policy(smoke)
     trainer = _trainer(smoke, model, tok, tmp_path / "ref")
     s_batch = build_scoring_batch([p.student_ids for p in trainer.problems], rollouts.completion_ids,
                                   rollouts.completion_mask, tok.pad_token_id)
@@ -173,11 +132,11 @@ def test_micro_batch_grouping_and_trimming_leave_the_gradient_unchanged(smoke: P
 def test_fixed_teacher_stays_the_base_model_after_training(smoke: Params, tmp_path: Path) -> None:
     base, tok = load_model_and_tokenizer(smoke.model, ROOT)
     base.eval()
-    model, _ = _policy(smoke)
+    model, _ = load_policy(smoke)
     trainer = _trainer(smoke, model, tok, tmp_path)
     assert isinstance(trainer.teacher, FixedTeacher)
-    rollouts = _fixed_rollouts(tok, 4)
-    _train(trainer, rollouts, 3)
+    rollouts = fixed_rollouts(tok, 4)
+    train_steps(trainer, rollouts, 3)
     batch = _teacher_batch(trainer, rollouts, tok)
     with torch.no_grad():
         expected = completion_hidden(base, batch)
@@ -193,12 +152,12 @@ def test_fixed_teacher_padded_batch_is_the_base_model(smoke: Params, tmp_path: P
     """The GPU choice (one padded batch, adapter disabled) scores what the per-row engine scores."""
     base, tok = load_model_and_tokenizer(smoke.model, ROOT)
     base.eval()
-    model, _ = _policy(smoke)
+    model, _ = load_policy(smoke)
     padded = FixedTeacher(model)  # no back-end: the portable padded pass
     assert padded.describe() == "padded batch through the model"
     trainer = _trainer(smoke, model, tok, tmp_path)
-    rollouts = _fixed_rollouts(tok, 4)
-    _train(trainer, rollouts, 2)
+    rollouts = fixed_rollouts(tok, 4)
+    train_steps(trainer, rollouts, 2)
     batch = _teacher_batch(trainer, rollouts, tok)
     with torch.no_grad():
         expected = completion_hidden(base, batch)
@@ -208,7 +167,7 @@ def test_fixed_teacher_padded_batch_is_the_base_model(smoke: Params, tmp_path: P
 
 
 def test_per_row_scoring_is_the_cpu_backends_choice(smoke: Params) -> None:
-    model, _ = _policy(smoke)
+    model, _ = load_policy(smoke)
     plan = make_plan(smoke, probe())
     cpu = build_backend(smoke, model, plan, torch.device("cpu"), lambda _m: None)
     portable = build_backend(smoke, model, plan, torch.device("meta"), lambda _m: None)  # any other device
@@ -222,11 +181,11 @@ def test_per_row_scoring_is_the_cpu_backends_choice(smoke: Params) -> None:
 def test_fixed_teacher_for_full_finetuning_is_a_frozen_copy(smoke: Params, tmp_path: Path) -> None:
     params = smoke.model_copy(deep=True)
     params.lora.enabled = False
-    model, tok = _policy(params, lora=False)
+    model, tok = load_policy(params, lora=False)
     initial = copy.deepcopy(model)
     trainer = _trainer(params, model, tok, tmp_path)
-    rollouts = _fixed_rollouts(tok, 4)
-    _train(trainer, rollouts, 1)
+    rollouts = fixed_rollouts(tok, 4)
+    train_steps(trainer, rollouts, 1)
     batch = _teacher_batch(trainer, rollouts, tok)
     with torch.no_grad():
         # the frozen copy is scored by the engine (unpadded): same values up to summation order
@@ -238,13 +197,13 @@ def test_fixed_teacher_for_full_finetuning_is_a_frozen_copy(smoke: Params, tmp_p
 def test_live_teacher_tracks_the_current_weights(smoke: Params, tmp_path: Path) -> None:
     params = smoke.model_copy(deep=True)
     params.opsd.teacher = "live"
-    model, tok = _policy(params)
+    model, tok = load_policy(params)
     trainer = _trainer(params, model, tok, tmp_path)
     assert isinstance(trainer.teacher, LiveTeacher)
-    rollouts = _fixed_rollouts(tok, 4)
+    rollouts = fixed_rollouts(tok, 4)
     batch = _teacher_batch(trainer, rollouts, tok)
     before = trainer.teacher.hidden(batch)
-    _train(trainer, rollouts, 2)
+    train_steps(trainer, rollouts, 2)
     model.eval()
     with torch.no_grad():
         current = completion_hidden(model, batch)
@@ -256,20 +215,20 @@ def test_ema_teacher_averages_the_merged_delta_and_survives_resume(smoke: Params
     params = smoke.model_copy(deep=True)
     params.opsd.teacher = "ema"
     params.opsd.ema_decay = 0.5
-    model, tok = _policy(params)
+    model, tok = load_policy(params)
     trainer = _trainer(params, model, tok, tmp_path)
     assert isinstance(trainer.teacher, EmaTeacher)
-    rollouts = _fixed_rollouts(tok, 4)
+    rollouts = fixed_rollouts(tok, 4)
     name = next(iter(trainer.teacher.ema))
     w0 = trainer.teacher.ema[name].clone()
-    _train(trainer, rollouts, 1)
+    train_steps(trainer, rollouts, 1)
     effective = effective_weights(model)[name]
     torch.testing.assert_close(trainer.teacher.ema[name], 0.5 * w0 + 0.5 * effective)
     assert not torch.equal(trainer.teacher.ema[name], w0)
     trainer.state.step = 1
     trainer.save_checkpoint()
 
-    model2, _ = _policy(params)
+    model2, _ = load_policy(params)
     resumed = _trainer(params, model2, tok, tmp_path)
     assert resumed.resume()
     for key, value in trainer.teacher.ema.items():
@@ -290,12 +249,12 @@ def test_ema_teacher_averages_the_merged_delta_and_survives_resume(smoke: Params
 
 
 def test_non_finite_loss_stops_training(smoke: Params, tmp_path: Path) -> None:
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     trainer = _trainer(smoke, model, tok, tmp_path)
     with torch.no_grad():
         lm_head(model).weight[5, 0] = float("nan")
     with pytest.raises(TrainingError, match="non-finite"):
-        trainer.accumulate(trainer.problems, _fixed_rollouts(tok, 4))
+        trainer.accumulate(trainer.problems, fixed_rollouts(tok, 4))
 
 
 def test_step_indices_cover_each_epoch_once() -> None:
@@ -359,7 +318,7 @@ def test_teacher_context_none_with_the_fixed_teacher_leaves_the_base_unchanged(s
     gradient is rounding noise (the teacher and student passes take different kernels) and the policy keeps
     the base model's predictions (the zero line of the control). Adam scales even that noise up to a
     fraction of the learning rate, so the weights are compared through the logits, not bit for bit."""
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     _context_rows(tmp_path / "train.jsonl", 4)
     problems = load_problems(tmp_path / "train.jsonl", tok, context="none")
     params = smoke.model_copy(update={"opsd": smoke.opsd.model_copy(update={"teacher_context": "none"})})
@@ -378,7 +337,7 @@ def test_teacher_context_none_with_the_fixed_teacher_leaves_the_base_unchanged(s
     assert row["kl"] == pytest.approx(0.0, abs=1e-7) and row["grad_norm"] < 1e-7
     assert none_moved < 0.02  # Adam-scaled rounding noise: 2e-4 on AVX-512, 2e-3 on AVX2 at smoke's lr 5e-3
     # the same step with the solution in the teacher's context learns: logits move far more
-    model2, _ = _policy(smoke)
+    model2, _ = load_policy(smoke)
     reference = load_problems(tmp_path / "train.jsonl", tok, context="reference")
     learner = build_trainer(smoke, model2, tok, reference, torch.device("cpu"), tmp_path / "run2", log=lambda _m: None)
     row, reference_moved = moved(model2, lambda: learner.step(0))
@@ -404,15 +363,15 @@ def test_sampler_copy_follows_the_trained_policy(smoke: Params, tmp_path: Path) 
     """The merged sampling copy (LoRA folded in) computes what the policy computes, step after step."""
     from opsd_core.backends.sampler import PolicySampler
 
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     trainer = _trainer(smoke, model, tok, tmp_path)
     # a wide dtype: differences are merge errors only
     sampler = PolicySampler(model, torch.float64, backend="generate")
     engine_sampler = PolicySampler(model, torch.float64)
-    rollouts = _fixed_rollouts(tok, 4)
+    rollouts = fixed_rollouts(tok, 4)
     ids = torch.tensor([trainer.problems[0].student_ids])
     for _ in range(2):
-        _train(trainer, rollouts, 1)
+        train_steps(trainer, rollouts, 1)
         model.eval()
         with torch.no_grad():
             expected = model(input_ids=ids).logits.double()
@@ -428,7 +387,7 @@ def test_fixed_teacher_in_another_dtype_is_the_base_model(smoke: Params, tmp_pat
     """teacher_dtype scores with a frozen base copy (LoRA removed) in that dtype, untouched by training."""
     base, tok = load_model_and_tokenizer(smoke.model, ROOT)
     base.eval()
-    model, _ = _policy(smoke)
+    model, _ = load_policy(smoke)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # an adapter that already changes the outputs: the teacher's copy must drop it
         for name, p in model.named_parameters():
@@ -436,8 +395,8 @@ def test_fixed_teacher_in_another_dtype_is_the_base_model(smoke: Params, tmp_pat
                 p.normal_(0.0, 0.5, generator=gen)
     teacher = FixedTeacher(model, torch.float64)  # wide dtype: any difference is a wrong copy
     trainer = _trainer(smoke, model, tok, tmp_path)
-    rollouts = _fixed_rollouts(tok, 4)
-    _train(trainer, rollouts, 2)
+    rollouts = fixed_rollouts(tok, 4)
+    train_steps(trainer, rollouts, 2)
     batch = _teacher_batch(trainer, rollouts, tok)
     with torch.no_grad():
         expected = completion_hidden(base, batch).double()
@@ -450,8 +409,8 @@ def test_fixed_teacher_in_another_dtype_is_the_base_model(smoke: Params, tmp_pat
 
 def test_effective_weights_equal_peft_merge(smoke: Params, tmp_path: Path) -> None:
     """W0 + s·B·A from the fused path equals what peft's own merge writes into the base layer."""
-    model, tok = _policy(smoke)
-    _train(_trainer(smoke, model, tok, tmp_path), _fixed_rollouts(tok, 4), 1)  # B != 0 after a step
+    model, tok = load_policy(smoke)
+    train_steps(_trainer(smoke, model, tok, tmp_path), fixed_rollouts(tok, 4), 1)  # B != 0 after a step
     merged = copy.deepcopy(model).merge_and_unload()
     effective = effective_weights(model)
     assert effective
@@ -510,9 +469,9 @@ def test_bf16_precision_trains_fp32_adapters_with_fp32_moments_and_loss(smoke: P
     trained = [p for p in model.parameters() if p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     assert trained and all(p.dtype == torch.float32 for p in trained)
-    trainer = build_trainer(params, model, tok, _problems(tok), torch.device("cpu"), tmp_path / "run",
+    trainer = build_trainer(params, model, tok, toy_problems(tok), torch.device("cpu"), tmp_path / "run",
                             log=lambda _m: None)
-    rollouts = _fixed_rollouts(tok, len(trainer.problems))
+    rollouts = fixed_rollouts(tok, len(trainer.problems))
     batch = build_scoring_batch([p.student_ids for p in trainer.problems], rollouts.completion_ids,
                                 rollouts.completion_mask, tok.pad_token_id)
     hidden = trainer.student_hidden(batch)
@@ -529,7 +488,7 @@ def test_bf16_precision_trains_fp32_adapters_with_fp32_moments_and_loss(smoke: P
 
 def test_step_samples_rollouts_and_moves_only_the_adapter(smoke: Params, tmp_path: Path) -> None:
     """One real optimizer step: rollouts sampled by the back-end, scored, one AdamW step on the adapter."""
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     trainer = _trainer(smoke, model, tok, tmp_path / "a")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     first_lr = trainer.scheduler.get_last_lr()[0]
@@ -551,7 +510,7 @@ def test_step_samples_rollouts_and_moves_only_the_adapter(smoke: Params, tmp_pat
     # B starts at zero, so A gets no gradient on the first step (and AdamW has no weight decay here)
     assert all(torch.equal(after[n], before[n]) for n in trainable - lora_b)
 
-    model2, _ = _policy(smoke)
+    model2, _ = load_policy(smoke)
     again = _trainer(smoke, model2, tok, tmp_path / "b").step(0)
     for key in ("loss", "kl", "completion_len", "ended_frac", "lr", "grad_norm"):
         assert again[key] == row[key], key
@@ -562,7 +521,7 @@ def test_step_samples_rollouts_and_moves_only_the_adapter(smoke: Params, tmp_pat
 def test_a_saved_candidate_that_does_not_reproduce_the_model_is_refused(smoke: Params, tmp_path: Path) -> None:
     """The adapter is saved, the base is reloaded from disk: a base weight changed in memory (which the
     adapter file cannot carry) makes the reloaded model differ, and nothing is left behind."""
-    model, tok = _policy(smoke)
+    model, tok = load_policy(smoke)
     base_path = resolve_base_dir(smoke.model, ROOT)
     good = tmp_path / "good"
     meta = save_candidate(smoke, good, model, tok, base_path, "d" * 16, torch.device("cpu"))

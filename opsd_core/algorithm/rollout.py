@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opsd_core.backends.engine import DecoderEngine, draw_candidates
 from opsd_core.backends.row_noise import gumbel_pick
@@ -139,8 +139,6 @@ def sample(
         draw: dict = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
                       "top_k": cfg.top_k if cfg.top_k > 0 else None}
     else:
-        from transformers import LogitsProcessorList
-
         # greedy over scores where only the row's own draw is finite; the model's own sampling
         # defaults (temperature, top-k/p in its generation_config) must not apply a second time
         draw = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
@@ -148,8 +146,6 @@ def sample(
     # transformers fills every setting left unset from the checkpoint's generation_config (a
     # repetition_penalty, suppressed tokens, min_p, ...): rollouts would silently leave the policy's
     # distribution. With a blank one, only opsd.sampling applies.
-    from transformers import GenerationConfig
-
     inner = unwrap(model)
     saved, inner.generation_config = inner.generation_config, GenerationConfig()
     start = time.perf_counter()

@@ -119,8 +119,10 @@ def isa_cap() -> str | None:
 
 
 def apply_isa_cap() -> None:
-    """Pass ``OPSD_CPU_ISA`` on to torch, oneDNN and MKL. Cheap and import-free: called at package import,
-    before torch runs a kernel (the libraries read their variables once, on first use)."""
+    """Pass ``OPSD_CPU_ISA`` on to torch, oneDNN and MKL. Cheap and import-free: called where a process starts
+    (``flows/cli.py: main``, ``tests/conftest.py``, the benchmarks' process set-up), before torch runs a kernel
+    (the libraries read their variables once, on first use). Importing opsd does not call it: a script of
+    your own that imports opsd and honours ``OPSD_CPU_ISA`` calls it first."""
     try:
         cap = isa_cap()
     except CapabilityError:

@@ -16,6 +16,7 @@ from packaging.version import Version
 from opsd_core.backends.capabilities import HIDE_ENV, ISA_ENV, Capabilities, probe
 from opsd_core.backends.plan import ExecutionPlan, make_plan
 from opsd_core.config import Params
+from opsd_core.errors import SettingError
 from opsd_core.io import file_hash
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "lm_eval", "mlflow", "prefect", "dvc",
@@ -63,8 +64,6 @@ def versions() -> dict[str, str | None]:
 
 def report(params: Params) -> dict[str, Any]:
     """The whole record; an impossible explicit setting (or combination) is reported, not raised (``plan_error``)."""
-    from opsd_core.errors import SettingError
-
     caps = probe()
     out: dict[str, Any] = {"machine": caps.as_dict(), "versions": versions(), "profile": params.profile}
     try:

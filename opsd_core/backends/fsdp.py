@@ -19,18 +19,16 @@ their gradients after it.
 
 from __future__ import annotations
 
-import sys
 import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from opsd_core.models.lora import unwrap
-
-# torch.distributed.fsdp and .tensor are imported where used: half a second that the scoring code, which
-# imports this module, should not pay when nothing is sharded
 
 # the method of a sharded root that runs its decoder under the root's FSDP hooks (see decoder_call)
 _DECODER_METHOD = "opsd_decoder_hidden"
@@ -54,8 +52,6 @@ def shard(model: nn.Module) -> None:
 
     Parameters become DTensor shards, so anything holding the old ones (an optimizer) must be built after.
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-
     for layer in decoder_layers(model):
         fully_shard(layer)
     # the root holds the embeddings, final norm and head (tied to the embeddings in SmolLM2/Qwen3: one
@@ -91,8 +87,6 @@ def shard_like(whole: Tensor, like: Tensor) -> Tensor:
     """``whole`` cut the way ``like`` is (this rank's piece, no communication), or ``whole`` for a plain ``like``."""
     if not _is_dtensor(like):
         return whole
-    from torch.distributed.tensor import distribute_tensor
-
     return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
@@ -142,5 +136,4 @@ def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _is_dtensor(t: object) -> bool:
-    module = sys.modules.get("torch.distributed.tensor")  # not imported: nothing can be a DTensor yet
-    return module is not None and isinstance(t, module.DTensor)
+    return isinstance(t, DTensor)

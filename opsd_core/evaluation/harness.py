@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import AutoTokenizer
 
 from opsd_core.config import EvalConfig
 from opsd_core.evaluation.errors import EvalDataError, EvalTaskError
@@ -344,8 +345,6 @@ def evaluate_model(
     out: dict[str, TaskEval] = {}
     tokenizer = None
     if any(name in LL_TASKS for name in loaded):
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     for name, task in loaded.items():
         logged = results.get("samples", {}).get(name, [])

@@ -29,6 +29,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from torch import nn
 
 from opsd_core.algorithm.rollout import eos_token_ids, sample
+from opsd_core.backends.base import Backend
 from opsd_core.config import SamplingConfig
 
 MODEL_NAME = "opsd"
@@ -44,8 +45,6 @@ def portable_sampler(model: nn.Module) -> Sampler:
     """The sampler when no factory is given (``lm_eval --model opsd``): opsd's portable back-end, the engine on
     a merged copy where the architecture allows, else transformers ``generate``. ``opsd evaluate`` passes the
     trainer's own back-end instead (CPU packs, the plan's sampler)."""
-    from opsd_core.backends.base import Backend
-
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     backend = Backend(model, dtype, "engine" if device.type == "cpu" else "generate")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -174,8 +175,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     ``quantization_config``. A tied ``lm_head`` is dropped from the file (as ``save_pretrained`` does)
     and re-tied on load through ``tie_word_embeddings``.
     """
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config_dict = model.config.to_dict()

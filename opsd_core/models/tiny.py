@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+from tokenizers.models import BPE
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from opsd_core.config import ConfigError, TinyModelConfig
@@ -37,9 +39,7 @@ def _tiny_training_text(seed: int) -> list[str]:
 
 
 def _train_tiny_tokenizer(cfg: TinyModelConfig) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(BPE())
     # Single-digit tokens keep numbers compositional (as in SmolLM2 and Llama tokenizers).
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
