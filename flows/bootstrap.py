@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from flows.dvc import dvc
 from opsd_core.config import Params
 from opsd_core.data import generate_raw, list_raw_files
+from opsd_core.layout import Layout
 from opsd_core.registry import decision
 from opsd_core.registry.store import resolve_store
 
@@ -30,27 +30,36 @@ def bootstrap(params: Params, root: Path) -> dict[str, Any]:
     return done
 
 
-def print_next_steps(params: Params, root: Path, summary: dict[str, Any]) -> None:
+def _command(name: str, root: Path) -> str:
+    """``name`` from this interpreter's environment, as a path that works from ``root`` without activating it."""
+    exe = Path(sys.executable).parent / name
+    try:
+        return str(exe.relative_to(root))
+    except ValueError:
+        return str(exe)
+
+
+def print_next_steps(params: Params, root: Path, summary: dict[str, Any], seconds: float | None = None) -> None:
+    """The run's last words: what ran and for how long, the gate's decision in sentences, where to look next
+    (commands that work as printed, from outside the virtual environment too)."""
     store = resolve_store(params, root)
+    layout = Layout.of(params, root)
     ran = summary.get("ran") or []
     reg = summary.get("registry") or {}
-    lines = [
-        "",
-        f"opsd run: {'stages run: ' + ', '.join(ran) if ran else 'nothing changed; no stage ran'}",
-        f"  reports:   {root / params.train.reports_dir}/ (data.json, train.json, train_curve.csv, eval.json, registry.json)",
-        f"  candidate: {root / params.train.output_dir}",
-    ]
-    if reg:
-        lines.append(f"  registry:  model {reg.get('model_name', params.registry.model_name)!r} version "
-                     f"{reg.get('version')} promoted={reg.get('promoted')}")
-        if reg.get("verdict"):
-            lines += ["", *(f"  {row}" for row in decision.render(reg["verdict"]).splitlines())]
-    ui = f"mlflow ui --backend-store-uri {store.tracking_uri}"
+    took = f" in {seconds:.0f} s" if seconds is not None else ""
+    lines = ["", f"opsd run: done{took}; " + (f"stages run: {', '.join(ran)}" if ran else
+                                               "nothing changed, no stage ran")]
+    if reg and ran:
+        lines.append(f"  gate: {'promoted to champion' if reg.get('promoted') else 'not promoted'} "
+                     f"({reg.get('model_name', params.registry.model_name)} v{reg.get('version')})")
+        lines += [f"    {sentence}" for sentence in decision.plain_words(reg.get("verdict") or {})]
+    ui = f"{_command('mlflow', root)} ui --backend-store-uri {store.tracking_uri}"
     if store.artifact_location:
         ui += f" --default-artifact-root {store.artifact_location}"
-    prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
-    lines += [f"  MLflow UI: {ui}",
-              f"  Prefect:   PREFECT_HOME={prefect_home} prefect server start  (flow runs, stage logs, the "
-              "opsd-eval and opsd-gate artifacts)",
-              "  champion:  opsd status", ""]
+    opsd = _command("opsd", root)
+    lines += [f"  reports:   {layout.reports.relative_to(root) if layout.reports.is_relative_to(root) else layout.reports}/"
+              f"  candidate: {layout.candidate.relative_to(root) if layout.candidate.is_relative_to(root) else layout.candidate}",
+              f"  champion:  {opsd} status",
+              f"  MLflow UI: {ui}",
+              f"  Prefect:   {opsd} server start   (then open the URL it prints: flow runs, stage logs, artifacts)", ""]
     print("\n".join(lines))

@@ -178,6 +178,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         # every clone; set before Prefect is imported, which reads its settings once
         home = Path(os.environ.setdefault("PREFECT_HOME", str(prefect_home(state))))
         home.mkdir(parents=True, exist_ok=True)
+        # the terminal shows flows/console.py's lines; Prefect's own records (every stage line, with its
+        # 60-character prefix) go to the run's log in Prefect, and to the terminal only from WARNING up
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     if args.command == "run":
         from flows.retrain import main_job
 

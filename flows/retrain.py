@@ -11,20 +11,23 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.runtime import flow_run
 
 from flows import artifacts, tracking
 from flows.bootstrap import bootstrap, print_next_steps
+from flows.console import Console, stage_figure
 from flows.dvc import dvc, pending_stages, stage_names
 from flows.ingest import ingest_and_track
 from flows.locks import training_slot
-from opsd_core.config import load_params
+from opsd_core.config import Params, load_params
 from opsd_core.layout import Env, Layout
+from opsd_core.registry.lineage import dvc_out_md5
 
 
 @task(name="ingest")
@@ -32,7 +35,28 @@ def ingest_task(params_path: str, root: str) -> dict[str, Any]:
     # an interrupted ingest (killed during `dvc add` or `dvc push`) is finished by the next run
     result = ingest_and_track(load_params(params_path), Path(root))
     get_run_logger().info("ingest: %s", result)
+    if result.get("added"):
+        CONSOLE.line(f"ingest: {len(result['added'])} new trace file(s) added: a new data version")
+    for bad in result.get("rejected_files") or []:
+        CONSOLE.line(f"ingest: {bad['file']} rejected (no valid row; kept in rejected/ with the reason)")
     return result
+
+
+CONSOLE = Console()
+# the report whose figure a stage's "done" line shows
+_STAGE_REPORTS = {"prepare": "data_report", "train": "train_report", "evaluate": "eval_report",
+                  "register": "registry_report"}
+
+
+def _stage_report(root: Path, stage: str) -> dict[str, Any] | None:
+    attr = _STAGE_REPORTS.get(stage)
+    if attr is None:
+        return None
+    path = getattr(Layout.of(load_params(root / "params.yaml"), root), attr)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 @task(name="stage")
@@ -41,11 +65,18 @@ def stage_task(name: str, root: str, env: dict[str, str]) -> bool:
     logger = get_run_logger()
     logger.info("dvc repro %s", name)
     started = time.monotonic()
-    # every line of the stage reaches the Prefect log (and, through its console handler, the terminal)
-    # as it is printed: the trainer's per-step lines, the evaluation's progress
-    out = dvc(["repro", "--single-item", name], Path(root), env, on_line=lambda line: logger.info("%s | %s", name, line))
+    CONSOLE.line(f"{name}: running")
+
+    def on_line(line: str) -> None:
+        # every line reaches the task run's log in Prefect, whole; the terminal gets progress and warnings
+        logger.info("%s | %s", name, line)
+        CONSOLE.stage_output(name, line)
+
+    out = dvc(["repro", "--single-item", name], Path(root), env, on_line=on_line)
     ran = f"Running stage '{name}'" in out
-    logger.info("%s: %s in %.0f s", name, "done" if ran else "unchanged, skipped", time.monotonic() - started)
+    seconds = time.monotonic() - started
+    logger.info("%s: %s in %.0f s", name, "done" if ran else "unchanged, skipped", seconds)
+    CONSOLE.stage_done(name, ran, seconds, stage_figure(name, _stage_report(Path(root), name)) if ran else "")
     return ran
 
 
@@ -72,16 +103,37 @@ def summary_task(root: str, params_path: str, ran: list[str], ingest: dict[str, 
     return out
 
 
-@flow(name="opsd-retrain", log_prints=True)
+def run_labels(params: Params, root: Path) -> list[str]:
+    """What a flow run is of, as Prefect tags: the profile, the params hash and the raw data's DVC hash."""
+    raw = Path(params.data.raw_dir.rstrip("/"))
+    data = dvc_out_md5(root / raw.parent / f"{raw.name}.dvc")
+    return ["opsd", f"profile:{params.profile}", f"params:{params.hash()[:8]}",
+            *([f"data:{data.removesuffix('.dir')[:8]}"] if data else [])]
+
+
+def _run_name() -> str:
+    """The flow run's name: ``retrain-<profile>-params<hash>-data<hash>`` (Prefect's default is random words)."""
+    params_file = Path(str(flow_run.get_parameters().get("params_path", "params.yaml"))).resolve()
+    try:
+        labels = run_labels(load_params(params_file), params_file.parent)
+    except Exception:  # noqa: BLE001 - a name is no reason to fail the run: the flow reports bad params itself
+        return "retrain"
+    profile, *hashes = labels[1:]
+    return "-".join(["retrain", profile.removeprefix("profile:"), *(h.replace(":", "") for h in hashes)])
+
+
+@flow(name="opsd-retrain", log_prints=True, flow_run_name=_run_name)
 def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
-    """Ingest new traces, then reproduce the DVC pipeline; a no-op when nothing changed."""
+    """Ingest new traces, then reproduce the DVC pipeline; a no-op when nothing changed. Each stage's task waits
+    for the one before it, so the run's graph in Prefect shows ingest → prepare → train → ... → summary."""
     params_file = Path(params_path).resolve()
     root = params_file.parent
     params = load_params(params_file)
-    ingested = ingest_task(str(params_file), str(root))
+    ingest_state = ingest_task(str(params_file), str(root), return_state=True)
+    ingested = ingest_state.result()
     pending = pending_stages(root)
     if not pending:
-        return summary_task(str(root), str(params_file), [], ingested)
+        return summary_task(str(root), str(params_file), [], ingested, wait_for=[ingest_state])
     run_id = tracking.start_pipeline_run(params, root, flow_run.get_id())
     env = os.environ.copy()
     env.update({Env.FLOW_RUN: str(flow_run.get_id() or ""), Env.PIPELINE_RUN: run_id})
@@ -97,15 +149,17 @@ def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
 
     if hasattr(signal, "SIGTERM") and _is_main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    upstream = ingest_state
     try:
         for name in stage_names(root):
             if name == "train":
-                executed = train_task.with_options(retries=params.flow.train_retries)(
-                    str(root), env, params.flow.concurrency_tag, params.flow.concurrency_limit
-                )
+                upstream = train_task.with_options(retries=params.flow.train_retries)(
+                    str(root), env, params.flow.concurrency_tag, params.flow.concurrency_limit,
+                    return_state=True, wait_for=[upstream])
             else:
-                executed = stage_task.with_options(name=name)(name, str(root), env)
-            if executed:
+                upstream = stage_task.with_options(name=name)(name, str(root), env, return_state=True,
+                                                              wait_for=[upstream])
+            if upstream.result():  # raises the stage's error
                 ran.append(name)
     except BaseException as err:
         if not ended:
@@ -115,12 +169,10 @@ def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
         if _is_main_thread():
             signal.signal(signal.SIGTERM, previous)
     tracking.end_pipeline_run(params, root, run_id, "FINISHED")
-    return summary_task(str(root), str(params_file), ran, ingested)
+    return summary_task(str(root), str(params_file), ran, ingested, wait_for=[upstream])
 
 
 def _is_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -128,7 +180,9 @@ def main_job(params_path: str = "params.yaml") -> int:
     """``opsd run``: bootstrap a fresh clone (data, DVC), run the flow, print where to look."""
     params_file = Path(params_path).resolve()
     params = load_params(params_file)
+    started = time.monotonic()
     bootstrap(params, params_file.parent)
-    summary = retrain(str(params_file))
-    print_next_steps(params, params_file.parent, summary)
+    with tags(*run_labels(params, params_file.parent)):
+        summary = retrain(str(params_file))
+    print_next_steps(params, params_file.parent, summary, time.monotonic() - started)
     return 0

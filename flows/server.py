@@ -76,12 +76,15 @@ def start(state: Path, timeout_s: float = 180.0, scheduler_loop_s: int = 10) -> 
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            # a new deployment's first runs are scheduled within seconds, not at the default minute
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(scheduler_loop_s)}
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(scheduler_loop_s),
+           # the UI calls the API at port 4200 unless told where it is; its built files go to the project's
+           # state folder (the package's own folder may not be writable)
+           "PREFECT_UI_API_URL": f"{url}/api", "PREFECT_UI_STATIC_DIRECTORY": str(home / "ui")}
     env.pop("PREFECT_API_URL", None)
     log = state / "prefect-server.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port), "--scheduler", "--no-ui"],
+                                 "--port", str(port), "--scheduler"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while not healthy(url):

@@ -194,7 +194,6 @@ def test_the_layer_check_catches_an_upward_import() -> None:
 
 # -- function-local imports: only with a reason ---------------------------------------------------
 HEAVY = "heavy: would slow a command that does not need it"
-PENDING = "no reason: move it to the top (the file was under another change when this list was written)"
 # (module, what it imports inside a function: the top-level package, or the module of ours) -> why.
 # flows/cli.py's _dispatch imports each command's stage or flow when it runs (CLI dispatch): not listed.
 LOCAL_IMPORTS = {
@@ -218,11 +217,6 @@ LOCAL_IMPORTS = {
         f"{HEAVY}: ~0.6 s, only to draw; flows/artifacts.py (the `opsd run` process) imports the card's tables",
     ("opsd_core.registry.store", "mlflow"):
         f"{HEAVY}: ~3.7 s; `opsd status` reads an SQLite store through registry/sqlite_read.py without MLflow",
-    ("opsd_core.registry.promotion_lease", "mlflow"): PENDING,  # its importers (register, rollback) load MLflow
-    ("opsd_core.stages.register", "mlflow"): PENDING,  # `opsd register` always talks to MLflow
-    ("opsd_core.stages.register", "requests"): PENDING,  # only after an MLflow error, which loaded it
-    ("opsd_core.registry.lineage", "getpass"): PENDING,  # standard library, instant
-    ("flows.retrain", "threading"): PENDING,  # standard library, loaded by then anyway
 }
 
 

@@ -264,3 +264,21 @@ def test_a_killed_training_is_retried_by_prefect_and_resumes(project: Path, firs
     after = registry_state(copy)
     assert [v.version for v in after["versions"]] == [v.version for v in before["versions"]]  # the same weights
     assert summary["registry"]["already_registered"] is True
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_flow_run_is_named_and_its_stages_linked(project: Path, first_run: dict[str, Any]) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(first_run["flow_run_id"])
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    labels = ("smoke", f"params{first_run['params_hash'][:8]}", f"data{first_run['raw_md5'].removesuffix('.dir')[:8]}")
+    assert run.name == "retrain-" + "-".join(labels), run.name
+    by_id = {str(t.id): t.name for t in task_runs}
+    # what each task run waited for, by name: the graph's edges
+    edges = {t.name.rsplit("-", 1)[0]: sorted(by_id[str(d.id)].rsplit("-", 1)[0] for d in t.task_inputs.get("wait_for", []))
+             for t in task_runs}
+    assert edges == {"ingest": [], "prepare": ["ingest"], "train": ["prepare"], "evaluate_base": ["train"],
+                     "evaluate": ["evaluate_base"], "register": ["evaluate"], "summary": ["register"]}, edges

@@ -4,11 +4,13 @@ start, status and stop (`opsd server ...`) are checked on that same server."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,11 @@ def test_a_minutely_deployment_fires_and_completes(tmp_path: Path, smoke_project
         log = (tmp_path / "deploy.log").read_text()
         assert f"Prefect server at {record['url']} (started; " in log, log[-3000:]  # none was running before
         assert record["url"].startswith("http://127.0.0.1:") and server.healthy(record["url"])
+        # the URL it prints opens the UI, and the UI calls this server's API (not Prefect's default port 4200)
+        with urllib.request.urlopen(record["url"] + "/", timeout=30) as page:  # noqa: S310 (loopback)
+            assert page.status == 200 and "<html" in page.read().decode().lower()
+        with urllib.request.urlopen(record["url"] + "/ui-settings", timeout=30) as page:  # noqa: S310
+            assert json.loads(page.read())["api_url"] == record["api_url"]
         again = server.start(state)
         assert again["already_running"] is True and again["pid"] == record["pid"]
         assert (state / "prefect" / "prefect.db").is_file()

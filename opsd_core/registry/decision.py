@@ -53,6 +53,43 @@ def render(verdict: dict[str, Any], markdown: bool = False) -> str:
     return "\n".join([*lines, f"gate: {decision}"])
 
 
+def _interval_words(diff: dict[str, Any]) -> str:
+    lo, hi = diff.get("ci_low"), diff.get("ci_high")
+    if lo is None or hi is None:
+        return "no interval"
+    where = ("better: the whole interval is above zero" if lo > 0 else
+             "worse: the whole interval is below zero" if hi < 0 else
+             "no difference it can detect: the interval includes zero")
+    return f"{diff.get('mean_diff', 0.0):+.4f} [{lo:+.4f}, {hi:+.4f}], {where}"
+
+
+def plain_words(verdict: dict[str, Any]) -> list[str]:
+    """The gate's checks as sentences, for a reader who does not know the table: what each compared, and
+    whether it could tell the models apart at all."""
+    checks = verdict.get("checks") or {}
+    out = []
+    base = checks.get("vs_base") or {}
+    if base:
+        out.append(f"vs base on {checks.get('primary_task')}: {_interval_words(base)} -> "
+                   f"{'pass' if base.get('passed') else 'FAIL'}")
+    champ = checks.get("vs_champion") or {}
+    if champ.get("mean_diff") is not None:
+        out.append(f"vs champion v{champ.get('champion_version')}: {_interval_words(champ)} -> "
+                   f"{'pass' if champ.get('passed') else 'FAIL'}")
+    elif champ:
+        why = champ.get("reason") or f"vs champion: {str(champ.get('status', 'not compared')).replace('_', ' ')}"
+        out.append(f"{why} -> {'pass' if champ.get('passed') else 'FAIL'}")
+    for task, g in sorted((checks.get("guards") or {}).items()):
+        b, c = g.get("base_score"), g.get("candidate_score")
+        if b == 0 and c == 0:
+            out.append(f"guard {task}: both models solve none of these, so it cannot tell them apart -> pass")
+        elif isinstance(b, int | float) and isinstance(c, int | float):
+            out.append(f"guard {task}: {b:.4f} -> {c:.4f}, "
+                       + ("within" if g.get("passed") else "a drop beyond")
+                       + f" the tolerance {g.get('tolerance')} -> {'pass' if g.get('passed') else 'FAIL'}")
+    return out
+
+
 def from_tag(value: str | None) -> dict[str, Any] | None:
     """A verdict stored as a version tag (``gate.verdict``), or None."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 from pathlib import Path
@@ -48,8 +49,6 @@ def file_sha256(path: Path) -> str | None:
 def source_tags(root: Path, name: str) -> dict[str, str]:
     """MLflow's own source tags, which its UI shows as Source, Version and User: ``name`` (the command),
     the git commit of ``root`` when it is a repository, and the user."""
-    import getpass
-
     tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
     commit, _ = git_commit(root)
     if commit:

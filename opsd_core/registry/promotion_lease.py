@@ -54,6 +54,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mlflow.exceptions import MlflowException
+
 from opsd_core.layout import Env
 from opsd_core.registry.store import RegistryError, all_versions, ensure_registered_model
 
@@ -90,8 +92,6 @@ class PromotionLease:
 
     def beat(self) -> int:
         """Rewrite the ticket so the server stamps it; returns the server's time of that write."""
-        from mlflow.exceptions import MlflowException
-
         state = "holds" if self.holds else "waits"
         try:
             mv = self.client.update_model_version(self.model, self.ticket,

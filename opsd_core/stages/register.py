@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import requests
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
 from opsd_core.config import Params
 from opsd_core.io import write_json
 from opsd_core.layout import CHALLENGER, CHAMPION, EVAL_REPORT, Env, Layout
@@ -167,8 +171,6 @@ def headline_metrics(inp: RegisterInputs, primary: str) -> dict[str, float]:
 
 
 def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Params, tmp: Path) -> None:
-    from mlflow.entities import Metric, Param, RunTag
-
     now = int(time.time() * 1000)
     # the paths the candidate was trained on (opsd env's record, from train.json): device, dtypes, packs
     runtime = {k: inp.train[k] for k in ("execution", "machine", "versions") if isinstance(inp.train.get(k), dict)}
@@ -307,8 +309,6 @@ def register(params: Params, root: Path) -> dict[str, Any]:
     An MLflow server that cannot be reached (after MLflow's own retries) is a one-line
     :class:`RegistryError`: nothing was registered, and the next run registers the same candidate once
     (versions are keyed by the candidate's content hash)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return _register(params, root)
     except MlflowException as err:
@@ -323,8 +323,6 @@ def register(params: Params, root: Path) -> dict[str, Any]:
 def _unreachable(err: BaseException) -> bool:
     """Whether ``err`` (an MLflow error) came from a connection that could not be made or kept: MLflow's
     REST client raises its own exception while handling the ``requests`` one, which stays the context."""
-    import requests
-
     lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
     seen: BaseException | None = err
     while seen is not None:
@@ -349,8 +347,6 @@ def _register(params: Params, root: Path) -> dict[str, Any]:
     tags["opsd.content_hash"] = inp.content_hash
     pipeline_run = os.environ.get(Env.PIPELINE_RUN)
     if pipeline_run:  # the flow's run: one pipeline run is one MLflow run, and the flow closes it
-        from mlflow.entities import RunTag
-
         run = client.get_run(pipeline_run)
         client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     else:
