@@ -25,7 +25,9 @@ TRAIN_CURVE = "train_curve.csv"
 DIAGNOSIS_REPORT = "diagnosis.json"
 EVAL_BASE_REPORT = "eval_base.json"
 EVAL_REPORT = "eval.json"
-EVAL_PLOT = "eval_plot.csv"
+PLOTS_DIR = "plots"  # PNGs drawn by the stages: what `dvc plots show` renders, offline
+TRAINING_PLOT = "training_curve.png"
+EVAL_PLOT = "eval.png"
 REGISTRY_REPORT = "registry.json"
 METRICS_DIR = "metrics"  # numbers only, one file per stage: what `dvc metrics show` tabulates
 # inside the prepared-data and eval-data folders
@@ -97,8 +99,12 @@ class Layout:
         return self.reports / EVAL_REPORT
 
     @property
+    def training_plot(self) -> Path:
+        return self.reports / PLOTS_DIR / TRAINING_PLOT
+
+    @property
     def eval_plot(self) -> Path:
-        return self.reports / EVAL_PLOT
+        return self.reports / PLOTS_DIR / EVAL_PLOT
 
     @property
     def registry_report(self) -> Path:

@@ -215,6 +215,8 @@ LOCAL_IMPORTS = {
         f"{HEAVY}: opsd_lm imports lm-eval's HF model at its top; only eval.backend opsd needs it",
     ("opsd_core.registry.card", "matplotlib"):
         f"{HEAVY}: ~0.6 s, only to draw; flows/artifacts.py (the `opsd run` process) imports the card's tables",
+    ("opsd_core.registry.live", "mlflow"):
+        f"{HEAVY}: the train stage imports this module; only a training under the flow logs live metrics",
     ("opsd_core.registry.store", "mlflow"):
         f"{HEAVY}: ~3.7 s; `opsd status` reads an SQLite store through registry/sqlite_read.py without MLflow",
 }

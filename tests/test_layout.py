@@ -32,7 +32,7 @@ def test_dvc_yaml_declares_the_layouts_files() -> None:
         "prepare": ({"data/raw"}, {rel(layout.prepared), rel(layout.eval_data), rel(layout.data_report),
                                    rel(layout.rejected)}, {rel(layout.metrics("data"))}, set()),
         "train": ({rel(layout.train_split)}, {rel(layout.candidate), rel(layout.train_report)},
-                  {rel(layout.metrics("train"))}, {rel(layout.train_curve)}),
+                  {rel(layout.metrics("train"))}, {rel(layout.training_plot)}),
         "evaluate_base": ({rel(layout.val_split), rel(layout.eval_data)}, {rel(layout.eval_base_report)}, set(),
                           set()),
         "evaluate": ({rel(layout.candidate), rel(layout.eval_base_report), rel(layout.val_split),

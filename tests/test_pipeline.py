@@ -108,6 +108,40 @@ def test_run_registers_a_challenger_with_lineage(project: Path, first_run: dict[
         assert run.data.params["machine.torch_cpu"] == trained["machine"]["torch_cpu"]
     artifacts = {a.path for a in state["client"].list_artifacts(version.run_id)}
     assert "model_card.md" in artifacts and "gate" in artifacts, artifacts
+    # the training logged its curve into the pipeline's run step by step (registry/live.py), once per step,
+    # as it ran (not all at one time after training); register did not log it again
+    history = state["client"].get_metric_history(version.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert len({m.timestamp for m in history}) == 4
+
+
+
+def test_mlflows_own_loader_serves_a_registered_version(project: Path, first_run: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The version as an MLflow model (pyfunc): `models:/<name>/<version>` (or `@champion`) loads with MLflow's
+    loader and answers as generate() on the trained candidate does."""
+    import mlflow.pyfunc
+    import pandas as pd
+    import torch
+
+    from opsd_core.algorithm.prompts import student_prompt_ids
+    from opsd_core.models.sources import load_candidate
+    from opsd_core.registry.store import download_version
+
+    state = registry_state(project)
+    client, name = state["client"], state["params"].registry.model_name
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    served = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    assert served.metadata.get_input_schema().input_names() == ["problem"]
+    answer = served.predict(pd.DataFrame({"problem": ["What is 12 + 30?"]}))
+    candidate = download_version(client, name, "1", tmp_path / "v1")  # the adapter as trained
+    meta = json.loads((candidate / "opsd_candidate.json").read_text())
+    model, tok = load_candidate(meta["base_path"], candidate)
+    ids = torch.tensor([student_prompt_ids(tok, "What is 12 + 30?")])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    direct = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=state["params"].eval.max_new_tokens, pad_token_id=pad)
+    assert list(answer) == [tok.decode(direct[0, ids.shape[1]:], skip_special_tokens=True)]
 
 
 def test_rerun_with_nothing_changed_is_a_no_op(project: Path, first_run: dict[str, Any]) -> None:

@@ -119,6 +119,9 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     assert "`tiny`" in card and "abc123.dir" in card and "promoted" in card
 
     mv = client.get_model_version(params.registry.model_name, "1")
+    assert "| check | base | candidate |" in mv.description and "**Gate: promote to champion.**" in mv.description
+    lease = client.get_registered_model(f"{params.registry.model_name}-promotion-lease")  # labelled internal
+    assert lease.tags["opsd.internal"] == "promotion lease" and lease.description.startswith("INTERNAL to opsd")
     assert mv.tags["gate.promote"] == "true" and mv.tags["lineage.params_hash"] == params.hash()
     assert mv.tags["score.opsd_val.candidate"] == "0.75"
     got = load_version(client, params.registry.model_name, "1", base_dir, root / "v1")

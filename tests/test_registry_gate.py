@@ -153,3 +153,22 @@ def test_the_decision_reads_as_a_table() -> None:
     assert md.splitlines()[1] == "|---|---|---|---|---|---|" and "**Gate: not promoted.**" in md
     assert decision.render(decide(eval_report(cand=30), CFG, None, "new")).endswith("gate: promote to champion")
     assert decision.from_tag(json.dumps(v)) == json.loads(json.dumps(v)) and decision.from_tag("{nope") is None
+
+
+def test_live_metrics_that_mlflow_refuses_cost_a_warning_not_the_training(tmp_path: Path) -> None:
+    from opsd_core.registry.live import LiveMetrics
+    from opsd_core.registry.store import open_client
+
+    said: list[str] = []
+    params = Params()
+    live = LiveMetrics(params, tmp_path, "no-such-run", said.append)
+    live({"step": 1, "loss": 0.5})
+    live({"step": 2, "loss": 0.4})  # no second attempt, no second warning
+    assert live.failed and len(said) == 1 and "register logs the whole curve" in said[0]
+
+    client = open_client(resolve_store(params, tmp_path))
+    run = client.create_run(client.create_experiment("live")).info.run_id
+    live = LiveMetrics(params, tmp_path, run, said.append)
+    for step in (1, 2, 3):
+        live({"step": step, "loss": 1.0 / step, "kl": 0.1})
+    assert [m.step for m in client.get_metric_history(run, "train/loss")] == [1, 2, 3] and not live.failed

@@ -186,6 +186,8 @@ class OPSDTrainer:
         self.params, self.model, self.tokenizer = params, model, tokenizer
         self.world = world or dist.World()
         self.problems, self.device, self.run_dir, self.log = problems, device, run_dir, log
+        # called on the main rank with each step's row of the curve (the live MLflow metrics, stages/train.py)
+        self.on_step: Callable[[dict[str, float]], None] | None = None
         self.cfg = params.train
         self.teacher, self.backend, self.spec = parts.teacher, parts.backend, parts.spec
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
@@ -433,6 +435,8 @@ class OPSDTrainer:
                 row = self.step(self.state.step, rollouts_bar)
                 self.state.step += 1
                 self.state.curve.append(row)
+                if self.on_step is not None and self.world.main:
+                    self.on_step(row)
                 steps_bar.update(1)
                 figures = {k: row[k] for k in ("loss", "kl", "sft_loss") if k in row}
                 steps_bar.set_postfix({k: f"{v:.4f}" for k, v in figures.items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from opsd_core.evaluation.bootstrap import problem_means
 from opsd_core.evaluation.metrics import EXACT_MATCH, EXACT_MATCH_FLEX, HAS_ANSWER
 from opsd_core.evaluation.tasks import GENERATION_TASKS, LL_TASKS, with_flexible
+from opsd_core.io import atomic_write
 
 CURVE_PANELS = ("loss", "kl", "clipped_frac", "completion_len", "ended_frac", "grad_norm")
 
@@ -111,9 +113,16 @@ def plot_training_curve(rows: list[dict[str, float]], path: Path) -> Path:
         ax.axis("off")
     fig.suptitle("OPSD training")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """A figure as a PNG, written atomically (these are DVC plots: a reader never sees half a file)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write(Path(path), buffer.getvalue())
 
 
 def eval_groups(report: Mapping[str, Any]) -> list[tuple[str, bool, list[str]]]:
@@ -197,9 +206,7 @@ def eval_figure(report: Mapping[str, Any]) -> Any:
 def plot_eval(report: Mapping[str, Any], path: Path) -> Path:
     """Write :func:`eval_figure` as a PNG."""
     plt = _pyplot()
-    fig = eval_figure(report)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(plt, eval_figure(report), path)
     return path
 
 

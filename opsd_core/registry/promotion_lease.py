@@ -154,8 +154,9 @@ def acquire(client: MlflowClient, model: str, actor: str, ttl_s: float | None = 
     ttl_ms = int(1000 * (ttl_s if ttl_s is not None else _env_seconds(TTL_ENV, TTL_S)))
     wait = wait_s if wait_s is not None else _env_seconds(WAIT_ENV, WAIT_S)
     name = lease_model(model)
-    ensure_registered_model(client, name, description=f"opsd: tickets of the lease that serialises moves of "
-                                                      f"{model}'s aliases across machines; not a model")
+    ensure_registered_model(client, name, description=f"INTERNAL to opsd, not a model: tickets of the lease that "
+                                                      f"serialises moves of {model}'s aliases across machines",
+                            tags={"opsd.internal": "promotion lease"})
     lease = _take_ticket(client, name, actor, ttl_ms)
     deadline = time.monotonic() + wait
     try:

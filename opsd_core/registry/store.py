@@ -119,7 +119,7 @@ def ensure_experiment(client: MlflowClient, store: Store, name: str) -> str:
 
 def ensure_registered_model(client: MlflowClient, name: str,
                             description: str = "OPSD candidates (peft adapters on their base model); see each "
-                                               "model card.") -> None:
+                                               "model card.", tags: dict[str, str] | None = None) -> None:
     """Create the registered model ``name`` unless it exists (or a racing pipeline creates it meanwhile)."""
     from mlflow.exceptions import MlflowException
 
@@ -129,7 +129,7 @@ def ensure_registered_model(client: MlflowClient, name: str,
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(name, description=description)
+            client.create_registered_model(name, description=description, tags=tags)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # created meanwhile by a racing pipeline
                 raise
@@ -164,11 +164,13 @@ def find_by_content_hash(client: MlflowClient, name: str, content_hash: str) -> 
 
 
 def download_version(client: MlflowClient, name: str, version: str, dst: Path) -> Path:
-    """Download a version's files (the adapter folder) to ``dst``; returns the local folder."""
+    """Download a version's files to ``dst``; returns the local folder of the candidate as trained (the
+    adapter, or full weights): ``artifacts/candidate`` inside the MLflow model folder (registry/pyfunc.py)."""
     import mlflow.artifacts
 
     # resolved through this client: MLflow's models:/ resolution ignores an explicit registry URI
     uri = client.get_model_version_download_uri(name, version)
     dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                    tracking_uri=client.tracking_uri))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                     tracking_uri=client.tracking_uri))
+    return local / "artifacts" / "candidate" if (local / "MLmodel").is_file() else local

@@ -7,8 +7,6 @@ only when its hash matches, otherwise the base is re-evaluated in the same run.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 from collections.abc import Callable
@@ -28,9 +26,10 @@ from opsd_core.evaluation.harness import ModelEval, TaskEval, evaluate_model, ta
 from opsd_core.evaluation.progress import EvalProgress
 from opsd_core.evaluation.summary import task_summary
 from opsd_core.evaluation.tasks import GSM8K_TASK, VAL_TASK, data_files, with_flexible, write_task_yamls
-from opsd_core.io import atomic_write, file_hash, json_hash, write_json, write_metrics
+from opsd_core.io import file_hash, json_hash, write_json, write_metrics
 from opsd_core.layout import Layout
 from opsd_core.models.sources import resolve_base_dir
+from opsd_core.registry import card
 from opsd_core.stages.train import build_backend, execution_plan
 
 if TYPE_CHECKING:
@@ -261,15 +260,7 @@ def evaluate(params: Params, root: Path, which: str = "candidate") -> dict[str, 
     if which == "base":
         return evaluate_base(params, root)
     report = evaluate_candidate(params, root)
-    _write_eval_plot(Layout.of(params, root).eval_plot, report)
+    # the DVC plot: base and candidate per task with their intervals, accuracies and log-likelihoods on
+    # their own axes, as a PNG (dvc plots show renders it without fetching a charting library)
+    card.plot_eval(report, Layout.of(params, root).eval_plot)
     return report
-
-
-def _write_eval_plot(path: Path, report: dict[str, Any]) -> None:
-    """One row per task (base, candidate, interval of the difference): the DVC plot of evaluate."""
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow(["task", "base", "candidate", "diff_ci_low", "diff_ci_high"])
-    for task, row in task_summary(report).items():
-        writer.writerow([task, row["base"], row["candidate"], row["gain_ci_low"], row["gain_ci_high"]])
-    atomic_write(path, buffer.getvalue())

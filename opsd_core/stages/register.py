@@ -30,9 +30,10 @@ from mlflow.exceptions import MlflowException
 from opsd_core.config import Params
 from opsd_core.io import write_json
 from opsd_core.layout import CHALLENGER, CHAMPION, EVAL_REPORT, Env, Layout
-from opsd_core.registry import card, decision, lineage
+from opsd_core.registry import card, decision, lineage, pyfunc
 from opsd_core.registry.audit import actor, move_alias, read_audit, registry_lock, unaudited_champion
 from opsd_core.registry.gate import ChampionEvidence, decide
+from opsd_core.registry.live import PREFIX
 from opsd_core.registry.promotion_lease import PromotionLease, promotion_lease
 from opsd_core.registry.store import (
     RegistryError,
@@ -175,8 +176,10 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
     # the paths the candidate was trained on (opsd env's record, from train.json): device, dtypes, packs
     runtime = {k: inp.train[k] for k in ("execution", "machine", "versions") if isinstance(inp.train.get(k), dict)}
     flat = flatten({**applicable_params(params), "candidate": inp.meta, **runtime})
-    metrics = [Metric(f"train/{k}", v, now, int(row["step"])) for row in inp.curve
-               for k, v in row.items() if k != "step"]
+    # under the flow the training logged its curve into this run step by step (registry/live.py)
+    live = any(k.startswith(PREFIX) for k in client.get_run(run_id).data.metrics)
+    metrics = [] if live else [Metric(f"{PREFIX}{k}", v, now, int(row["step"])) for row in inp.curve
+                               for k, v in row.items() if k != "step"]
     for task, res in inp.report["tasks"].items():
         metrics += [Metric(f"eval/{task}/{who}", float(res[who]["score"]), now, 0) for who in ("base", "candidate")]
         metrics += [Metric(f"eval/{task}/{k}", float(v), now, 0) for k, v in (res.get("diff") or {}).items()
@@ -199,7 +202,9 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
     for path in (layout.eval_report, layout.train_report, layout.train_curve, layout.data_report):
         if path.is_file():
             client.log_artifact(run_id, str(path), "eval" if path == layout.eval_report else "reports")
-    client.log_artifacts(run_id, str(layout.candidate), MODEL_DIR)
+    # an MLflow model (pyfunc): `mlflow.pyfunc.load_model("models:/<name>@champion")` serves it
+    pyfunc.save(tmp / "mlflow-model", layout.candidate, inp.meta, params.eval.max_new_tokens, params.model.thinking)
+    client.log_artifacts(run_id, str(tmp / "mlflow-model"), MODEL_DIR)
 
 
 def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path) -> ChampionEvidence | None:
@@ -283,7 +288,11 @@ def _register_locked(
     mv = client.create_model_version(
         cfg.model_name, source=f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run_id,
         tags=_version_tags(inp, lin, verdict, cfg),
-        description=f"OPSD candidate {content_hash[:16]} on {inp.meta['base_model']}",
+        # what the version page shows first: the gate's decision as a table (the card is longer than the
+        # 5,000 characters MLflow keeps in a description)
+        description=f"OPSD candidate `{content_hash[:16]}` on `{inp.meta['base_model']}`\n\n"
+                    + decision.render(verdict, markdown=True)
+                    + f"\n\nThe model card (scores with intervals, data, settings, lineage): `{MODEL_DIR}/model_card.md`.",
     )
     version = str(mv.version)
     moves = []

@@ -43,9 +43,11 @@ from opsd_core.backends.plan import ExecutionPlan, make_plan
 from opsd_core.backends.runtime import configure_threads, peak_rss_mb, tune_allocator
 from opsd_core.config import Params
 from opsd_core.io import atomic_dir, atomic_write, file_hash, write_json, write_metrics
-from opsd_core.layout import CANDIDATE_META, DIAGNOSIS_REPORT, Layout
+from opsd_core.layout import CANDIDATE_META, DIAGNOSIS_REPORT, Env, Layout
 from opsd_core.models.lora import wrap_lora
 from opsd_core.models.sources import load_candidate, load_model_and_tokenizer, resolve_base_dir, weights_hash
+from opsd_core.registry import card
+from opsd_core.registry.live import LiveMetrics
 
 
 def execution_plan(params: Params, world_size: int | None = None) -> ExecutionPlan:
@@ -236,6 +238,8 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     if plan.allocator == "tuned" and not tune_allocator():
         log("train.cpu_allocator: glibc's mallopt refused the settings; malloc left as it is")
     trainer = build_trainer(params, model, tokenizer, problems, dev, run_dir, plan=plan, world=world, log=log)
+    if world.main and os.environ.get(Env.PIPELINE_RUN):  # under the flow: the curve into MLflow as it grows
+        trainer.on_step = LiveMetrics(params, root, os.environ[Env.PIPELINE_RUN], log)
     try:
         per_rank = params_per_rank(model, world, dev)
         # the starting model's gap, before any step (rank 0 alone: a sharded model's passes are collectives)
@@ -254,6 +258,7 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
         del trainer, model
         model = whole_policy(params, root, plan, final)
     _write_curve(layout.train_curve, state.curve)
+    card.plot_training_curve(state.curve, layout.training_plot)  # the DVC plot
     meta = save_candidate(params, root, model, tokenizer, base_path, data_hash, dev)
     for old in ckpt.prune_other_runs(run_dir, started_at):  # retention across trainings, not only within one
         log(f"removed the checkpoints of an earlier training: {old.name}")
