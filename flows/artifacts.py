@@ -26,6 +26,17 @@ def eval_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mlflow_link(registry: dict[str, Any]) -> str:
+    """Where the run's MLflow record is: a link when the tracking server has a URL, else the run id and the
+    command that opens the local store's UI."""
+    run, uri, exp = registry.get("run_id"), str(registry.get("tracking_uri") or ""), registry.get("experiment_id")
+    if not run:
+        return ""
+    if uri.startswith(("http://", "https://")) and exp:
+        return f"MLflow run: [{run}]({uri.rstrip('/')}/#/experiments/{exp}/runs/{run})\n\n"
+    return f"MLflow run `{run}` (experiment {exp}) in `{uri}`: open it with `mlflow ui --backend-store-uri {uri}`\n\n"
+
+
 def publish(eval_report: dict[str, Any] | None, registry: dict[str, Any] | None) -> list[str]:
     """Create the artifacts this run has results for (inside a flow or task run); returns their keys."""
     keys = []
@@ -36,7 +47,7 @@ def publish(eval_report: dict[str, Any] | None, registry: dict[str, Any] | None)
                                              "bootstrap 95% CI")
         keys.append("opsd-eval")
     if registry and registry.get("verdict"):
-        head = f"**Model {registry.get('model_name')} version {registry.get('version')}**\n\n"
+        head = f"**Model {registry.get('model_name')} version {registry.get('version')}**\n\n" + mlflow_link(registry)
         create_markdown_artifact(key="opsd-gate", markdown=head + decision.render(registry["verdict"], markdown=True),
                                  description="the promotion gate's decision (reports/registry.json)")
         keys.append("opsd-gate")

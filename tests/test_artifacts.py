@@ -9,7 +9,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.runtime import flow_run
 
-from flows.artifacts import eval_table, publish
+from flows.artifacts import eval_table, mlflow_link, publish
 from opsd_core.config import Params
 from opsd_core.registry import decide
 from tests.support import GUARD, PRIMARY, eval_report
@@ -59,3 +59,11 @@ def test_nothing_is_published_without_results() -> None:
         return publish(None, {"model_name": "m"})
 
     assert run() == []
+
+
+def test_the_gate_artifact_points_at_the_mlflow_run() -> None:
+    served = {"run_id": "r1", "experiment_id": "4", "tracking_uri": "http://mlflow.internal:5000/"}
+    assert mlflow_link(served) == "MLflow run: [r1](http://mlflow.internal:5000/#/experiments/4/runs/r1)\n\n"
+    local = {"run_id": "r1", "experiment_id": "4", "tracking_uri": "sqlite:////p/.opsd/mlflow.db"}
+    assert "`r1`" in mlflow_link(local) and "mlflow ui --backend-store-uri sqlite:////p/.opsd/mlflow.db" in mlflow_link(local)
+    assert mlflow_link({"verdict": {}}) == ""

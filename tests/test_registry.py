@@ -108,6 +108,9 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     assert f"| vs base: {PRIMARY} |" in note and note.endswith("**Gate: promote to champion.**")
     assert run.data.tags["lineage.flow_run_id"] == "flow-123"
     assert run.data.tags["lineage.dvc_raw_md5"] == "abc123.dir"
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]  # the training data, by its hashes
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("opsd-train", "d" * 16, "dvc")
+    assert json.loads(dataset.source)["dvc_raw_md5"] == "abc123.dir"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
     assert run.data.metrics[f"eval/{PRIMARY}/candidate"] == pytest.approx(0.75)
     # the self-teacher gap the training started from (train.json's diagnosis)

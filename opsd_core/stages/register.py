@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import requests
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from opsd_core.config import Params
@@ -193,6 +193,7 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
                 if isinstance(v, int | float) and not isinstance(v, bool)]
     tags = [RunTag("opsd.diagnosis", str(diagnosis["reading"]))] if diagnosis.get("reading") else []
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()], tags=tags)
+    client.log_inputs(run_id, datasets=[_training_dataset(inp, params)])
     plots = tmp / "plots"
     plots.mkdir()
     card.plot_training_curve(inp.curve, plots / "training_curve.png")
@@ -205,6 +206,19 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
     # an MLflow model (pyfunc): `mlflow.pyfunc.load_model("models:/<name>@champion")` serves it
     pyfunc.save(tmp / "mlflow-model", layout.candidate, inp.meta, params.eval.max_new_tokens, params.model.thinking)
     client.log_artifacts(run_id, str(tmp / "mlflow-model"), MODEL_DIR)
+
+
+def _training_dataset(inp: RegisterInputs, params: Params) -> DatasetInput:
+    """The prepared training split as the run's MLflow dataset: its content hash as the digest, DVC's version of
+    the raw traces and the path as the source (`dvc pull` at that version gives back the same rows)."""
+    data_hash = str(inp.data.get("data_hash") or inp.meta.get("data_hash") or "unknown")
+    raw = Path(params.data.raw_dir.rstrip("/"))
+    source = {"path": str(Path(params.data.prepared_dir) / "train.jsonl"),
+              "dvc_raw_md5": lineage.dvc_out_md5(inp.layout.root / raw.parent / f"{raw.name}.dvc")}
+    profile = {k: inp.data[k] for k in ("read", "accepted", "train", "val", "rejected") if k in inp.data}
+    dataset = Dataset(name="opsd-train", digest=data_hash, source_type="dvc", source=json.dumps(source),
+                      profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path) -> ChampionEvidence | None:
@@ -350,7 +364,7 @@ def _register(params: Params, root: Path) -> dict[str, Any]:
         exp_id = ensure_experiment(client, store, cfg.experiment)
     existing = find_by_content_hash(client, cfg.model_name, inp.content_hash)
     if existing is not None:
-        return _write_result(params, root, _existing(client, store, params, existing))
+        return _write_result(params, root, {**_existing(client, store, params, existing), "experiment_id": exp_id})
     lin = lineage.collect(params, root, inp.data.get("data_hash") or inp.meta.get("data_hash"))
     tags = {f"lineage.{k}": str(v)[:_TAG_MAX] for k, v in lin.items() if v is not None}
     tags["opsd.content_hash"] = inp.content_hash
@@ -371,4 +385,4 @@ def _register(params: Params, root: Path) -> dict[str, Any]:
         raise
     if not pipeline_run:
         client.set_terminated(run.info.run_id, "FINISHED")
-    return _write_result(params, root, result)
+    return _write_result(params, root, {**result, "experiment_id": exp_id})
