@@ -110,6 +110,9 @@ def test_run_registers_a_challenger_with_lineage(project: Path, first_run: dict[
     assert "model_card.md" in artifacts and "gate" in artifacts, artifacts
     # the training logged its curve into the pipeline's run step by step (registry/live.py), once per step,
     # as it ran (not all at one time after training); register did not log it again
+    (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]  # the training split, by its hashes
+    assert json.loads(dataset.source)["data_hash"] == first_run["data_hash"]
+    assert dataset.digest == first_run["data_hash"][:36] and json.loads(dataset.source)["dvc_raw_md5"] == first_run["raw_md5"]
     history = state["client"].get_metric_history(version.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert len({m.timestamp for m in history}) == 4

@@ -216,7 +216,9 @@ def _training_dataset(inp: RegisterInputs, params: Params) -> DatasetInput:
     source = {"path": str(Path(params.data.prepared_dir) / "train.jsonl"),
               "dvc_raw_md5": lineage.dvc_out_md5(inp.layout.root / raw.parent / f"{raw.name}.dvc")}
     profile = {k: inp.data[k] for k in ("read", "accepted", "train", "val", "rejected") if k in inp.data}
-    dataset = Dataset(name="opsd-train", digest=data_hash, source_type="dvc", source=json.dumps(source),
+    source["data_hash"] = data_hash
+    # MLflow keeps 36 characters of a digest; the whole hash is in the source
+    dataset = Dataset(name="opsd-train", digest=data_hash[:36], source_type="dvc", source=json.dumps(source),
                       profile=json.dumps(profile))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
