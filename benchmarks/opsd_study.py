@@ -12,7 +12,8 @@ number), each arm against its reference by a paired bootstrap over problems. Arm
 * ``opsd_from_base`` and ``mix`` (``train.objective: mix``): from the base, compared with it.
 
     python -m benchmarks.opsd_study --out benchmarks/results/DATE-opsd-study.json \\
-        [--model bundled|tiny] [--seeds 0 1 2] [--difficulty 2:50:0 ...] [--arms ...] [--work DIR]
+        [--model bundled|tiny] [--seeds 0 1 2] [--difficulty 2:50:0 ...] [--arms ...] [--work DIR] [--threads N]
+    python -m benchmarks.opsd_study --out ALL.json --merge SEED0.json SEED1.json ...   # cells run side by side
 
 Every run's settings are in the results file (``settings`` and each run's ``set``), so a row can be rerun
 with ``opsd train --set ...`` on the same data.
@@ -195,6 +196,32 @@ def table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def across_seeds(cells: list[dict[str, Any]]) -> str:
+    """Per difficulty and arm: the mean flexible accuracy over seeds, each seed's gain over the arm's reference
+    with its 95% CI, and how many seeds' intervals lie above zero."""
+    lines = ["| difficulty | arm | vs | seeds | mean flex | gain per seed [95% CI] | seeds with CI > 0 |",
+             "|---|---|---|---|---|---|---|"]
+    for difficulty in dict.fromkeys(c["difficulty"] for c in cells):
+        mine = [c for c in cells if c["difficulty"] == difficulty]
+        for arm in dict.fromkeys(a for c in mine for a in c["runs"]):
+            runs = [c["runs"][arm] for c in mine if arm in c["runs"]]
+            gains = [r["gain"]["flex"] for r in runs if "gain" in r]
+            per_seed = "; ".join(f"{g['mean_diff']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" for g in gains)
+            above = f"{sum(g['ci_low'] > 0 for g in gains)}/{len(gains)}" if gains else ""
+            lines.append(f"| {difficulty} | {arm} | {runs[0].get('vs', '')} | {len(runs)} | "
+                         f"{sum(r['flex'] for r in runs) / len(runs):.3f} | {per_seed} | {above} |")
+    return "\n".join(lines)
+
+
+def merge(paths: list[Path], out: Path) -> str:
+    """Several results files (e.g. one per seed, run side by side) into one, with both tables."""
+    loaded = [json.loads(p.read_text()) for p in paths]
+    cells = [c for r in loaded for c in r["cells"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": loaded[0]["model"], "sizes": loaded[0]["sizes"], "cells": cells}, indent=2))
+    return table(cells) + "\n\n" + across_seeds(cells)
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_isa_cap()  # OPSD_CPU_ISA's caps before torch runs a kernel
     apply_offline_defaults()
@@ -206,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--work", type=Path, default=ROOT / ".opsd/study")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: train.threads)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="only merge these results files into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        print(merge(args.merge, args.out))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)  # the base model is scored before any training sets it
     cells = []

@@ -3,11 +3,12 @@ starting model, is scored on a test split disjoint from its training problems, a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.opsd_study import AFTER_SFT, run_cell, split_rows, table
+from benchmarks.opsd_study import AFTER_SFT, across_seeds, merge, run_cell, split_rows, table
 from opsd_core.data.arithmetic import ArithmeticDifficulty
 
 pytestmark = pytest.mark.slow
@@ -41,3 +42,19 @@ def test_the_test_split_is_disjoint_from_training_and_the_same_for_every_seed() 
     assert {r.problem for r in train0} != {r.problem for r in train1}
     # the shared draw differs only where a seed's training set took a problem
     assert len({r.problem for r in test0} & {r.problem for r in test1}) >= 190
+
+
+def test_results_run_side_by_side_merge_into_one_table(tmp_path: Path) -> None:
+    def cell(seed: int, low: float) -> dict:
+        gain = {"mean_diff": low + 0.02, "ci_low": low, "ci_high": low + 0.04}
+        return {"difficulty": "s2-n50-d0", "seed": seed, "runs": {
+            "sft": {"strict": 0.4, "flex": 0.4, "vs": "base", "gain": {"strict": gain, "flex": gain}},
+            "base": {"strict": 0.0, "flex": 0.02}}}
+    paths = []
+    for seed, low in ((0, 0.01), (1, -0.01)):
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps({"model": "bundled", "sizes": [1], "cells": [cell(seed, low)]}))
+    text = merge(paths, tmp_path / "all.json")
+    assert [c["seed"] for c in json.loads((tmp_path / "all.json").read_text())["cells"]] == [0, 1]
+    assert "| s2-n50-d0 | sft | base | 2 | 0.400 | +0.030 [+0.010, +0.050]; +0.010 [-0.010, +0.030] | 1/2 |" in text
+    assert across_seeds([cell(0, 0.01)]).count("\n") == 3  # header, rule, sft, base
