@@ -84,9 +84,17 @@ class Console:
     """Writes the terminal's lines; ``tty`` rewrites progress in place."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._stream = stream
         self._open = False  # a progress line is on screen, not yet ended
+
+    @property
+    def stream(self) -> TextIO:
+        # sys.stderr as it is now, not at import: test runners and daemons replace it
+        return self._stream or sys.stderr
+
+    @property
+    def tty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
 
     def _end_progress(self) -> None:
         if self._open:
