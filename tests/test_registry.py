@@ -313,7 +313,9 @@ def test_tracking_server_as_registry(
     local = mlflow.artifacts.download_artifacts(
         f"models:/{params.registry.model_name}@champion", dst_path=str(tmp_path / "dl"),
         tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    got = probe_logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), local))
+    assert (Path(local) / "MLmodel").is_file()  # an MLflow model; the adapter as trained is its artifact
+    got = probe_logits(PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir),
+                                                 str(Path(local) / "artifacts" / "candidate")))
     assert torch.allclose(got, expected, atol=1e-5)
     assert list((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))
     assert register(params, root)["already_registered"]

@@ -193,7 +193,7 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
                 if isinstance(v, int | float) and not isinstance(v, bool)]
     tags = [RunTag("opsd.diagnosis", str(diagnosis["reading"]))] if diagnosis.get("reading") else []
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()], tags=tags)
-    client.log_inputs(run_id, datasets=[_training_dataset(inp, params)])
+    _log_dataset(client, run_id, _training_dataset(inp, params))
     plots = tmp / "plots"
     plots.mkdir()
     card.plot_training_curve(inp.curve, plots / "training_curve.png")
@@ -221,6 +221,20 @@ def _training_dataset(inp: RegisterInputs, params: Params) -> DatasetInput:
     dataset = Dataset(name="opsd-train", digest=data_hash[:36], source_type="dvc", source=json.dumps(source),
                       profile=json.dumps(profile))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
+def _log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInput) -> None:
+    """Log the run's dataset. MLflow's SQL store checks whether a dataset exists, then inserts it: two
+    registrations of the same data at once race there, and the loser's insert breaks a unique constraint.
+    Once the winner's row is in, a retry finds it; a dataset is no reason to fail a registration."""
+    for attempt in (1, 2):
+        try:
+            client.log_inputs(run_id, datasets=[dataset])
+            return
+        except MlflowException as err:
+            if attempt == 2:
+                print(f"opsd register: warning: the training dataset was not logged ({str(err)[:160]})",
+                      file=sys.stderr)
 
 
 def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path) -> ChampionEvidence | None:
