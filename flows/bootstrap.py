@@ -30,13 +30,14 @@ def bootstrap(params: Params, root: Path) -> dict[str, Any]:
     return done
 
 
+def _shown(path: Path, root: Path) -> str:
+    """``path`` as the user types it from ``root``: relative inside the project, absolute outside."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def _command(name: str, root: Path) -> str:
     """``name`` from this interpreter's environment, as a path that works from ``root`` without activating it."""
-    exe = Path(sys.executable).parent / name
-    try:
-        return str(exe.relative_to(root))
-    except ValueError:
-        return str(exe)
+    return _shown(Path(sys.executable).parent / name, root)
 
 
 def print_next_steps(params: Params, root: Path, summary: dict[str, Any], seconds: float | None = None) -> None:
@@ -57,8 +58,7 @@ def print_next_steps(params: Params, root: Path, summary: dict[str, Any], second
     if store.artifact_location:
         ui += f" --default-artifact-root {store.artifact_location}"
     opsd = _command("opsd", root)
-    lines += [f"  reports:   {layout.reports.relative_to(root) if layout.reports.is_relative_to(root) else layout.reports}/"
-              f"  candidate: {layout.candidate.relative_to(root) if layout.candidate.is_relative_to(root) else layout.candidate}",
+    lines += [f"  reports:   {_shown(layout.reports, root)}/  candidate: {_shown(layout.candidate, root)}",
               f"  champion:  {opsd} status",
               f"  MLflow UI: {ui}",
               f"  Prefect:   {opsd} server start   (then open the URL it prints: flow runs, stage logs, artifacts)", ""]

@@ -13,7 +13,6 @@ import sys
 from typing import Any, TextIO
 
 from opsd_core.evaluation.summary import task_summary
-from opsd_core.registry import decision
 
 _STEP = re.compile(r"^step (\d+)/(\d+)\b")
 _EVAL = re.compile(r"^evaluate(_base)?: (\d+/)?\d+ groups of tasks")
@@ -71,13 +70,6 @@ def stage_figure(stage: str, report: dict[str, Any] | None) -> str:
 
 def _num(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, int | float) else "-"
-
-
-def gate_in_words(verdict: dict[str, Any] | None) -> list[str]:
-    """The gate's checks as sentences: what each compared, and whether it could tell the models apart."""
-    if not verdict:
-        return []
-    return decision.plain_words(verdict)
 
 
 class Console:

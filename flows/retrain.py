@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,16 @@ def ingest_task(params_path: str, root: str) -> dict[str, Any]:
 
 CONSOLE = Console()
 # the report whose figure a stage's "done" line shows
-_STAGE_REPORTS = {"prepare": "data_report", "train": "train_report", "evaluate": "eval_report",
-                  "register": "registry_report"}
+_STAGE_REPORTS: dict[str, Callable[[Layout], Path]] = {
+    "prepare": lambda layout: layout.data_report, "train": lambda layout: layout.train_report,
+    "evaluate": lambda layout: layout.eval_report, "register": lambda layout: layout.registry_report}
 
 
 def _stage_report(root: Path, stage: str) -> dict[str, Any] | None:
-    attr = _STAGE_REPORTS.get(stage)
-    if attr is None:
+    report = _STAGE_REPORTS.get(stage)
+    if report is None:
         return None
-    path = getattr(Layout.of(load_params(root / "params.yaml"), root), attr)
+    path = report(Layout.of(load_params(root / "params.yaml"), root))
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
@@ -103,12 +105,16 @@ def summary_task(root: str, params_path: str, ran: list[str], ingest: dict[str, 
     return out
 
 
-def run_labels(params: Params, root: Path) -> list[str]:
-    """What a flow run is of, as Prefect tags: the profile, the params hash and the raw data's DVC hash."""
-    raw = Path(params.data.raw_dir.rstrip("/"))
-    data = dvc_out_md5(root / raw.parent / f"{raw.name}.dvc")
-    return ["opsd", f"profile:{params.profile}", f"params:{params.hash()[:8]}",
-            *([f"data:{data.removesuffix('.dir')[:8]}"] if data else [])]
+def run_labels(params: Params, root: Path) -> dict[str, str]:
+    """What a flow run is of: the profile, the params hash and the raw data's DVC hash (once versioned)."""
+    data = dvc_out_md5(Layout.of(params, root).raw_dvc)
+    return {"profile": params.profile, "params": params.hash()[:8],
+            **({"data": data.removesuffix(".dir")[:8]} if data else {})}
+
+
+def run_tags(labels: dict[str, str]) -> list[str]:
+    """The labels as Prefect tags: ``opsd``, ``profile:smoke``, ``params:1a2b3c4d``, ``data:...``."""
+    return ["opsd", *(f"{k}:{v}" for k, v in labels.items())]
 
 
 def _run_name() -> str:
@@ -118,8 +124,7 @@ def _run_name() -> str:
         labels = run_labels(load_params(params_file), params_file.parent)
     except Exception:  # noqa: BLE001 - a name is no reason to fail the run: the flow reports bad params itself
         return "retrain"
-    profile, *hashes = labels[1:]
-    return "-".join(["retrain", profile.removeprefix("profile:"), *(h.replace(":", "") for h in hashes)])
+    return "-".join(["retrain", labels.pop("profile"), *(f"{k}{v}" for k, v in labels.items())])
 
 
 @flow(name="opsd-retrain", log_prints=True, flow_run_name=_run_name)
@@ -182,7 +187,7 @@ def main_job(params_path: str = "params.yaml") -> int:
     params = load_params(params_file)
     started = time.monotonic()
     bootstrap(params, params_file.parent)
-    with tags(*run_labels(params, params_file.parent)):
+    with tags(*run_tags(run_labels(params, params_file.parent))):
         summary = retrain(str(params_file))
     print_next_steps(params, params_file.parent, summary, time.monotonic() - started)
     return 0

@@ -56,6 +56,7 @@ class Layout:
     """A project's folders, from its params and root (relative settings are joined to the root)."""
 
     root: Path
+    raw: Path
     reports: Path
     prepared: Path
     eval_data: Path
@@ -65,10 +66,15 @@ class Layout:
     @classmethod
     def of(cls, params: Params, root: Path) -> Layout:
         root = Path(root)
-        return cls(root=root, reports=root / params.train.reports_dir, prepared=root / params.data.prepared_dir,
+        return cls(root=root, raw=root / params.data.raw_dir, reports=root / params.train.reports_dir, prepared=root / params.data.prepared_dir,
                    eval_data=root / params.data.eval_dir, candidate=root / params.train.output_dir,
                    # an absolute state_dir (shared between checkouts) survives the join unchanged
                    state=(root / params.registry.state_dir).resolve())
+
+    @property
+    def raw_dvc(self) -> Path:
+        """The ``.dvc`` file that versions the raw traces (``dvc add``), beside their folder."""
+        return self.raw.parent / f"{self.raw.name}.dvc"
 
     @property
     def data_report(self) -> Path:

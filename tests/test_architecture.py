@@ -32,23 +32,26 @@ def modules() -> dict[str, Path]:
     return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
+def imported(node: ast.AST, name: str, is_pkg: bool, known: dict[str, Path]) -> list[str]:
+    """What one import statement of module ``name`` imports, as dotted names (relative imports resolved; a name
+    from one of our modules resolved to that module when it is one); [] for any other node."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        anchor = name.split(".") if is_pkg else name.split(".")[:-1]
+        anchor = anchor[: len(anchor) - (node.level - 1)]
+        base = ".".join([*anchor, base] if base else anchor)
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+
+
 def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """Every module ``name`` imports (anywhere in the file), as dotted names; ours resolved to modules."""
     is_pkg = path.name == "__init__.py"
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = name.split(".") if is_pkg else name.split(".")[:-1]
-                anchor = anchor[: len(anchor) - (node.level - 1)]
-                base = ".".join([*anchor, base] if base else anchor)
-            for alias in node.names:
-                sub = f"{base}.{alias.name}"
-                out.add(sub if sub in known else base)
-    return out
+    return {t for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            for t in imported(node, name, is_pkg, known)}
 
 
 def graph() -> dict[str, set[str]]:
@@ -232,17 +235,7 @@ def local_imports() -> list[tuple[str, str, str, int, str]]:
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(fn):
-                targets: list[str] = []
-                if isinstance(node, ast.Import):
-                    targets = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom):
-                    base = node.module or ""
-                    if node.level:
-                        anchor = name.split(".") if is_pkg else name.split(".")[:-1]
-                        anchor = anchor[: len(anchor) - (node.level - 1)]
-                        base = ".".join([*anchor, base] if base else anchor)
-                    targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-                for target in targets:
+                for target in imported(node, name, is_pkg, known):
                     ours = target.split(".")[0] in PACKAGES
                     what = (target if target in known else ".".join(target.split(".")[:-1])) if ours else \
                         target.split(".")[0]

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from opsd_core.errors import SettingError
+from opsd_core.layout import Env
 
-ISA_ENV = "OPSD_CPU_ISA"
-HIDE_ENV = "OPSD_HIDE"
+ISA_ENV, HIDE_ENV = Env.CPU_ISA, Env.HIDE
 HIDEABLE = ("onednn", "bf16", "mallopt", "cuda", "mps")
 # the libraries' own caps for each simulated level (torch's dispatcher, oneDNN, MKL)
 ISA_CAPS = {

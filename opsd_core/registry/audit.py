@@ -20,8 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opsd_core.layout import CHAMPION
-from opsd_core.registry.lineage import FLOW_RUN_ENV
+from opsd_core.layout import CHAMPION, Env
 from opsd_core.registry.store import registry_lock, version_by_alias
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ def actor() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
-    flow = os.environ.get(FLOW_RUN_ENV)
+    flow = os.environ.get(Env.FLOW_RUN)
     return f"{user}@{socket.gethostname()} pid={os.getpid()}" + (f" flow_run={flow}" if flow else "")
 
 

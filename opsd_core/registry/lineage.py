@@ -11,9 +11,7 @@ import yaml
 
 from opsd_core.config import Params
 from opsd_core.io import file_hash
-from opsd_core.layout import Env
-
-FLOW_RUN_ENV = Env.FLOW_RUN
+from opsd_core.layout import Env, Layout
 
 
 def git_commit(root: Path) -> tuple[str | None, bool | None]:
@@ -63,14 +61,13 @@ def source_tags(root: Path, name: str) -> dict[str, str]:
 def collect(params: Params, root: Path, data_hash: str | None = None) -> dict[str, str | None]:
     """Lineage tags (values are strings or None for 'not available here')."""
     commit, dirty = git_commit(root)
-    raw = Path(params.data.raw_dir.rstrip("/"))
     return {
         "git_commit": commit,
         "git_dirty": None if dirty is None else str(dirty).lower(),
-        "dvc_raw_md5": dvc_out_md5(root / raw.parent / f"{raw.name}.dvc"),
+        "dvc_raw_md5": dvc_out_md5(Layout.of(params, root).raw_dvc),
         "params_hash": params.hash(),
         "dvc_lock_sha256": file_sha256(root / "dvc.lock"),
         "data_hash": data_hash,
-        "flow_run_id": os.environ.get(FLOW_RUN_ENV) or None,
+        "flow_run_id": os.environ.get(Env.FLOW_RUN) or None,
         "profile": params.profile,
     }

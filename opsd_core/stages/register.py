@@ -171,7 +171,8 @@ def headline_metrics(inp: RegisterInputs, primary: str) -> dict[str, float]:
     return out
 
 
-def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Params, tmp: Path) -> None:
+def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Params, lin: dict[str, Any],
+             tmp: Path) -> None:
     now = int(time.time() * 1000)
     # the paths the candidate was trained on (opsd env's record, from train.json): device, dtypes, packs
     runtime = {k: inp.train[k] for k in ("execution", "machine", "versions") if isinstance(inp.train.get(k), dict)}
@@ -193,7 +194,7 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
                 if isinstance(v, int | float) and not isinstance(v, bool)]
     tags = [RunTag("opsd.diagnosis", str(diagnosis["reading"]))] if diagnosis.get("reading") else []
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()], tags=tags)
-    _log_dataset(client, run_id, _training_dataset(inp, params))
+    _log_dataset(client, run_id, _training_dataset(inp, lin))
     plots = tmp / "plots"
     plots.mkdir()
     card.plot_training_curve(inp.curve, plots / "training_curve.png")
@@ -208,15 +209,15 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
     client.log_artifacts(run_id, str(tmp / "mlflow-model"), MODEL_DIR)
 
 
-def _training_dataset(inp: RegisterInputs, params: Params) -> DatasetInput:
+def _training_dataset(inp: RegisterInputs, lin: dict[str, Any]) -> DatasetInput:
     """The prepared training split as the run's MLflow dataset: its content hash as the digest, DVC's version of
-    the raw traces and the path as the source (`dvc pull` at that version gives back the same rows)."""
+    the raw traces (from the lineage) and the path as the source (`dvc pull` at that version gives back the
+    same rows)."""
     data_hash = str(inp.data.get("data_hash") or inp.meta.get("data_hash") or "unknown")
-    raw = Path(params.data.raw_dir.rstrip("/"))
-    source = {"path": str(Path(params.data.prepared_dir) / "train.jsonl"),
-              "dvc_raw_md5": lineage.dvc_out_md5(inp.layout.root / raw.parent / f"{raw.name}.dvc")}
+    layout = inp.layout
+    source = {"path": str(layout.train_split.relative_to(layout.root)), "dvc_raw_md5": lin.get("dvc_raw_md5"),
+              "data_hash": data_hash}
     profile = {k: inp.data[k] for k in ("read", "accepted", "train", "val", "rejected") if k in inp.data}
-    source["data_hash"] = data_hash
     # MLflow keeps 36 characters of a digest; the whole hash is in the source
     dataset = Dataset(name="opsd-train", digest=data_hash[:36], source_type="dvc", source=json.dumps(source),
                       profile=json.dumps(profile))
@@ -393,7 +394,7 @@ def _register(params: Params, root: Path) -> dict[str, Any]:
                                 tags={**tags, **lineage.source_tags(root, "opsd register")})
     try:
         with tempfile.TemporaryDirectory(prefix="opsd-register-") as tmp:
-            _log_run(client, run.info.run_id, inp, params, Path(tmp))
+            _log_run(client, run.info.run_id, inp, params, lin, Path(tmp))
             with registry_lock(store.state_dir), promotion_lease(client, cfg.model_name, actor()) as lease:
                 result = _register_locked(client, store, params, inp, run, lin, Path(tmp), lease)
     except BaseException:
