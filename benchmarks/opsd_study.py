@@ -25,6 +25,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from opsd_core.config import Params, load_params
 from opsd_core.data.arithmetic import ArithmeticDifficulty, arithmetic_rows
 from opsd_core.evaluation.bootstrap import paired_bootstrap
 from opsd_core.evaluation.metrics import flexible_correctness, sample_correctness
+from opsd_core.io import atomic_write
 from opsd_core.models.sources import load_candidate, load_model_and_tokenizer, resolve_base_dir
 from opsd_core.offline import apply_offline_defaults
 from opsd_core.stages.train import build_backend, execution_plan, train
@@ -111,6 +113,19 @@ def greedy_scores(params: Params, model_dir: str, rows: list[Any], batch: int = 
     return out
 
 
+def _base_scores(path: Path, rows: list[Any], score: Callable[[list[Any]], dict[str, list[float]]]
+                 ) -> dict[str, list[float]]:
+    """The base model's scores on ``rows``, through a per-difficulty cache keyed by problem text: the base is
+    the same model in every seed, and the seeds' test splits differ only by the problems each training set holds."""
+    cache: dict[str, list[float]] = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [r for r in rows if r.problem not in cache]
+    got = score(missing)
+    cache.update({r.problem: [s, f] for r, s, f in zip(missing, got["strict"], got["flex"], strict=True)})
+    if missing:
+        atomic_write(path, json.dumps(cache))
+    return {"strict": [cache[r.problem][0] for r in rows], "flex": [cache[r.problem][1] for r in rows]}
+
+
 def _compare(ref: dict[str, list[float]], cand: dict[str, list[float]], seed: int) -> dict[str, Any]:
     return {k: paired_bootstrap(ref[k], cand[k], 2000, seed) for k in ("strict", "flex")}
 
@@ -156,13 +171,39 @@ def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list
               f"{sum(got['flex'])}/{len(test_rows)} (scored in {time.perf_counter() - began:.0f} s)", flush=True)
         return got
 
-    scores: dict[str, dict[str, list[float]]] = {"base": scored("base", base_params, base_dir)}
+    def scored_rows(rows: list[Any]) -> dict[str, list[float]]:
+        print(f"{difficulty.label} seed {seed} base: scoring {len(rows)} problems not in the cache", flush=True)
+        return greedy_scores(base_params, base_dir, rows) if rows else {"strict": [], "flex": []}
+
+    scores: dict[str, dict[str, list[float]]] = {
+        "base": _base_scores(work / f"{difficulty.label}-base.json", test_rows, scored_rows)}
     runs["base"] = {"set": []}
+
+    def done(arm: str, settings: list[str]) -> bool:
+        """An arm this cell already trained and scored with the same settings (a study resumes where it stopped)."""
+        record = cell / f"{arm}.result.json"
+        if not record.is_file():
+            return False
+        saved = json.loads(record.read_text())
+        if saved["run"]["set"] != settings:
+            return False
+        runs[arm], scores[arm] = saved["run"], saved["scores"]
+        print(f"{difficulty.label} seed {seed} {arm}: reused {record}", flush=True)
+        return True
+
+    def keep(arm: str) -> None:
+        atomic_write(cell / f"{arm}.result.json", json.dumps({"run": runs[arm], "scores": scores[arm]}))
+
     sft_dir = None
     if any(a in arms for a in ("sft", *AFTER_SFT)):
-        params, project = trained("sft", base_dir, sft_steps, ["train.objective=sft", "train.lr=2e-4"])
-        sft_dir = str(_merged(project, params, cell / "sft-model"))
-        scores["sft"] = scored("sft", params, sft_dir)
+        sft_settings = [*sizing, f"model.base={base_dir}", f"train.steps={sft_steps}", "train.objective=sft",
+                        "train.lr=2e-4"]
+        sft_dir = str(cell / "sft-model")
+        if not ((cell / "sft-model/config.json").is_file() and done("sft", sft_settings)):
+            params, project = trained("sft", base_dir, sft_steps, ["train.objective=sft", "train.lr=2e-4"])
+            sft_dir = str(_merged(project, params, cell / "sft-model"))
+            scores["sft"] = scored("sft", params, sft_dir)
+            keep("sft")
     for arm in arms:
         if arm in ("base", "sft"):
             continue
@@ -170,8 +211,12 @@ def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list
         assert start is not None
         steps = round_steps if arm != "mix" else sft_steps
         lr = "train.lr=1e-4" if arm != "mix" else "train.lr=2e-4"  # the round's rate; mix trains as long as SFT
-        params, project = trained(arm, start, steps, [lr, *ARM_SETTINGS[arm]])
+        extra = [lr, *ARM_SETTINGS[arm]]
+        if done(arm, [*sizing, f"model.base={start}", f"train.steps={steps}", *extra]):
+            continue
+        params, project = trained(arm, start, steps, extra)
         scores[arm] = scored(arm, params, str(_merged(project, params, cell / f"{arm}-model")))
+        keep(arm)
         shutil.rmtree(cell / f"{arm}-model", ignore_errors=True)
     for arm, got in scores.items():
         ref = "sft" if arm in AFTER_SFT else "base"

@@ -135,9 +135,11 @@ class OPSDConfig(_Section):
     # shuffled: the contrastive target (algorithm/losses.contrastive_teacher_logits): the student is pulled only
     # where the teacher with the problem's own solution differs from the teacher with another problem's
     # (the privileged context's style drift, seen in the shuffled control, cancels); costs one more teacher
-    # pass. contrast_weight: the power of that ratio
+    # pass. contrast_weight: the power of that ratio; contrast_plausibility: tokens the right teacher gives
+    # less than this fraction of its top probability are never raised by the ratio (0: no limit)
     contrast: Literal["none", "shuffled"] = "none"
     contrast_weight: float = Field(1.0, gt=0)
+    contrast_plausibility: float = Field(0.1, ge=0, lt=1)
     # training problems on which `opsd train` measures the self-teacher gap before its first step
     # (opsd_core/algorithm/diagnose.py; `opsd diagnose` alone); 0: not measured
     diagnose_problems: int = Field(16, ge=0)

@@ -3,6 +3,7 @@ the trainer's extra teacher pass on the tiny model."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,3 +119,48 @@ def test_contrast_settings_are_checked() -> None:
         load_params(None, None, ["opsd.contrast=always"])
     with pytest.raises(ConfigError, match="opsd.contrast_weight"):
         load_params(None, None, ["opsd.contrast_weight=0"])
+
+
+def _format_position() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The answer-line position: token 0 is ``####``; both teachers are sure of it, the wrong one a little surer,
+    so it rules out the rare alternatives harder than the right one does."""
+    p_s = torch.tensor([[0.85, 0.05, 0.05, 0.05]], dtype=torch.float64)
+    p_t = torch.tensor([[0.97, 0.01, 0.01, 0.01]], dtype=torch.float64)
+    p_w = torch.tensor([[0.99997, 1e-5, 1e-5, 1e-5]], dtype=torch.float64)
+    return p_s.log(), p_t.log(), p_w.log()
+
+
+def test_without_a_plausibility_limit_the_tails_take_over_a_shared_format_token() -> None:
+    s, t, w = _format_position()
+    q = torch.softmax(contrastive_teacher_logits(s, t, w, 1.0, 1.0, plausibility=0.0), -1)[0]
+    assert int(q.argmax()) != 0  # the failure the study saw: the target gives up ####
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.5])
+def test_the_plausibility_limit_keeps_a_shared_format_token(alpha: float) -> None:
+    s, t, w = _format_position()
+    q = torch.softmax(contrastive_teacher_logits(s, t, w, 1.0, 1.0, plausibility=alpha), -1)[0]
+    assert int(q.argmax()) == 0 and float(q[0]) > 0.8  # about the student's own 0.85
+
+
+def test_implausible_tokens_are_never_raised_and_plausible_ones_keep_the_ratio() -> None:
+    s, t, w = _logits(6, 11, seed=7), _logits(6, 11, seed=8), _logits(6, 11, seed=9)
+    alpha = 0.2
+    limited = contrastive_teacher_logits(s, t, w, 0.8, 1.0, plausibility=alpha)
+    plain = contrastive_teacher_logits(s, t, w, 0.8, 1.0)
+    ls, lt, lw = (torch.log_softmax(x, -1) for x in (s, t, w))
+    raw_limited = ls + 0.8 * torch.where(lt < lt.amax(-1, keepdim=True) + math.log(alpha), (lt - lw).clamp(max=0),
+                                         lt - lw)
+    torch.testing.assert_close(limited, torch.log_softmax(raw_limited, -1))
+    implausible = lt < lt.amax(-1, keepdim=True) + math.log(alpha)
+    # unnormalised: an implausible token's score never exceeds the student's own log-probability
+    assert bool((raw_limited[implausible] <= ls[implausible] + 1e-12).all())
+    assert bool(implausible.any()) and not torch.allclose(limited, plain)
+    torch.testing.assert_close(contrastive_teacher_logits(s, t, w, 0.8, 1.0, plausibility=0.0), plain)
+
+
+def test_the_plausibility_setting_is_checked() -> None:
+    assert load_params(None, None, []).opsd.contrast_plausibility == 0.1
+    for bad in ("-0.1", "1"):
+        with pytest.raises(ConfigError, match="opsd.contrast_plausibility"):
+            load_params(None, None, [f"opsd.contrast_plausibility={bad}"])

@@ -33,6 +33,26 @@ def test_every_arm_runs_from_its_start_and_is_compared(tmp_path: Path) -> None:
     assert len(table([cell]).splitlines()) == 2 + len(arms)
 
 
+def test_a_stopped_study_resumes_where_it_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each arm's result is kept as it lands; a rerun reuses the arms done with the same settings and trains only
+    the rest; the base model's scores are shared by the seeds of a difficulty."""
+    difficulty = ArithmeticDifficulty(1, 9, 0)
+    first = run_cell("tiny", difficulty, 0, ["base", "sft", "opsd_after_sft"], tmp_path)
+    cache = json.loads((tmp_path / "s1-n9-d0-base.json").read_text())
+    assert len(cache) == first["test_problems"]
+    assert "base: scoring 16 problems" in capsys.readouterr().out
+    again = run_cell("tiny", difficulty, 0, ["base", "sft", "opsd_after_sft", "more_sft"], tmp_path)
+    said = capsys.readouterr().out
+    assert "sft: reused" in said and "opsd_after_sft: reused" in said and "more_sft: reused" not in said
+    assert "more_sft: strict" in said and "base: scoring 0 problems" in said  # nothing scored twice
+    for arm in ("base", "sft", "opsd_after_sft"):
+        assert again["runs"][arm] == first["runs"][arm]
+    assert again["runs"]["more_sft"]["vs"] == "sft"
+    other = run_cell("tiny", difficulty, 1, ["base"], tmp_path)  # another seed: only its new test problems
+    grown = json.loads((tmp_path / "s1-n9-d0-base.json").read_text())
+    assert set(cache) <= set(grown) and other["test_problems"] == 16
+
+
 def test_the_test_split_is_disjoint_from_training_and_the_same_for_every_seed() -> None:
     difficulty = ArithmeticDifficulty(2, 50, 0)
     train0, test0 = split_rows("bundled", difficulty, 0)

@@ -198,7 +198,7 @@ def token_divergence(
 
 
 def contrastive_teacher_logits(student_logits: Tensor, teacher_logits: Tensor, wrong_logits: Tensor,
-                               weight: float, temperature: float) -> Tensor:
+                               weight: float, temperature: float, plausibility: float = 0.0) -> Tensor:
     """The contrastive target: what the correct solution changes in the teacher beyond what any solution does.
 
     student_logits, teacher_logits (the correct solution in the context), wrong_logits (another problem's
@@ -206,14 +206,25 @@ def contrastive_teacher_logits(student_logits: Tensor, teacher_logits: Tensor, w
     teachers move the same way (the privileged context's style, the drift a shuffled control shows too) the
     ratio is 1 and the target is the student itself, so nothing is learnt from it; what depends on the
     solution being right remains. ``weight`` 0: the student (no signal); with a wrong teacher equal to the
-    student and weight 1: the plain teacher. Returns logits [..., V] (detached) that, divided by ``T`` as the
-    divergence does, give ``log q`` up to a constant.
+    student and weight 1: the plain teacher.
+
+    ``plausibility`` α > 0: a token the right teacher itself finds implausible (``p_T < α · max p_T``, the
+    adaptive plausibility constraint of contrastive decoding) may be pushed down by the ratio but never
+    raised. Without it the ratio explodes in the tails: where both teachers are sure of a shared format token
+    (``####``), every rare alternative the wrong teacher rules out a little harder gets a large ratio, and the
+    target drops the format (seen in the study: strict accuracy 0). α 0: the plain ratio everywhere.
+    Returns logits [..., V] (detached) that, divided by ``T`` as the divergence does, give ``log q`` up to a
+    constant.
     """
     dtype = _compute_dtype(student_logits, teacher_logits, wrong_logits)
     ls = torch.log_softmax(student_logits.detach().to(dtype) / temperature, -1)
     lt = torch.log_softmax(teacher_logits.detach().to(dtype) / temperature, -1)
     lw = torch.log_softmax(wrong_logits.detach().to(dtype) / temperature, -1)
-    return temperature * torch.log_softmax(ls + weight * (lt - lw), -1)
+    ratio = lt - lw
+    if plausibility > 0:
+        implausible = lt < lt.amax(-1, keepdim=True) + math.log(plausibility)
+        ratio = torch.where(implausible, ratio.clamp(max=0), ratio)
+    return temperature * torch.log_softmax(ls + weight * ratio, -1)
 
 
 def _default_denom(mask: Tensor) -> Tensor:
@@ -267,7 +278,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, hs: Tensor, ht: Tensor, weight: Tensor,
         bias: Tensor | None, t_weight: Tensor | None, sampled: Tensor | None,
         spec: DivergenceSpec, chunk_size: int, needs: tuple[bool, bool, bool],
-        hw: Tensor | None = None, contrast: float = 0.0,
+        hw: Tensor | None = None, contrast: float = 0.0, plausibility: float = 0.0,
     ) -> tuple[Tensor, Tensor, Tensor]:
         need_h, need_w, need_b = needs
         dtype = _compute_dtype(hs, weight)
@@ -292,7 +303,8 @@ class _ChunkedDivergence(torch.autograd.Function):
                 if hw is not None:
                     with torch.no_grad():
                         w_logits = F.linear(hw[start:stop].detach().to(dtype), tw, tb)
-                        t_logits = contrastive_teacher_logits(s_logits, t_logits, w_logits, contrast, spec.temperature)
+                        t_logits = contrastive_teacher_logits(s_logits, t_logits, w_logits, contrast, spec.temperature,
+                                                              plausibility)
                 out = token_divergence(s_logits, t_logits, spec, ids)
                 chunk_loss = out.loss.sum()
                 wrt = [x for x, need in ((h, need_h), (w, need_w), (b, need_b)) if need and x is not None]
@@ -319,7 +331,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         gh = None if d_h is None else (d_h * g).to(h_dtype)
         gw = None if d_w is None else (d_w * g).to(w_dtype)
         gb = None if d_b is None else (d_b * g).to(b_dtype)
-        return gh, None, gw, gb, None, None, None, None, None, None, None
+        return gh, None, gw, gb, None, None, None, None, None, None, None, None
 
 
 def chunked_divergence_loss(
@@ -327,7 +339,7 @@ def chunked_divergence_loss(
     spec: DivergenceSpec, sampled_ids: Tensor | None = None, chunk_size: int = 128,
     denom: float | Tensor | None = None, lm_head_bias: Tensor | None = None,
     teacher_lm_head_weight: Tensor | None = None, contrast_hidden: Tensor | None = None,
-    contrast_weight: float = 1.0,
+    contrast_weight: float = 1.0, contrast_plausibility: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Masked-mean divergence from final hidden states without materialising [B, T, V] logits.
 
@@ -337,7 +349,8 @@ def chunked_divergence_loss(
     Only valid rows are projected, ``chunk_size`` rows at a time, in fp32. Gradients reach student_hidden,
     lm_head_weight and lm_head_bias (when they require grad); the teacher gets none.
     ``contrast_hidden`` [B, T, H]: the teacher's hidden states under a wrong solution; the divergence is
-    then taken to :func:`contrastive_teacher_logits` with ``contrast_weight`` instead of the plain teacher.
+    then taken to :func:`contrastive_teacher_logits` with ``contrast_weight`` and ``contrast_plausibility``
+    instead of the plain teacher.
     Returns (sum of per-token losses / denom, {"kl_sum", "clipped_sum", "tokens"} detached scalars);
     denom defaults to the number of valid tokens (at least 1).
     """
@@ -370,7 +383,7 @@ def chunked_divergence_loss(
     )
     loss_sum, kl_sum, clipped_sum = _ChunkedDivergence.apply(
         hs, ht, lm_head_weight, lm_head_bias, teacher_lm_head_weight, sampled, spec, chunk_size, needs,
-        hw, contrast_weight,
+        hw, contrast_weight, contrast_plausibility,
     )
     tokens = torch.tensor(float(rows.numel()), dtype=loss_sum.dtype, device=loss_sum.device)
     loss = loss_sum / (tokens.clamp(min=1) if denom is None else denom)

@@ -317,6 +317,7 @@ class OPSDTrainer:
                 sampled_ids=ids.to(self.device), chunk_size=self.params.opsd.chunk_size, denom=total,
                 teacher_lm_head_weight=self.teacher.lm_head_weight(), contrast_hidden=w_hidden,
                 contrast_weight=self.params.opsd.contrast_weight,
+                contrast_plausibility=self.params.opsd.contrast_plausibility,
             )
             if not torch.isfinite(loss):
                 raise TrainingError(f"non-finite loss ({loss.item()}); stopping, no candidate is written")
