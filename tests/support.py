@@ -7,16 +7,11 @@ that only wants a path or a fabricated report should not pay seconds for a model
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -238,49 +233,3 @@ def registry_project(root: Path, base_dir: Path, seed: int, report: dict) -> tor
     (root / "data" / "raw.dvc").write_text("outs:\n- md5: abc123.dir\n  path: raw\n")
     (root / "dvc.lock").write_text("schema: '2.0'\n")
     return make_candidate(root / "models" / "candidate", base_dir, seed)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_mlflow(tmp_path: Path, port: int) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1:``port`` (SQLite backend under ``tmp_path``) while the block runs."""
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (tmp_path / "server.log").open("a")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, tmp_path / "server.log")
-        yield url
-    finally:  # the server runs its app in child processes: stop the group this started
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, attempts: int = 240) -> None:
-    """Until the MLflow server at ``url`` answers /health (an error if ``proc`` exits or it never does)."""
-    for _ in range(attempts):
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=0.5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            try:  # pause between probes by waiting on the server process (returns early if it dies)
-                proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
-    raise RuntimeError("mlflow server did not become healthy")

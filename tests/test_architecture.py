@@ -220,6 +220,9 @@ LOCAL_IMPORTS = {
         f"{HEAVY}: ~0.6 s, only to draw; flows/artifacts.py (the `opsd run` process) imports the card's tables",
     ("opsd_core.registry.live", "mlflow"):
         f"{HEAVY}: the train stage imports this module; only a training under the flow logs live metrics",
+    ("opsd_core.registry.reach", "sqlalchemy"):
+        f"{HEAVY}: ~0.4 s, only to probe a database tracking URI; the run's preflight of a server or a SQLite "
+        "file never needs it",
     ("opsd_core.registry.store", "mlflow"):
         f"{HEAVY}: ~3.7 s; `opsd status` reads an SQLite store through registry/sqlite_read.py without MLflow",
 }
@@ -304,7 +307,8 @@ def _imported_modules(path: Path) -> list[tuple[int, str]]:
 
 
 def test_test_modules_import_no_other_test_module_and_benchmarks_no_tests() -> None:
-    """Shared helpers live in tests/conftest.py (fixtures), tests/support.py, tests/projects.py and tests/faults/;
+    """Shared helpers live in tests/conftest.py (fixtures), tests/support.py, tests/projects.py, tests/servers.py
+    (real servers on loopback) and tests/faults/;
     a test module imported by another would run its tests twice over and tie the two together. Benchmarks
     import nothing from the tests (the fresh clone both use is benchmarks/common.py's)."""
     tests_dir = ROOT / "tests"

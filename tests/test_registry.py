@@ -20,15 +20,8 @@ from opsd_core.registry.store import download_version, ensure_experiment, open_c
 from opsd_core.stages.promote import rollback
 from opsd_core.stages.register import register
 from opsd_core.stages.status import render_status, status
-from tests.support import (
-    GUARD,
-    PRIMARY,
-    eval_report,
-    free_port,
-    probe_logits,
-    registry_project,
-    serve_mlflow,
-)
+from tests.servers import free_port, serve_mlflow
+from tests.support import GUARD, PRIMARY, eval_report, probe_logits, registry_project
 
 pytestmark = pytest.mark.slow  # MLflow servers and registering processes: out of the fast lane (make test-fast)
 

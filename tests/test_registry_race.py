@@ -23,7 +23,8 @@ import torch
 from opsd_core.config import Params
 from opsd_core.registry.audit import read_audit
 from opsd_core.registry.promotion_lease import LeaseLostError, acquire, lease_model, promotion_lease
-from tests.support import eval_report, free_port, registry_project, serve_mlflow
+from tests.servers import free_port, serve_mlflow
+from tests.support import eval_report, registry_project
 
 pytestmark = pytest.mark.slow  # an MLflow server and racing processes: out of the fast lane (make test-fast)
 

@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opsd_core.layout import CHAMPION, Env
-from opsd_core.registry.store import registry_lock, version_by_alias
+from opsd_core.registry.sqlite_read import sqlite_path
+from opsd_core.registry.store import Store, all_versions, open_client, registry_lock, version_by_alias
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from opsd_core.registry.promotion_lease import PromotionLease
 
-__all__ = ["champion_stack", "move_alias", "read_audit", "registry_lock"]
+__all__ = ["audit_of", "champion_stack", "move_alias", "read_audit", "registry_audit", "registry_lock"]
 
 AUDIT_FILE = "audit.jsonl"
 HISTORY_TAG = "alias_history"
@@ -50,6 +51,29 @@ def read_audit(state_dir: Path, model: str | None = None) -> list[dict[str, Any]
         return []
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [e for e in entries if model is None or e.get("model") == model]
+
+
+def registry_audit(client: MlflowClient, model: str) -> list[dict[str, Any]]:
+    """Every alias move of ``model`` as the registry itself records it (the versions' ``alias_history`` tags,
+    each move once, in time order): the audit a machine sees when others share its tracking server, whose
+    moves are not in its own ``audit.jsonl``. Each tag keeps its version's last moves only."""
+    moves: dict[str, dict[str, Any]] = {}
+    for mv in all_versions(client, model):
+        try:
+            history = json.loads(mv.tags.get(HISTORY_TAG, "[]"))
+        except json.JSONDecodeError:
+            continue
+        for entry in history:  # a move is on both versions it involves
+            moves[json.dumps(entry, sort_keys=True)] = entry
+    return sorted(moves.values(), key=lambda e: (str(e.get("time", "")), e.get("lease_ticket") or 0))
+
+
+def audit_of(store: Store, model: str, client: MlflowClient | None = None) -> list[dict[str, Any]]:
+    """The audit that the gate, rollback and status read: this folder's log for a local SQLite store (whose
+    moves all go through it); for a shared server, the registry's record of every machine's moves."""
+    if sqlite_path(store.tracking_uri) is not None:
+        return read_audit(store.state_dir, model)
+    return registry_audit(client if client is not None else open_client(store), model)
 
 
 def _append(state_dir: Path, entry: dict[str, Any]) -> None:

@@ -9,10 +9,12 @@ loaded from the path it had at training time when that exists, else from its spe
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
@@ -37,7 +39,9 @@ class OpsdModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(config.get("max_new_tokens", 256))
         self.thinking = config.get("thinking")
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    # MLflow reads this hint at class definition: a DataFrame keeps SIGNATURE's "problem" column (a list[...]
+    # hint would replace it with a bare list); a plain list of problems is accepted too
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         problems = list(model_input["problem"]) if hasattr(model_input, "columns") else list(model_input)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         answers = []
@@ -52,10 +56,13 @@ class OpsdModel(mlflow.pyfunc.PythonModel):
 
 def save(path: Path, candidate_dir: Path, meta: dict[str, Any], max_new_tokens: int, thinking: bool | None) -> None:
     """Write the MLflow model folder for ``candidate_dir`` at ``path`` (which must not exist)."""
-    mlflow.pyfunc.save_model(
-        str(path), python_model=OpsdModel(), artifacts={CANDIDATE: str(candidate_dir)}, signature=SIGNATURE,
-        model_config={"base_model": str(meta["base_model"]), "base_path": str(meta.get("base_path") or ""),
-                      "max_new_tokens": max_new_tokens, "thinking": thinking},
-        # what loading needs is opsd itself (it brings torch, transformers and peft); no inference from imports
-        pip_requirements=["opsd"],
-    )
+    with warnings.catch_warnings():
+        # an input example would make MLflow load the model and run it at save time; SIGNATURE says the input
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        mlflow.pyfunc.save_model(
+            str(path), python_model=OpsdModel(), artifacts={CANDIDATE: str(candidate_dir)}, signature=SIGNATURE,
+            model_config={"base_model": str(meta["base_model"]), "base_path": str(meta.get("base_path") or ""),
+                          "max_new_tokens": max_new_tokens, "thinking": thinking},
+            # what loading needs is opsd itself (it brings torch, transformers and peft); no inference from imports
+            pip_requirements=["opsd"],
+        )

@@ -14,9 +14,9 @@ from opsd_core.config import Params
 from opsd_core.layout import CHAMPION
 from opsd_core.registry.audit import (
     actor,
+    audit_of,
     champion_stack,
     move_alias,
-    read_audit,
     registry_lock,
     unaudited_champion,
 )
@@ -36,7 +36,7 @@ def rollback(params: Params, root: Path) -> dict[str, Any]:
     with registry_lock(store.state_dir), promotion_lease(client, cfg.model_name, actor()) as lease:
         current = version_by_alias(client, cfg.model_name, CHAMPION)
         now = None if current is None else str(current.version)
-        log = read_audit(store.state_dir, cfg.model_name)
+        log = audit_of(store, cfg.model_name, client)
         stack = champion_stack(log)
         moved = unaudited_champion(log, now)
         if moved:

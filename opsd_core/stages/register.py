@@ -31,7 +31,7 @@ from opsd_core.config import Params
 from opsd_core.io import write_json
 from opsd_core.layout import CHALLENGER, CHAMPION, EVAL_REPORT, Env, Layout
 from opsd_core.registry import card, decision, lineage, pyfunc
-from opsd_core.registry.audit import actor, move_alias, read_audit, registry_lock, unaudited_champion
+from opsd_core.registry.audit import actor, audit_of, move_alias, registry_lock, unaudited_champion
 from opsd_core.registry.gate import ChampionEvidence, decide
 from opsd_core.registry.live import PREFIX
 from opsd_core.registry.promotion_lease import PromotionLease, promotion_lease
@@ -298,7 +298,7 @@ def _register_locked(
         return _existing(client, store, params, dup)
     champion = version_by_alias(client, cfg.model_name, CHAMPION)
     # a champion set by hand (MLflow UI or API) is still what the gate compares with; the user is told
-    unaudited = unaudited_champion(read_audit(store.state_dir, cfg.model_name), _version_of(champion))
+    unaudited = unaudited_champion(audit_of(store, cfg.model_name, client), _version_of(champion))
     if unaudited:
         print(f"opsd register: warning: {unaudited}", file=sys.stderr)
         client.set_tag(run_id, "opsd.unaudited_champion", unaudited)

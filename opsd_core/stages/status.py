@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from opsd_core.config import Params
 from opsd_core.layout import ALIASES, CHALLENGER, CHAMPION
 from opsd_core.registry import decision, leases, sqlite_read
-from opsd_core.registry.audit import read_audit, unaudited_champion
+from opsd_core.registry.audit import audit_of, unaudited_champion
 from opsd_core.registry.store import open_client, resolve_store, version_by_alias
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def status(params: Params, root: Path) -> dict[str, Any]:
         client = open_client(store)
         reaped = leases.reap(store.state_dir, client)
         found = {alias: version_by_alias(client, cfg.model_name, alias) for alias in ALIASES}
-    audit = read_audit(store.state_dir, cfg.model_name)
+    audit = audit_of(store, cfg.model_name)
     champion = found[CHAMPION]
     return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri, "reaped_runs": reaped,
             CHAMPION: _describe(champion, primary),

@@ -1,0 +1,172 @@
+"""On a team's servers: a tracking server on PostgreSQL with its artifacts in an S3-compatible store, a Prefect
+server on PostgreSQL, a DVC remote on S3, all real processes on loopback (tests/servers.py), started here.
+
+What is checked: ``opsd doctor`` sees each service and where its credentials come from (never their values);
+a registration lands in PostgreSQL and S3 and another state folder (another machine) reads the champion
+back; DVC data pushed from one clone is pulled by another; a tracking server that does not answer stops a
+run in one line, before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsd_core.config import Params
+from opsd_core.stages.register import register
+from opsd_core.stages.status import render_status, status
+from tests.servers import (
+    BIN,
+    S3_ENV,
+    free_port,
+    postgres,
+    postgres_or_skip,
+    s3_endpoint,
+    s3_keys,
+    serve_mlflow,
+    serve_prefect,
+)
+from tests.support import cli_project, eval_report, opsd, registry_project
+
+pytestmark = pytest.mark.slow  # servers and subprocesses: out of the fast lane (make test-fast)
+
+ARTIFACTS, DATA = "mlflow-artifacts", "dvc-store"
+
+
+@dataclass(frozen=True)
+class Team:
+    mlflow: str
+    prefect: str
+    s3: str
+    env: dict[str, str]  # what a client machine sets: the servers' addresses and the S3 credentials
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
+    postgres_or_skip()
+    tmp = tmp_path_factory.mktemp("team")
+    with postgres() as pg, s3_endpoint(tmp, (ARTIFACTS, DATA)) as s3:
+        pg.create_db("mlflow")
+        pg.create_db("prefect")
+        s3_env = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3}
+        with serve_mlflow(tmp, free_port(), backend=pg.url("mlflow", "psycopg"), artifacts=f"s3://{ARTIFACTS}/mlflow",
+                          env=s3_env) as mlflow_url, serve_prefect(tmp, pg.url("prefect", "asyncpg")) as api:
+            yield Team(mlflow_url, api, s3, {**S3_ENV, "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_API_URL": api})
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("base")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _git_dvc_project(path: Path, cache: Path, s3: str) -> Path:
+    """A smoke project folder under git and DVC whose default DVC remote is the S3 endpoint's bucket."""
+    cli_project(path, cache)
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
+                [str(BIN / "dvc"), "remote", "add", "-d", "team", f"s3://{DATA}/store"],
+                [str(BIN / "dvc"), "remote", "modify", "team", "endpointurl", s3]):
+        subprocess.run(cmd, cwd=path, check=True, capture_output=True, timeout=120)
+    return path
+
+
+def test_doctor_sees_every_team_service_and_names_credentials_without_their_values(
+        team: Team, tmp_path: Path) -> None:
+    import mlflow
+    import prefect
+
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    project = _git_dvc_project(tmp_path / "p", tmp_path / "m", team.s3)
+    env = {**team.env, "AWS_SECRET_ACCESS_KEY": secret}
+    proc = opsd(project, "doctor", "--json", env=env)
+    found = {r["service"]: r for r in json.loads(proc.stdout)}
+    assert all(r["answers"] for r in found.values()), found
+    assert found["mlflow"]["address"] == team.mlflow and found["mlflow"]["version"] == mlflow.__version__
+    assert found["prefect"]["version"] == prefect.__version__ and "PREFECT_API_URL" in found["prefect"]["address"]
+    assert found["dvc remote"]["address"] == f"team: s3://{DATA}/store at {team.s3}"
+    assert found["dvc remote"]["credentials"] == "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
+    assert secret not in proc.stdout + proc.stderr
+    table = opsd(project, "doctor", env=env).stdout
+    assert table.count("ok: answers") == 3 and secret not in table
+
+
+def test_doctor_reports_each_dead_service_in_one_line(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    project = _git_dvc_project(tmp_path / "p", tmp_path / "m", dead)
+    proc = opsd(project, "doctor", env={**S3_ENV, "MLFLOW_TRACKING_URI": dead, "PREFECT_API_URL": f"{dead}/api"},
+                check=False)
+    assert proc.returncode == 1
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert "FAILED: cannot connect: connection refused" in lines["mlflow"]
+    assert "FAILED: cannot connect: connection refused" in lines["prefect"]
+    assert "FAILED: cannot reach" in lines["dvc"] or "FAILED: no answer" in lines["dvc"]
+
+
+def test_a_dead_tracking_server_stops_the_run_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    project = cli_project(tmp_path / "p", tmp_path / "m")
+    proc = opsd(project, "run", env={"MLFLOW_TRACKING_URI": dead}, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"opsd run: ServiceError: the MLflow tracking store at {dead} is not usable: cannot connect: connection "
+        "refused; nothing was started (registry.tracking_uri or MLFLOW_TRACKING_URI; `opsd doctor` checks every "
+        "service)"]
+    assert not (project / "data").exists() and not (project / ".dvc").exists()  # no bootstrap, no data
+
+
+def test_a_registration_lands_in_postgresql_and_s3_and_another_machine_reads_it(
+        team: Team, tmp_path: Path, base_dir: Path) -> None:
+    name = f"team-model-{uuid.uuid4().hex[:8]}"  # the servers are shared by this module's tests
+    params = Params(registry={"tracking_uri": team.mlflow, "model_name": name}, eval={"bootstrap_samples": 200})
+    root = tmp_path / "machine-a"
+    registry_project(root, base_dir, 1, eval_report(cand=30))
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in S3_ENV.items():
+            mp.setenv(key, value)
+        mp.setenv("MLFLOW_S3_ENDPOINT_URL", team.s3)  # the client uploads through the server: no S3 needed,
+        res = register(params, root)                 # but a user's shell may well have it
+    assert res["champion"] == "1" and res["promoted"]
+    keys = s3_keys(team.s3, ARTIFACTS, "mlflow/")
+    assert any(k.endswith("artifacts/candidate/adapter_model.safetensors") for k in keys), keys
+    other = tmp_path / "machine-b"  # its own state folder: only the servers are shared
+    other.mkdir()
+    seen = status(params, other)
+    assert seen["champion"]["version"] == "1" and seen["champion"]["scores"]["candidate"] is not None
+    # the move was made from machine A: B reads it from the registry, so the champion is audited there too
+    assert seen["unaudited"] is None and [m["to_version"] for m in seen["recent_moves"]][-1] == "1"
+    assert f"tracking {team.mlflow}" in render_status(seen)
+
+
+def test_dvc_data_pushed_from_one_clone_is_pulled_by_another(team: Team, tmp_path: Path) -> None:
+    first = _git_dvc_project(tmp_path / "a", tmp_path / "m", team.s3)
+    raw = first / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "traces.jsonl").write_text('{"problem": "1 + 1", "answer": "2"}\n')
+    env = {**team.env}
+
+    def run(cwd: Path, *cmd: str) -> None:
+        subprocess.run(list(cmd), cwd=cwd, check=True, capture_output=True, timeout=300, env={**os.environ, **env})
+
+    run(first, str(BIN / "dvc"), "add", "data/raw")
+    run(first, "git", "add", "-A")
+    run(first, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data")
+    run(first, str(BIN / "dvc"), "push")
+    assert s3_keys(team.s3, DATA, "store/")
+    second = tmp_path / "b"
+    run(tmp_path, "git", "clone", "-q", str(first), str(second))
+    run(second, str(BIN / "dvc"), "pull")
+    assert (second / "data/raw/traces.jsonl").read_bytes() == (raw / "traces.jsonl").read_bytes()
