@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TEST_SEED ?= 22
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --random-order-bucket=global --random-order-seed=$(TEST_SEED)
 
-.PHONY: install run test test-fast lint bench clean lock
+.PHONY: install run test test-fast lint bench clean lock postgres
 install: $(VENV)/.installed
 
 # every package at the version constraints.txt pins (the same commit reinstalls the same stack)
@@ -38,7 +38,17 @@ lock:
 run: install
 	$(VENV)/bin/opsd run
 
-test: install
+# PostgreSQL for the team-server tests (tests/test_team_servers.py): Debian's package, installed when missing and
+# this is root; otherwise those tests skip and say so
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's postgresql package for the server tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+			|| echo "PostgreSQL could not be installed: the server tests will skip"; \
+	else echo "no PostgreSQL (apt-get install postgresql): the server tests will skip"; fi
+
+test: install postgres
 	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
 	# two workers, a test file each at a time: most tests wait on subprocesses (Prefect, DVC, torchrun) or run
 	# one torch thread, so two cores finish the suite in ~0.65x the serial time (measured 14.2 vs 21.9 min)

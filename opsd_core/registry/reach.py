@@ -78,7 +78,7 @@ def _probe_server(uri: str, timeout: float) -> Reach:
     shown = redact(uri)
     try:
         health = requests.get(f"{base}/health", timeout=timeout)
-        version = requests.get(f"{base}/version", timeout=timeout)
+        version = requests.get(f"{base}/version", timeout=timeout, **_http_auth())  # type: ignore[arg-type]
         # an authenticated call: /health answers everyone, even where the basic-auth app guards the rest
         probe = requests.post(f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 1},
                               timeout=timeout, **_http_auth())  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ the flow. ``opsd promote --rollback`` is :mod:`opsd_core.stages.promote`; ``opsd
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -33,8 +34,10 @@ from opsd_core.layout import CHALLENGER, CHAMPION, EVAL_REPORT, Env, Layout
 from opsd_core.registry import card, decision, lineage, pyfunc
 from opsd_core.registry.audit import actor, audit_of, move_alias, registry_lock, unaudited_champion
 from opsd_core.registry.gate import ChampionEvidence, decide
+from opsd_core.registry.leases import FAILURE_TAG
 from opsd_core.registry.live import PREFIX
 from opsd_core.registry.promotion_lease import PromotionLease, promotion_lease
+from opsd_core.registry.reach import MLFLOW_CREDENTIALS, credentials_source
 from opsd_core.registry.store import (
     RegistryError,
     Store,
@@ -296,6 +299,9 @@ def _register_locked(
     if dup is not None:  # a racing run registered the same weights first
         client.set_tag(run_id, "opsd.duplicate_of_version", str(dup.version))
         return _existing(client, store, params, dup)
+    # before any alias is read: MLflow's basic-auth app answers 403, not 404, for an alias of a model that
+    # does not exist yet
+    ensure_registered_model(client, cfg.model_name)
     champion = version_by_alias(client, cfg.model_name, CHAMPION)
     # a champion set by hand (MLflow UI or API) is still what the gate compares with; the user is told
     unaudited = unaudited_champion(audit_of(store, cfg.model_name, client), _version_of(champion))
@@ -314,7 +320,6 @@ def _register_locked(
     client.set_tag(run_id, "gate.promote", str(verdict["promote"]).lower())
     # the run's description in the MLflow UI: the decision as a table
     client.set_tag(run_id, "mlflow.note.content", decision.render(verdict, markdown=True))
-    ensure_registered_model(client, cfg.model_name)
     before = {a: _version_of(version_by_alias(client, cfg.model_name, a)) for a in (CHALLENGER, CHAMPION)}
     mv = client.create_model_version(
         cfg.model_name, source=f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run_id,
@@ -352,12 +357,22 @@ def register(params: Params, root: Path) -> dict[str, Any]:
     try:
         return _register(params, root)
     except MlflowException as err:
+        uri = resolve_store(params, Path(root)).tracking_uri
+        if refused(err):
+            raise RegistryError(f"the MLflow server at {uri} refused {credentials_source(MLFLOW_CREDENTIALS)}: "
+                                f"{str(err).splitlines()[0][:200]}; nothing was registered or promoted, the run "
+                                "is marked FAILED (ask the model's owner for EDIT on it, or use another account)"
+                                ) from None
         if not _unreachable(err):
             raise
-        uri = resolve_store(params, Path(root)).tracking_uri
         raise RegistryError(f"the MLflow server at {uri} cannot be reached ({str(err).splitlines()[0][:160]}); "
                             "nothing was registered or promoted: rerun `opsd register` (or the pipeline) when it "
                             "is back") from None
+
+
+def refused(err: BaseException) -> bool:
+    """Whether an MLflow error is the server's access control saying no (basic-auth: 401 or 403)."""
+    return getattr(err, "error_code", None) in ("PERMISSION_DENIED", "UNAUTHENTICATED")
 
 
 def _unreachable(err: BaseException) -> bool:
@@ -397,7 +412,10 @@ def _register(params: Params, root: Path) -> dict[str, Any]:
             _log_run(client, run.info.run_id, inp, params, lin, Path(tmp))
             with registry_lock(store.state_dir), promotion_lease(client, cfg.model_name, actor()) as lease:
                 result = _register_locked(client, store, params, inp, run, lin, Path(tmp), lease)
-    except BaseException:
+    except BaseException as err:
+        with contextlib.suppress(Exception):  # the reason on the run; the original error is the one to report
+            client.set_tag(run.info.run_id, FAILURE_TAG, f"{type(err).__name__}: {str(err).splitlines()[0]}"[:500]
+                           if str(err) else type(err).__name__)
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     if not pipeline_run:
