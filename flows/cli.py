@@ -154,6 +154,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 "run: the pipeline reads params.yaml (DVC tracks it), so --profile/--set would be invisible to "
                 "its stages. Set `profile:` or the keys in params.yaml instead, or run a single stage "
                 "(`opsd train --profile ...`)")
+        # one line naming the store, in seconds, before torch or Prefect is imported: not MLflow's minutes of
+        # retries and chained tracebacks (the flow checks again: a worker's run starts there)
+        from opsd_core.registry.reach import require_tracking
+        from opsd_core.registry.store import resolve_store
+
+        require_tracking(resolve_store(params, root).tracking_uri)
         from opsd_core.stages.train import execution_plan
 
         execution_plan(params)  # a setting this machine cannot honour fails now, not in the train stage

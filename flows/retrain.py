@@ -190,8 +190,6 @@ def main_job(params_path: str = "params.yaml") -> int:
     params_file = Path(params_path).resolve()
     params = load_params(params_file)
     started = time.monotonic()
-    # one line naming the store, in seconds, instead of MLflow's minutes of retries and chained tracebacks
-    require_tracking(resolve_store(params, params_file.parent).tracking_uri)
     bootstrap(params, params_file.parent)
     with tags(*run_tags(run_labels(params, params_file.parent))):
         summary = retrain(str(params_file))

@@ -7,6 +7,7 @@ it, and the chain of champion moves forks (and the alias_history tags lose entri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ import torch
 from opsd_core.config import Params
 from opsd_core.registry.audit import read_audit
 from opsd_core.registry.promotion_lease import LeaseLostError, acquire, lease_model, promotion_lease
-from tests.servers import free_port, serve_mlflow
+from tests.servers import free_port, postgres, postgres_or_skip, serve_mlflow
 from tests.support import eval_report, registry_project
 
 pytestmark = pytest.mark.slow  # an MLflow server and racing processes: out of the fast lane (make test-fast)
@@ -32,24 +33,29 @@ REPO = Path(__file__).resolve().parents[1]
 SCORES = (20, 35, 30)  # a higher score beats every lower one, so serialised promotions only climb
 
 
-@pytest.fixture(scope="module")
-def server_and_base(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A real `mlflow server` on 127.0.0.1 and a tiny base model, built while the server starts."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server_and_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real `mlflow server` on 127.0.0.1 (its store on SQLite, or on a real PostgreSQL: what a team runs)
+    and a tiny base model, built while the server starts."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    serving = serve_mlflow(tmp_path_factory.mktemp("server"), free_port())
-    with ThreadPoolExecutor(1) as pool:
-        started = pool.submit(serving.__enter__)
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-        base = tmp_path_factory.mktemp("base")
-        LlamaForCausalLM(cfg).save_pretrained(base)
-        url = started.result()
-    try:
+    with contextlib.ExitStack() as stack:
+        backend = None
+        if request.param == "postgresql":
+            postgres_or_skip()
+            cluster = stack.enter_context(postgres())
+            backend = cluster.url(cluster.create_db("mlflow"), "psycopg")
+        serving = serve_mlflow(tmp_path_factory.mktemp("server"), free_port(), backend=backend)
+        with ThreadPoolExecutor(1) as pool:
+            started = pool.submit(serving.__enter__)
+            torch.manual_seed(0)
+            cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+            base = tmp_path_factory.mktemp("base")
+            LlamaForCausalLM(cfg).save_pretrained(base)
+            url = started.result()
+        stack.callback(serving.__exit__, None, None, None)
         yield url, base
-    finally:
-        serving.__exit__(None, None, None)
 
 
 def _client(url: str) -> Any:
