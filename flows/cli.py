@@ -160,6 +160,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from opsd_core.registry.store import resolve_store
 
         require_tracking(resolve_store(params, root).tracking_uri)
+        from flows.doctor import prefect_api, require_prefect
+
+        api, _ = prefect_api(root / params.registry.state_dir)
+        if api is not None:  # PREFECT_API_URL or the project's own server; else a temporary one is started
+            require_prefect(api)
         from opsd_core.stages.train import execution_plan
 
         execution_plan(params)  # a setting this machine cannot honour fails now, not in the train stage
@@ -187,6 +192,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         record = server.status(state)
         if record is not None:
             os.environ["PREFECT_API_URL"] = record["api_url"]
+
     if args.command in ("run", "deploy"):
         from flows.server import prefect_home
 

@@ -18,11 +18,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import requests
-from dvc.repo import Repo
 
 from flows import server
 from opsd_core.config import Params
-from opsd_core.registry.reach import Reach, connect_failure, credentials_source, probe_tracking, redact
+from opsd_core.registry.reach import (
+    Reach,
+    ServiceError,
+    connect_failure,
+    credentials_source,
+    probe_tracking,
+    redact,
+)
 from opsd_core.registry.store import resolve_store
 
 PREFECT_CREDENTIALS = ("PREFECT_API_AUTH_STRING", "PREFECT_API_KEY")
@@ -57,7 +63,9 @@ def probe_prefect(api: str, timeout: float = 5.0) -> Reach:
         version = requests.get(f"{base}/admin/version", headers=prefect_headers(), timeout=timeout)
     except requests.RequestException as err:
         return Reach("prefect", redact(api), False, f"cannot connect: {connect_failure(err)}", credentials=creds)
-    if health.status_code == 401:
+    # /health answers everyone, even where PREFECT_SERVER_API_AUTH_STRING guards the rest: the version call
+    # is the one that says whether the credentials are accepted
+    if 401 in (health.status_code, version.status_code):
         why = ("the server asks for credentials: set PREFECT_API_AUTH_STRING" if creds == "none"
                else f"the server rejects the credentials in {creds}")
         return Reach("prefect", redact(api), False, why, credentials=creds)
@@ -65,6 +73,14 @@ def probe_prefect(api: str, timeout: float = 5.0) -> Reach:
         return Reach("prefect", redact(api), False, f"answers HTTP {health.status_code}", credentials=creds)
     ver = version.json() if version.ok else None
     return Reach("prefect", redact(api), True, "answers", str(ver) if ver else None, creds)
+
+
+def require_prefect(api: str, timeout: float = 5.0) -> None:
+    """:func:`probe_prefect`, raising :class:`ServiceError` (one line naming the server) unless it answers."""
+    found = probe_prefect(api, timeout)
+    if not found.answers:
+        raise ServiceError(f"the Prefect API at {found.address} is not usable: {found.detail}; nothing was started "
+                           "(PREFECT_API_URL; `opsd doctor` checks every service)")
 
 
 def _within(fn: Callable[[], Reach], timeout: float, fallback: Reach) -> Reach:
@@ -79,6 +95,8 @@ def _within(fn: Callable[[], Reach], timeout: float, fallback: Reach) -> Reach:
 
 def probe_dvc_remote(root: Path, name: str | None, timeout: float = 15.0) -> Reach:
     """DVC's remote ``name`` (None: the default one) through DVC's own file system for it."""
+    from dvc.repo import Repo
+
     try:
         repo = Repo(str(root))
     except Exception as err:  # noqa: BLE001 - not a DVC project, a broken config: one line

@@ -220,6 +220,8 @@ LOCAL_IMPORTS = {
         f"{HEAVY}: ~0.6 s, only to draw; flows/artifacts.py (the `opsd run` process) imports the card's tables",
     ("opsd_core.registry.live", "mlflow"):
         f"{HEAVY}: the train stage imports this module; only a training under the flow logs live metrics",
+    ("flows.doctor", "dvc"):
+        f"{HEAVY}: ~1 s, only the DVC remote's probe; `opsd run` imports this module to check the Prefect API",
     ("opsd_core.registry.reach", "sqlalchemy"):
         f"{HEAVY}: ~0.4 s, only to probe a database tracking URI; the run's preflight of a server or a SQLite "
         "file never needs it",

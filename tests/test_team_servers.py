@@ -57,9 +57,12 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         pg.create_db("mlflow")
         pg.create_db("prefect")
         s3_env = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3}
+        auth = f"team:{uuid.uuid4().hex}"  # the Prefect server's basic auth; clients send PREFECT_API_AUTH_STRING
         with serve_mlflow(tmp, free_port(), backend=pg.url("mlflow", "psycopg"), artifacts=f"s3://{ARTIFACTS}/mlflow",
-                          env=s3_env) as mlflow_url, serve_prefect(tmp, pg.url("prefect", "asyncpg")) as api:
-            yield Team(mlflow_url, api, s3, {**S3_ENV, "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_API_URL": api})
+                          env=s3_env) as mlflow_url, serve_prefect(tmp, pg.url("prefect", "asyncpg"),
+                                                                   {"PREFECT_SERVER_API_AUTH_STRING": auth}) as api:
+            yield Team(mlflow_url, api, s3, {**S3_ENV, "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_API_URL": api,
+                                             "PREFECT_API_AUTH_STRING": auth})
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +100,17 @@ def test_doctor_sees_every_team_service_and_names_credentials_without_their_valu
     assert all(r["answers"] for r in found.values()), found
     assert found["mlflow"]["address"] == team.mlflow and found["mlflow"]["version"] == mlflow.__version__
     assert found["prefect"]["version"] == prefect.__version__ and "PREFECT_API_URL" in found["prefect"]["address"]
+    assert found["prefect"]["credentials"] == "PREFECT_API_AUTH_STRING"
     assert found["dvc remote"]["address"] == f"team: s3://{DATA}/store at {team.s3}"
     assert found["dvc remote"]["credentials"] == "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
     assert secret not in proc.stdout + proc.stderr
     table = opsd(project, "doctor", env=env).stdout
-    assert table.count("ok: answers") == 3 and secret not in table
+    assert table.count("ok: answers") == 3 and secret not in table and team.env["PREFECT_API_AUTH_STRING"] not in table
+    for auth, why in (("", "asks for credentials: set PREFECT_API_AUTH_STRING"),
+                      ("team:wrong", "rejects the credentials in PREFECT_API_AUTH_STRING")):
+        proc = opsd(project, "doctor", env={**env, "PREFECT_API_AUTH_STRING": auth}, check=False)
+        assert proc.returncode == 1
+        assert why in next(line for line in proc.stdout.splitlines() if line.startswith("prefect"))
 
 
 def test_doctor_reports_each_dead_service_in_one_line(tmp_path: Path) -> None:
@@ -116,15 +125,19 @@ def test_doctor_reports_each_dead_service_in_one_line(tmp_path: Path) -> None:
     assert "FAILED: cannot reach" in lines["dvc"] or "FAILED: no answer" in lines["dvc"]
 
 
-def test_a_dead_tracking_server_stops_the_run_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", ["mlflow", "prefect"])
+def test_a_dead_server_stops_the_run_in_one_line_before_anything_starts(tmp_path: Path, service: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     project = cli_project(tmp_path / "p", tmp_path / "m")
-    proc = opsd(project, "run", env={"MLFLOW_TRACKING_URI": dead}, check=False)
+    env = {"MLFLOW_TRACKING_URI": dead} if service == "mlflow" else {"PREFECT_API_URL": f"{dead}/api"}
+    proc = opsd(project, "run", env=env, check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        f"opsd run: ServiceError: the MLflow tracking store at {dead} is not usable: cannot connect: connection "
-        "refused; nothing was started (registry.tracking_uri or MLFLOW_TRACKING_URI; `opsd doctor` checks every "
-        "service)"]
+    said = {"mlflow": f"the MLflow tracking store at {dead} is not usable: cannot connect: connection refused; "
+                      "nothing was started (registry.tracking_uri or MLFLOW_TRACKING_URI; `opsd doctor` checks "
+                      "every service)",
+            "prefect": f"the Prefect API at {dead}/api is not usable: cannot connect: connection refused; nothing "
+                       "was started (PREFECT_API_URL; `opsd doctor` checks every service)"}[service]
+    assert proc.stderr.strip().splitlines() == [f"opsd run: ServiceError: {said}"]
     assert not (project / "data").exists() and not (project / ".dvc").exists()  # no bootstrap, no data
 
 
