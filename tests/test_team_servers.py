@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +185,33 @@ def test_dvc_data_pushed_from_one_clone_is_pulled_by_another(team: Team, tmp_pat
     run(tmp_path, "git", "clone", "-q", str(first), str(second))
     run(second, str(BIN / "dvc"), "pull")
     assert (second / "data/raw/traces.jsonl").read_bytes() == (raw / "traces.jsonl").read_bytes()
+
+
+def test_postgresql_restarted_while_a_registration_runs_costs_a_retry_not_a_double(
+        tmp_path: Path, base_dir: Path) -> None:
+    """The tracking server's database goes away just before a registration and comes back seconds later:
+    MLflow's client retries the server's errors, the registration completes once, and a rerun adds nothing."""
+    with postgres() as pg, serve_mlflow(tmp_path, free_port(),
+                                        backend=pg.url(pg.create_db("mlflow"), "psycopg")) as url:
+        params = Params(registry={"tracking_uri": url, "model_name": "restart-model"},
+                        eval={"bootstrap_samples": 200})
+        root = tmp_path / "proj"
+        registry_project(root, base_dir, 3, eval_report(cand=30))
+        pg.stop("fast")
+        with ThreadPoolExecutor(1) as pool:
+            began = time.monotonic()
+            running = pool.submit(register, params, root)
+            time.sleep(5)  # the registration is meanwhile failing against the server and retrying
+            assert not running.done()
+            pg.start()
+            res = running.result(timeout=600)
+            took = time.monotonic() - began
+        print(f"registration across a PostgreSQL restart: {took:.0f} s")
+        from mlflow import MlflowClient
+
+        client = MlflowClient(url, url)
+        versions = client.search_model_versions("name='restart-model'")
+        assert [str(v.version) for v in versions] == [res["version"]] and res["champion"] == res["version"]
+        assert client.get_run(res["run_id"]).info.status == "FINISHED"
+        assert register(params, root)["already_registered"]
+        assert len(client.search_model_versions("name='restart-model'")) == 1
