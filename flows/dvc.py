@@ -52,8 +52,11 @@ def dvc(args: list[str], root: Path, env: dict[str, str] | None = None,
             raise
     out = "".join(lines)
     if code != 0:
-        tail = "\n".join(out.strip().splitlines()[-25:])
-        raise StageError(f"`dvc {' '.join(args)}` failed (exit {code}):\n{tail}")
+        tail = out.strip().splitlines()[-25:]
+        # the first line says why (DVC's own last ERROR line), so a one-line report of it is enough to act on
+        errors = [line.strip() for line in tail if line.startswith("ERROR")]
+        why = errors[-1] if errors else (tail[-1].strip() if tail else "no output")
+        raise StageError(f"`dvc {' '.join(args)}` failed (exit {code}): {why[:300]}\n" + "\n".join(tail))
     return out
 
 

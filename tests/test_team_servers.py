@@ -215,3 +215,52 @@ def test_postgresql_restarted_while_a_registration_runs_costs_a_retry_not_a_doub
         assert client.get_run(res["run_id"]).info.status == "FINISHED"
         assert register(params, root)["already_registered"]
         assert len(client.search_model_versions("name='restart-model'")) == 1
+
+
+_INGEST = """
+import json, sys
+from pathlib import Path
+from flows.ingest import ingest_and_track
+from opsd_core.config import Params
+from opsd_core.errors import OpsdError
+try:
+    print(json.dumps(ingest_and_track(Params(), Path(sys.argv[1]))))
+except OpsdError as err:
+    print(str(err).splitlines()[0], file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_the_s3_endpoint_down_during_dvc_push_is_finished_by_the_next_run(team: Team, tmp_path: Path) -> None:
+    """New traces are ingested while the S3 endpoint does not answer: the push fails in one line and the ingest
+    journal stays; with the endpoint back, the next run pushes, and every object reaches the bucket."""
+    root = _git_dvc_project(tmp_path / "p", tmp_path / "m", f"http://127.0.0.1:{free_port()}")  # nothing there
+    incoming = root / Params().flow.source_dir
+    incoming.mkdir()
+    for i in range(3):
+        row = {"id": f"s3-{i}", "problem": f"Ada has {i} pens and buys 4 more. How many?",
+               "solution": f"{i} + 4 = {i + 4}\n#### {i + 4}", "answer": str(i + 4)}
+        (incoming / f"batch{i}.jsonl").write_text(json.dumps(row) + "\n")
+    env = {**os.environ, **S3_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def ingest() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "python"), "-c", _INGEST, str(root)], env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    began = time.monotonic()
+    down = ingest()
+    print(f"dvc push against a dead S3 endpoint failed after {time.monotonic() - began:.0f} s")
+    (line,) = down.stderr.strip().splitlines()
+    assert down.returncode == 1 and line.startswith("`dvc push data/raw.dvc` failed (exit 255): ERROR: "), line
+    assert "Could not connect to the endpoint URL" in line  # DVC's reason, not only its exit code
+    assert (root / ".opsd" / "ingest.pending").is_file() and not s3_keys(team.s3, DATA, "store/")
+    subprocess.run([str(BIN / "dvc"), "remote", "modify", "team", "endpointurl", team.s3], cwd=root, check=True,
+                   capture_output=True, timeout=120)
+    back = ingest()
+    assert back.returncode == 0, back.stderr
+    result = json.loads(back.stdout)
+    assert result["pushed"] and result["finished_interrupted_ingest"]
+    assert not (root / ".opsd" / "ingest.pending").exists()
+    status = subprocess.run([str(BIN / "dvc"), "status", "-c", "data/raw.dvc"], cwd=root, env=env, check=True,
+                            capture_output=True, text=True, timeout=120).stdout
+    assert "in sync" in status.lower()
