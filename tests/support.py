@@ -233,3 +233,29 @@ def registry_project(root: Path, base_dir: Path, seed: int, report: dict) -> tor
     (root / "data" / "raw.dvc").write_text("outs:\n- md5: abc123.dir\n  path: raw\n")
     (root / "dvc.lock").write_text("schema: '2.0'\n")
     return make_candidate(root / "models" / "candidate", base_dir, seed)
+
+
+def tiny_llama(path: Path) -> Path:
+    """A 2-layer Llama of random weights (seed 0) saved at ``path``: the base the registry tests' adapters sit on."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+# `flows.ingest.ingest_and_track` in a process of its own; a project error as one line on stderr, exit 1
+INGEST_CALLER = """
+import json, sys
+from pathlib import Path
+from flows.ingest import ingest_and_track
+from opsd_core.config import Params
+from opsd_core.errors import OpsdError
+try:
+    print(json.dumps(ingest_and_track(Params(), Path(sys.argv[1]))))
+except OpsdError as err:
+    print(str(err).splitlines()[0], file=sys.stderr)
+    sys.exit(1)
+"""

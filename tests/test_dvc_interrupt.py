@@ -17,24 +17,11 @@ import pytest
 
 from opsd_core.config import Params
 from tests.faults import kill_dvc_after_writes
+from tests.support import INGEST_CALLER
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = Params()
 pytestmark = pytest.mark.slow  # dvc add / push subprocesses killed half-way: out of the fast lane (make test-fast)
-
-_CALLER = """
-import json, sys
-from pathlib import Path
-from flows.ingest import ingest_and_track
-from opsd_core.config import Params
-from opsd_core.errors import OpsdError
-try:
-    print(json.dumps(ingest_and_track(Params(), Path(sys.argv[1]))))
-except OpsdError as err:
-    print(str(err).splitlines()[0], file=sys.stderr)
-    sys.exit(1)
-"""
-
 
 def _dvc(root: Path, *args: str) -> str:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True,
@@ -45,7 +32,7 @@ def _run(root: Path, fault: dict[str, str] | None = None) -> subprocess.Complete
     env = {**os.environ, "PYTHONPATH": str(REPO), **(fault or {})}
     if fault:
         env["PYTHONPATH"] = fault["PYTHONPATH"] + os.pathsep + str(REPO)
-    return subprocess.run([sys.executable, "-c", _CALLER, str(root)], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", INGEST_CALLER, str(root)], env=env, capture_output=True, text=True,
                           timeout=120)
 
 

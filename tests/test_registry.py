@@ -21,7 +21,7 @@ from opsd_core.stages.promote import rollback
 from opsd_core.stages.register import register
 from opsd_core.stages.status import render_status, status
 from tests.servers import free_port, serve_mlflow
-from tests.support import GUARD, PRIMARY, eval_report, probe_logits, registry_project
+from tests.support import GUARD, PRIMARY, eval_report, probe_logits, registry_project, tiny_llama
 
 pytestmark = pytest.mark.slow  # MLflow servers and registering processes: out of the fast lane (make test-fast)
 
@@ -31,14 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 # -- a tiny real peft adapter and a project folder -------------------------------------------------
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return tiny_llama(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")

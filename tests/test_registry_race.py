@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from opsd_core.config import Params
 from opsd_core.registry.audit import read_audit
 from opsd_core.registry.promotion_lease import LeaseLostError, acquire, lease_model, promotion_lease
 from tests.servers import free_port, postgres, postgres_or_skip, serve_mlflow
-from tests.support import eval_report, registry_project
+from tests.support import eval_report, registry_project, tiny_llama
 
 pytestmark = pytest.mark.slow  # an MLflow server and racing processes: out of the fast lane (make test-fast)
 
@@ -37,8 +36,6 @@ SCORES = (20, 35, 30)  # a higher score beats every lower one, so serialised pro
 def server_and_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A real `mlflow server` on 127.0.0.1 (its store on SQLite, or on a real PostgreSQL: what a team runs)
     and a tiny base model, built while the server starts."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     with contextlib.ExitStack() as stack:
         backend = None
         if request.param == "postgresql":
@@ -48,11 +45,7 @@ def server_and_base(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
         serving = serve_mlflow(tmp_path_factory.mktemp("server"), free_port(), backend=backend)
         with ThreadPoolExecutor(1) as pool:
             started = pool.submit(serving.__enter__)
-            torch.manual_seed(0)
-            cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-            base = tmp_path_factory.mktemp("base")
-            LlamaForCausalLM(cfg).save_pretrained(base)
+            base = tiny_llama(tmp_path_factory.mktemp("base"))
             url = started.result()
         stack.callback(serving.__exit__, None, None, None)
         yield url, base

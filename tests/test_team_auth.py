@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from opsd_core.config import Params
 from opsd_core.layout import CHAMPION
@@ -22,7 +21,7 @@ from opsd_core.registry.leases import FAILURE_TAG
 from opsd_core.registry.store import RegistryError
 from opsd_core.stages.register import register
 from tests.servers import free_port, serve_mlflow
-from tests.support import cli_project, eval_report, opsd, registry_project
+from tests.support import cli_project, eval_report, opsd, registry_project, tiny_llama
 
 pytestmark = pytest.mark.slow  # an MLflow server and subprocesses: out of the fast lane (make test-fast)
 
@@ -66,14 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return tiny_llama(tmp_path_factory.mktemp("base"))
 
 
 def _as(monkeypatch: pytest.MonkeyPatch, who: dict[str, str]) -> None:

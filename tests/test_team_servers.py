@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from opsd_core.config import Params
 from opsd_core.stages.register import register
@@ -36,7 +35,7 @@ from tests.servers import (
     serve_mlflow,
     serve_prefect,
 )
-from tests.support import cli_project, eval_report, opsd, registry_project
+from tests.support import INGEST_CALLER, cli_project, eval_report, opsd, registry_project, tiny_llama
 
 pytestmark = pytest.mark.slow  # servers and subprocesses: out of the fast lane (make test-fast)
 
@@ -69,14 +68,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return tiny_llama(tmp_path_factory.mktemp("base"))
 
 
 def _git_dvc_project(path: Path, cache: Path, s3: str) -> Path:
@@ -217,20 +209,6 @@ def test_postgresql_restarted_while_a_registration_runs_costs_a_retry_not_a_doub
         assert len(client.search_model_versions("name='restart-model'")) == 1
 
 
-_INGEST = """
-import json, sys
-from pathlib import Path
-from flows.ingest import ingest_and_track
-from opsd_core.config import Params
-from opsd_core.errors import OpsdError
-try:
-    print(json.dumps(ingest_and_track(Params(), Path(sys.argv[1]))))
-except OpsdError as err:
-    print(str(err).splitlines()[0], file=sys.stderr)
-    sys.exit(1)
-"""
-
-
 def test_the_s3_endpoint_down_during_dvc_push_is_finished_by_the_next_run(team: Team, tmp_path: Path) -> None:
     """New traces are ingested while the S3 endpoint does not answer: the push fails in one line and the ingest
     journal stays; with the endpoint back, the next run pushes, and every object reaches the bucket."""
@@ -244,7 +222,7 @@ def test_the_s3_endpoint_down_during_dvc_push_is_finished_by_the_next_run(team: 
     env = {**os.environ, **S3_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     def ingest() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "python"), "-c", _INGEST, str(root)], env=env, capture_output=True,
+        return subprocess.run([str(BIN / "python"), "-c", INGEST_CALLER, str(root)], env=env, capture_output=True,
                               text=True, timeout=600)
 
     began = time.monotonic()
