@@ -133,6 +133,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 _print(summary)
         return 0
     if args.command in ("register", "promote", "status"):
+        from opsd_core.registry.reach import require_tracking
+        from opsd_core.registry.store import resolve_store
+
+        uri = resolve_store(params, root).tracking_uri
+        if uri.startswith(("http://", "https://")):  # a server: one line in seconds, not minutes of retries
+            require_tracking(uri)
         if args.command == "register":
             from opsd_core.stages.register import register
 

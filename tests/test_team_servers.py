@@ -119,6 +119,19 @@ def test_doctor_reports_each_dead_service_in_one_line(tmp_path: Path) -> None:
     assert "FAILED: cannot reach" in lines["dvc"] or "FAILED: no answer" in lines["dvc"]
 
 
+@pytest.mark.parametrize("command", ["status", "register", "promote"])
+def test_registry_commands_name_a_dead_tracking_server_in_one_line(tmp_path: Path, command: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    project = cli_project(tmp_path / "p", tmp_path / "m")
+    args = [command, "--rollback"] if command == "promote" else [command]
+    proc = opsd(project, *args, env={"MLFLOW_TRACKING_URI": dead}, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"opsd {command}: ServiceError: the MLflow tracking store at {dead} is not usable: cannot connect: "
+        "connection refused; nothing was started (registry.tracking_uri or MLFLOW_TRACKING_URI; `opsd doctor` "
+        "checks every service)"]
+
+
 @pytest.mark.parametrize("service", ["mlflow", "prefect"])
 def test_a_dead_server_stops_the_run_in_one_line_before_anything_starts(tmp_path: Path, service: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
