@@ -4,7 +4,8 @@ Without a work pool the flow is served from this process (``flow.serve``) agains
 with a scheduler: ``PREFECT_API_URL`` when set, else the project's own server (:mod:`flows.server`),
 started here when it is not running. Prefect's temporary server has no scheduler, so a schedule there
 would never fire. With ``flow.work_pool`` set, the deployment targets that pool and a worker on the pool
-runs it from this project directory.
+runs it from this project directory, or, with ``flow.source`` (a git URL), from a clone it makes for each run
+on whatever machine it lives on (the flow then pulls the data version from the DVC remote).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.runner.storage import GitRepository
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import ValidationError
 
@@ -52,10 +54,13 @@ def _deploy(params_path: str, params: Params, cron: str, name: str, register_onl
     # each run's own name carries its params and data hashes (flows/retrain.py: _run_name)
     labels = ["opsd", "scheduled", f"profile:{params.profile}"]
     if params.flow.work_pool:
-        deployment_id = retrain.from_source(
-            source=str(params_file.parent), entrypoint="flows/retrain.py:retrain",
-        ).deploy(name=name, work_pool_name=params.flow.work_pool, cron=cron, parameters=parameters,
-                 tags=labels, build=False, push=False, print_next_steps=False)
+        source: str | GitRepository = str(params_file.parent)
+        if params.flow.source:  # each run clones the project where the worker is, and reads its params there
+            source = GitRepository(url=params.flow.source, branch=params.flow.source_branch)
+            parameters = {"params_path": params_file.name}
+        deployment_id = retrain.from_source(source=source, entrypoint="flows/retrain.py:retrain").deploy(
+            name=name, work_pool_name=params.flow.work_pool, cron=cron, parameters=parameters, tags=labels,
+            build=False, push=False, print_next_steps=False)
         print(f"deployment opsd-retrain/{name} ({deployment_id}) on work pool {params.flow.work_pool!r}, "
               f"cron {cron!r}")
         return 0

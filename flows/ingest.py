@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.dvc import dvc, has_remote
+from flows.dvc import StageError, dvc, has_remote
 from opsd_core.config import Params
 from opsd_core.data import ingest as ingest_mod
 from opsd_core.registry.store import state_dir
@@ -28,9 +28,25 @@ def journal_path(params: Params, root: Path) -> Path:
     return state_dir(params, root) / JOURNAL
 
 
+def restore_raw(params: Params, root: Path) -> bool:
+    """A clone that has the raw data's ``.dvc`` file but not the data (a worker's fresh clone of the project):
+    ``dvc pull`` it from the remote. True if it pulled."""
+    root = Path(root)
+    raw = root / params.data.raw_dir
+    if raw.exists() or not raw.with_name(raw.name + ".dvc").is_file():
+        return False
+    if not (has_remote(root) or params.flow.dvc_remote):
+        raise StageError(f"{raw.with_name(raw.name + '.dvc')} names a data version this clone does not have, and no "
+                         "DVC remote is configured to pull it from (dvc remote add -d ...)")
+    remote = ["-r", params.flow.dvc_remote] if params.flow.dvc_remote else []
+    dvc(["pull", *remote, f"{params.data.raw_dir}.dvc"], root)
+    return True
+
+
 def ingest_and_track(params: Params, root: Path) -> dict[str, Any]:
     """Ingest, ``dvc add`` the raw folder and push it when a remote is set; finishes an interrupted run's work."""
     root = Path(root)
+    pulled = restore_raw(params, root)
     journal = journal_path(params, root)
     unfinished = journal.is_file()
     source = root / params.flow.source_dir
@@ -46,5 +62,7 @@ def ingest_and_track(params: Params, root: Path) -> dict[str, Any]:
             result["pushed"] = True
     if unfinished:
         result["finished_interrupted_ingest"] = True
+    if pulled:
+        result["pulled"] = True
     journal.unlink(missing_ok=True)
     return result

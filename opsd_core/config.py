@@ -260,6 +260,10 @@ class FlowConfig(_Section):
     source_dir: str = "incoming"
     dvc_remote: str | None = None
     work_pool: str | None = None
+    # where a work pool's workers get the project: a git URL each run clones (workers on other machines);
+    # null: this folder (a worker on this machine)
+    source: str | None = None
+    source_branch: str | None = None
     concurrency_limit: int = Field(1, ge=1)
     concurrency_tag: str = "opsd-train"
     train_retries: int = Field(1, ge=0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from opsd_core.config import Params
+from opsd_core.registry.lineage import dvc_out_md5
 from opsd_core.stages.register import register
 from opsd_core.stages.status import render_status, status
 from tests.servers import (
@@ -39,6 +42,7 @@ from tests.support import INGEST_CALLER, cli_project, eval_report, opsd, registr
 
 pytestmark = pytest.mark.slow  # servers and subprocesses: out of the fast lane (make test-fast)
 
+REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS, DATA = "mlflow-artifacts", "dvc-store"
 
 
@@ -255,3 +259,89 @@ def test_the_s3_endpoint_down_during_dvc_push_is_finished_by_the_next_run(team: 
     status = subprocess.run([str(BIN / "dvc"), "status", "-c", "data/raw.dvc"], cwd=root, env=env, check=True,
                             capture_output=True, text=True, timeout=120).stdout
     assert "in sync" in status.lower()
+
+
+_RUN_DEPLOYMENT = """
+import sys, time
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    deployment = client.read_deployment_by_name(sys.argv[1])
+    print("cron", deployment.schedules[0].schedule.cron if deployment.schedules else None, flush=True)
+    run = client.create_flow_run_from_deployment(deployment.id)
+    deadline = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < deadline:
+        state = client.read_flow_run(run.id).state
+        if state is not None and state.is_final():
+            break
+        time.sleep(2)
+    print("run", run.id, state.type.value if state else None, flush=True)
+"""
+
+
+def test_a_deployment_from_one_clone_runs_on_a_worker_in_another_and_both_see_the_champion(
+        team: Team, tmp_path: Path) -> None:
+    """Machine A commits the project (data pushed to the S3 remote) and deploys the retrain flow on a work pool;
+    the worker lives in machine B's checkout, clones the project for the run, pulls the data version, trains,
+    evaluates and registers into the shared MLflow; A's `opsd status` shows the version B's run registered."""
+    import yaml
+
+    from benchmarks.common import fresh_smoke_clone
+    from flows.bootstrap import bootstrap
+    from opsd_core.config import load_params
+
+    key = uuid.uuid4().hex[:8]
+    pool, name, model = f"pool-{key}", f"team-{key}", f"team-worker-{key}"
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True, timeout=60)
+    a = fresh_smoke_clone(tmp_path / "a", tmp_path / "models", with_dvc_config=True)
+    for package in ("flows", "opsd_core"):  # the project is this repository: the worker runs its flow file
+        shutil.copytree(REPO / package, a / package, ignore=shutil.ignore_patterns("__pycache__"))
+    tree = yaml.safe_load((a / "params.yaml").read_text())
+    tree["flow"].update({"work_pool": pool, "source": str(origin), "source_branch": "main"})
+    tree["registry"]["model_name"] = model
+    (a / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    env = {**os.environ, **team.env}
+
+    def sh(cwd: Path, *cmd: str) -> str:
+        return subprocess.run(list(cmd), cwd=cwd, env=env, check=True, capture_output=True, text=True,
+                              timeout=600).stdout
+
+    dvc = str(BIN / "dvc")
+    sh(a, dvc, "remote", "add", "-f", "-d", "team", f"s3://{DATA}/{key}")
+    sh(a, dvc, "remote", "modify", "team", "endpointurl", team.s3)
+    bootstrap(load_params(a / "params.yaml"), a)  # the bundled data, `dvc add`-ed
+    sh(a, dvc, "push")
+    sh(a, "git", "add", "-A")
+    sh(a, "git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qm", "project")
+    sh(a, "git", "push", "-q", str(origin), "HEAD:main")
+    sh(a, str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process")
+    opsd(a, "deploy", "--cron", "0 3 * * 1", "--name", name, "--register-only", env=team.env)
+
+    b = tmp_path / "b"  # machine B: its own checkout and Prefect home; only the servers are shared
+    sh(tmp_path, "git", "clone", "-q", "-b", "main", str(origin), str(b))
+    worker_env = {**env, "PREFECT_HOME": str(b / ".prefect-home"), "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
+    log = b / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+                                  cwd=b, env=worker_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            began = time.monotonic()
+            ran = sh(b, str(BIN / "python"), "-c", _RUN_DEPLOYMENT, f"opsd-retrain/{name}", "900")
+            took = time.monotonic() - began
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+    print(f"the worker's run of the deployment took {took:.0f} s")
+    said = dict(line.split(" ", 1) for line in ran.splitlines())
+    assert said["cron"] == "0 3 * * 1"
+    run_id, state = said["run"].split()
+    assert state == "COMPLETED", log.read_text()[-4000:]
+
+    seen = status(load_params(a / "params.yaml").model_copy(
+        update={"registry": Params().registry.model_copy(update={"tracking_uri": team.mlflow, "model_name": model})}),
+        a)
+    registered = seen["champion"] or seen["challenger"]
+    assert registered is not None and registered["lineage"]["flow_run_id"] == run_id
+    assert registered["lineage"]["git_commit"] == sh(a, "git", "rev-parse", "HEAD").strip()
+    # B trained on the data version A pushed (its clone had only the .dvc file: the flow pulled it)
+    assert registered["lineage"]["dvc_raw_md5"] == dvc_out_md5(a / "data/raw.dvc")
