@@ -75,11 +75,11 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("base"))
 
 
-def _git_dvc_project(path: Path, cache: Path, s3: str) -> Path:
+def _git_dvc_project(path: Path, cache: Path, s3: str, prefix: str = "store") -> Path:
     """A smoke project folder under git and DVC whose default DVC remote is the S3 endpoint's bucket."""
     cli_project(path, cache)
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
-                [str(BIN / "dvc"), "remote", "add", "-d", "team", f"s3://{DATA}/store"],
+                [str(BIN / "dvc"), "remote", "add", "-d", "team", f"s3://{DATA}/{prefix}"],
                 [str(BIN / "dvc"), "remote", "modify", "team", "endpointurl", s3]):
         subprocess.run(cmd, cwd=path, check=True, capture_output=True, timeout=120)
     return path
@@ -176,7 +176,8 @@ def test_a_registration_lands_in_postgresql_and_s3_and_another_machine_reads_it(
 
 
 def test_dvc_data_pushed_from_one_clone_is_pulled_by_another(team: Team, tmp_path: Path) -> None:
-    first = _git_dvc_project(tmp_path / "a", tmp_path / "m", team.s3)
+    prefix = f"round-trip-{uuid.uuid4().hex[:8]}"  # the bucket is shared by this module's tests
+    first = _git_dvc_project(tmp_path / "a", tmp_path / "m", team.s3, prefix)
     raw = first / "data" / "raw"
     raw.mkdir(parents=True)
     (raw / "traces.jsonl").write_text('{"problem": "1 + 1", "answer": "2"}\n')
@@ -189,7 +190,7 @@ def test_dvc_data_pushed_from_one_clone_is_pulled_by_another(team: Team, tmp_pat
     run(first, "git", "add", "-A")
     run(first, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data")
     run(first, str(BIN / "dvc"), "push")
-    assert s3_keys(team.s3, DATA, "store/")
+    assert s3_keys(team.s3, DATA, f"{prefix}/")
     second = tmp_path / "b"
     run(tmp_path, "git", "clone", "-q", str(first), str(second))
     run(second, str(BIN / "dvc"), "pull")
@@ -229,7 +230,8 @@ def test_postgresql_restarted_while_a_registration_runs_costs_a_retry_not_a_doub
 def test_the_s3_endpoint_down_during_dvc_push_is_finished_by_the_next_run(team: Team, tmp_path: Path) -> None:
     """New traces are ingested while the S3 endpoint does not answer: the push fails in one line and the ingest
     journal stays; with the endpoint back, the next run pushes, and every object reaches the bucket."""
-    root = _git_dvc_project(tmp_path / "p", tmp_path / "m", f"http://127.0.0.1:{free_port()}")  # nothing there
+    prefix = f"push-down-{uuid.uuid4().hex[:8]}"  # the bucket is shared by this module's tests
+    root = _git_dvc_project(tmp_path / "p", tmp_path / "m", f"http://127.0.0.1:{free_port()}", prefix)  # dead
     incoming = root / Params().flow.source_dir
     incoming.mkdir()
     for i in range(3):
@@ -248,7 +250,7 @@ def test_the_s3_endpoint_down_during_dvc_push_is_finished_by_the_next_run(team: 
     (line,) = down.stderr.strip().splitlines()
     assert down.returncode == 1 and line.startswith("`dvc push data/raw.dvc` failed (exit 255): ERROR: "), line
     assert "Could not connect to the endpoint URL" in line  # DVC's reason, not only its exit code
-    assert (root / ".opsd" / "ingest.pending").is_file() and not s3_keys(team.s3, DATA, "store/")
+    assert (root / ".opsd" / "ingest.pending").is_file() and not s3_keys(team.s3, DATA, f"{prefix}/")
     subprocess.run([str(BIN / "dvc"), "remote", "modify", "team", "endpointurl", team.s3], cwd=root, check=True,
                    capture_output=True, timeout=120)
     back = ingest()
@@ -258,7 +260,7 @@ def test_the_s3_endpoint_down_during_dvc_push_is_finished_by_the_next_run(team: 
     assert not (root / ".opsd" / "ingest.pending").exists()
     status = subprocess.run([str(BIN / "dvc"), "status", "-c", "data/raw.dvc"], cwd=root, env=env, check=True,
                             capture_output=True, text=True, timeout=120).stdout
-    assert "in sync" in status.lower()
+    assert "in sync" in status.lower() and s3_keys(team.s3, DATA, f"{prefix}/")
 
 
 _RUN_DEPLOYMENT = """
