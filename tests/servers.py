@@ -38,9 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is not None:
-        return
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL it if it is still there after ``timeout`` seconds (the group
+    too when its leader has already exited: a server's children may outlive it)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -85,7 +85,7 @@ def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> It
         try:
             yield proc
         finally:
-            _stop_group(proc)
+            stop_group(proc)
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------------------
