@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import requests
@@ -133,8 +133,7 @@ def services(params: Params, root: Path, timeout: float = 5.0) -> list[Reach]:
         found.append(Reach("prefect", "temporary server per run", True, "started by each `opsd run`"))
     else:
         reach = probe_prefect(api, timeout)
-        found.append(Reach(reach.service, f"{reach.address} ({source})", reach.answers, reach.detail, reach.version,
-                           reach.credentials))
+        found.append(replace(reach, address=f"{reach.address} ({source})"))
     found.append(probe_dvc_remote(root, params.flow.dvc_remote, max(timeout, 10.0)))
     return found
 
