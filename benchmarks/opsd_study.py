@@ -259,9 +259,18 @@ def across_seeds(cells: list[dict[str, Any]]) -> str:
 
 
 def merge(paths: list[Path], out: Path) -> str:
-    """Several results files (e.g. one per seed, run side by side) into one, with both tables."""
+    """Several results files (e.g. one per seed, run side by side, or arms added to a cell later) into one,
+    with both tables."""
     loaded = [json.loads(p.read_text()) for p in paths]
-    cells = [c for r in loaded for c in r["cells"]]
+    # one cell run in parts (arms added later) is one cell: a later file's arm replaces an earlier one's
+    by_key: dict[tuple[str, int], dict[str, Any]] = {}
+    for cell in (c for r in loaded for c in r["cells"]):
+        key = (cell["difficulty"], cell["seed"])
+        if key in by_key:
+            by_key[key]["runs"].update(cell["runs"])
+        else:
+            by_key[key] = {**cell, "runs": dict(cell["runs"])}
+    cells = list(by_key.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": loaded[0]["model"], "sizes": loaded[0]["sizes"], "cells": cells}, indent=2))
     return table(cells) + "\n\n" + across_seeds(cells)

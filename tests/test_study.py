@@ -78,3 +78,11 @@ def test_results_run_side_by_side_merge_into_one_table(tmp_path: Path) -> None:
     assert [c["seed"] for c in json.loads((tmp_path / "all.json").read_text())["cells"]] == [0, 1]
     assert "| s2-n50-d0 | sft | base | 2 | 0.400 | +0.030 [+0.010, +0.050]; +0.010 [-0.010, +0.030] | 1/2 |" in text
     assert across_seeds([cell(0, 0.01)]).count("\n") == 3  # header, rule, sft, base
+    later = cell(0, 0.05)
+    later["runs"] = {"mix": later["runs"]["sft"]}  # an arm run afterwards for the same cell
+    paths.append(tmp_path / "later.json")
+    paths[-1].write_text(json.dumps({"model": "bundled", "sizes": [1], "cells": [later]}))
+    merge(paths, tmp_path / "all.json")
+    cells = json.loads((tmp_path / "all.json").read_text())["cells"]
+    assert [c["seed"] for c in cells] == [0, 1] and set(cells[0]["runs"]) == {"sft", "base", "mix"}
+    assert cells[0]["runs"]["sft"]["gain"]["flex"]["ci_low"] == 0.01 and set(cells[1]["runs"]) == {"sft", "base"}
