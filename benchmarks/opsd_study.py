@@ -144,6 +144,7 @@ def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list
     """One difficulty and seed: every arm trained, scored and compared (``threads``: torch threads per process,
     so that cells can run side by side, one per core)."""
     _, _, sft_steps, round_steps, rollouts = SIZES[model]
+    work = work.resolve()  # model paths in the settings are absolute: the models load from another folder
     train_rows, test_rows = split_rows(model, difficulty, seed)
     cell = work / f"{difficulty.label}-seed{seed}"
     sizing = [f"train.rollouts_per_step={rollouts}", f"train.micro_batch_size={rollouts // 2}",
