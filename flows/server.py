@@ -79,7 +79,10 @@ def start(state: Path, timeout_s: float = 180.0, scheduler_loop_s: int = 10) -> 
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(scheduler_loop_s),
            # the UI calls the API at port 4200 unless told where it is; its built files go to the project's
            # state folder (the package's own folder may not be writable)
-           "PREFECT_UI_API_URL": f"{url}/api", "PREFECT_UI_STATIC_DIRECTORY": str(home / "ui")}
+           "PREFECT_UI_API_URL": f"{url}/api", "PREFECT_UI_STATIC_DIRECTORY": str(home / "ui"),
+           # training slots' leases in files under PREFECT_HOME: kept in memory (Prefect's default), a slot held
+           # while the server restarts is never given back, and every later training waits for it
+           "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
     env.pop("PREFECT_API_URL", None)
     log = state / "prefect-server.log"
     with open(log, "ab") as out:

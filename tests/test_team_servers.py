@@ -9,6 +9,7 @@ run in one line, before anything starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,10 +20,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from opsd_core.config import Params
+from opsd_core.layout import CANDIDATE_META
 from opsd_core.registry.lineage import dvc_out_md5
 from opsd_core.stages.register import register
 from opsd_core.stages.status import render_status, status
@@ -263,28 +266,63 @@ def test_the_s3_endpoint_down_during_dvc_push_is_finished_by_the_next_run(team: 
     assert "in sync" in status.lower() and s3_keys(team.s3, DATA, f"{prefix}/")
 
 
-_RUN_DEPLOYMENT = """
+# a deployment's flow run, driven through Prefect's client in a subprocess (this process's Prefect settings stay
+# untouched): `start NAME` prints the deployment's cron and the new run's id; `wait RUN SECONDS [TASK]` waits
+# until the task run named TASK is running (or the flow run is final) and prints the run's state; `slots TAG`
+# prints how many slots of the global concurrency limit TAG are held
+_DRIVE_RUN = """
 import sys, time
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 with get_client(sync_client=True) as client:
-    deployment = client.read_deployment_by_name(sys.argv[1])
-    print("cron", deployment.schedules[0].schedule.cron if deployment.schedules else None, flush=True)
-    run = client.create_flow_run_from_deployment(deployment.id)
-    deadline = time.monotonic() + float(sys.argv[2])
+    if sys.argv[1] == "start":
+        deployment = client.read_deployment_by_name(sys.argv[2])
+        print("cron", deployment.schedules[0].schedule.cron if deployment.schedules else None, flush=True)
+        print("run", client.create_flow_run_from_deployment(deployment.id).id, flush=True)
+        raise SystemExit(0)
+    if sys.argv[1] == "slots":
+        print("active", client.read_global_concurrency_limit_by_name(sys.argv[2]).active_slots, flush=True)
+        raise SystemExit(0)
+    run_id, deadline = sys.argv[2], time.monotonic() + float(sys.argv[3])
+    task = sys.argv[4] if len(sys.argv) > 4 else None
     while time.monotonic() < deadline:
-        state = client.read_flow_run(run.id).state
+        state = client.read_flow_run(run_id).state
         if state is not None and state.is_final():
             break
-        time.sleep(2)
-    print("run", run.id, state.type.value if state else None, flush=True)
+        if task and any(t.name.startswith(task) and t.state and t.state.is_running() for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))):
+            break
+        time.sleep(1)
+    print("state", state.type.value if state else None, flush=True)
 """
 
 
-def test_a_deployment_from_one_clone_runs_on_a_worker_in_another_and_both_see_the_champion(
-        team: Team, tmp_path: Path) -> None:
-    """Machine A commits the project (data pushed to the S3 remote) and deploys the retrain flow on a work pool;
-    the worker lives in machine B's checkout, clones the project for the run, pulls the data version, trains,
-    evaluates and registers into the shared MLflow; A's `opsd status` shows the version B's run registered."""
+@dataclass(frozen=True)
+class Deployed:
+    a: Path  # machine A's checkout, where the deployment was made
+    origin: Path  # the team's git remote
+    env: dict[str, str]  # A's environment (the servers' addresses and credentials)
+    pool: str
+    name: str  # the deployment
+    model: str  # the registered model
+
+    def sh(self, cwd: Path, *cmd: str, env: dict[str, str] | None = None) -> str:
+        return subprocess.run(list(cmd), cwd=cwd, env=env or self.env, check=True, capture_output=True, text=True,
+                              timeout=600).stdout
+
+    def drive(self, *args: str) -> dict[str, str]:
+        said = self.sh(self.a, str(BIN / "python"), "-c", _DRIVE_RUN, *args)
+        return dict(line.split(" ", 1) for line in said.splitlines())
+
+    def start_run(self) -> tuple[str, str]:
+        """(the deployment's cron, the id of a new flow run of it)."""
+        said = self.drive("start", f"opsd-retrain/{self.name}")
+        return said["cron"], said["run"]
+
+
+def _deploy_from_a(tmp_path: Path, team_env: dict[str, str], s3: str) -> Deployed:
+    """Machine A commits the project with its data pushed to the S3 remote and deploys the retrain flow on a new
+    process work pool (cron Mondays 03:00)."""
     import yaml
 
     from benchmarks.common import fresh_smoke_clone
@@ -292,57 +330,120 @@ def test_a_deployment_from_one_clone_runs_on_a_worker_in_another_and_both_see_th
     from opsd_core.config import load_params
 
     key = uuid.uuid4().hex[:8]
-    pool, name, model = f"pool-{key}", f"team-{key}", f"team-worker-{key}"
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True, timeout=60)
     a = fresh_smoke_clone(tmp_path / "a", tmp_path / "models", with_dvc_config=True)
     for package in ("flows", "opsd_core"):  # the project is this repository: the worker runs its flow file
         shutil.copytree(REPO / package, a / package, ignore=shutil.ignore_patterns("__pycache__"))
+    done = Deployed(a, origin, {**os.environ, **team_env}, f"pool-{key}", f"team-{key}", f"team-worker-{key}")
     tree = yaml.safe_load((a / "params.yaml").read_text())
-    tree["flow"].update({"work_pool": pool, "source": str(origin), "source_branch": "main"})
-    tree["registry"]["model_name"] = model
+    tree["flow"].update({"work_pool": done.pool, "source": str(origin), "source_branch": "main"})
+    tree["registry"]["model_name"] = done.model
     (a / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    env = {**os.environ, **team.env}
-
-    def sh(cwd: Path, *cmd: str) -> str:
-        return subprocess.run(list(cmd), cwd=cwd, env=env, check=True, capture_output=True, text=True,
-                              timeout=600).stdout
-
     dvc = str(BIN / "dvc")
-    sh(a, dvc, "remote", "add", "-f", "-d", "team", f"s3://{DATA}/{key}")
-    sh(a, dvc, "remote", "modify", "team", "endpointurl", team.s3)
+    done.sh(a, dvc, "remote", "add", "-f", "-d", "team", f"s3://{DATA}/{key}")
+    done.sh(a, dvc, "remote", "modify", "team", "endpointurl", s3)
     bootstrap(load_params(a / "params.yaml"), a)  # the bundled data, `dvc add`-ed
-    sh(a, dvc, "push")
-    sh(a, "git", "add", "-A")
-    sh(a, "git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qm", "project")
-    sh(a, "git", "push", "-q", str(origin), "HEAD:main")
-    sh(a, str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process")
-    opsd(a, "deploy", "--cron", "0 3 * * 1", "--name", name, "--register-only", env=team.env)
+    done.sh(a, dvc, "push")
+    done.sh(a, "git", "add", "-A")
+    done.sh(a, "git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qm", "project")
+    done.sh(a, "git", "push", "-q", str(origin), "HEAD:main")
+    done.sh(a, str(BIN / "prefect"), "work-pool", "create", done.pool, "--type", "process")
+    opsd(a, "deploy", "--cron", "0 3 * * 1", "--name", done.name, "--register-only", env=team_env)
+    return done
 
-    b = tmp_path / "b"  # machine B: its own checkout and Prefect home; only the servers are shared
-    sh(tmp_path, "git", "clone", "-q", "-b", "main", str(origin), str(b))
-    worker_env = {**env, "PREFECT_HOME": str(b / ".prefect-home"), "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
+
+@contextlib.contextmanager
+def _worker_in_b(deployed: Deployed, b: Path) -> Iterator[Path]:
+    """Machine B: its own checkout and Prefect home, a process worker on the deployment's pool; only the servers
+    are shared. Yields the worker's log."""
+    deployed.sh(b.parent, "git", "clone", "-q", "-b", "main", str(deployed.origin), str(b))
+    env = {**deployed.env, "PREFECT_HOME": str(b / ".prefect-home"),
+           "PATH": f"{BIN}{os.pathsep}{deployed.env['PATH']}"}
     log = b / "worker.log"
     with log.open("w") as out:
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
-                                  cwd=b, env=worker_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", deployed.pool, "--type",
+                                   "process"], cwd=b, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
         try:
-            began = time.monotonic()
-            ran = sh(b, str(BIN / "python"), "-c", _RUN_DEPLOYMENT, f"opsd-retrain/{name}", "900")
-            took = time.monotonic() - began
+            yield log
         finally:  # a worker asked to stop finishes its shutdown in its own time: killed after 30 s
             stop_group(worker, timeout=30)
-    print(f"the worker's run of the deployment took {took:.0f} s")
-    said = dict(line.split(" ", 1) for line in ran.splitlines())
-    assert said["cron"] == "0 3 * * 1"
-    run_id, state = said["run"].split()
-    assert state == "COMPLETED", log.read_text()[-4000:]
 
-    seen = status(load_params(a / "params.yaml").model_copy(
-        update={"registry": Params().registry.model_copy(update={"tracking_uri": team.mlflow, "model_name": model})}),
-        a)
+
+def _registered(deployed: Deployed, tracking: str) -> dict[str, Any]:
+    """A's `opsd status` for the deployment's model."""
+    from opsd_core.config import load_params
+
+    params = load_params(deployed.a / "params.yaml")
+    return status(params.model_copy(update={"registry": params.registry.model_copy(
+        update={"tracking_uri": tracking, "model_name": deployed.model})}), deployed.a)
+
+
+def test_a_deployment_from_one_clone_runs_on_a_worker_in_another_and_a_third_reproduces_it(
+        team: Team, tmp_path: Path) -> None:
+    """Machine A commits the project (data pushed to the S3 remote) and deploys the retrain flow on a work pool;
+    the worker lives in machine B's checkout, clones the project for the run, pulls the data version, trains,
+    evaluates and registers into the shared MLflow; A's `opsd status` shows the version B's run registered; a
+    third fresh clone pulls the data version and `dvc repro train` gives the registered weights' hash."""
+    deployed = _deploy_from_a(tmp_path, team.env, team.s3)
+    with _worker_in_b(deployed, tmp_path / "b") as log:
+        began = time.monotonic()
+        cron, run_id = deployed.start_run()
+        state = deployed.drive("wait", run_id, "900")["state"]
+        took = time.monotonic() - began
+    print(f"the worker's run of the deployment took {took:.0f} s")
+    assert cron == "0 3 * * 1"
+    assert state == "COMPLETED", log.read_text()[-4000:]
+    seen = _registered(deployed, team.mlflow)
     registered = seen["champion"] or seen["challenger"]
     assert registered is not None and registered["lineage"]["flow_run_id"] == run_id
-    assert registered["lineage"]["git_commit"] == sh(a, "git", "rev-parse", "HEAD").strip()
+    assert registered["lineage"]["git_commit"] == deployed.sh(deployed.a, "git", "rev-parse", "HEAD").strip()
     # B trained on the data version A pushed (its clone had only the .dvc file: the flow pulled it)
-    assert registered["lineage"]["dvc_raw_md5"] == dvc_out_md5(a / "data/raw.dvc")
+    assert registered["lineage"]["dvc_raw_md5"] == dvc_out_md5(deployed.a / "data/raw.dvc")
+
+    c = tmp_path / "c"  # a third machine: the commit, the data version from the remote, the pipeline's own repro
+    deployed.sh(tmp_path, "git", "clone", "-q", "-b", "main", str(deployed.origin), str(c))
+    path = {**deployed.env, "PATH": f"{BIN}{os.pathsep}{deployed.env['PATH']}"}
+    deployed.sh(c, str(BIN / "dvc"), "pull", "-q", "data/raw.dvc", env=path)
+    deployed.sh(c, str(BIN / "dvc"), "repro", "-q", "train", env=path)
+    meta = json.loads((c / "models/candidate" / CANDIDATE_META).read_text())
+    assert meta["content_hash"] == registered["content_hash"]
+
+
+def test_the_prefect_server_restarted_under_a_running_flow_costs_a_retry_not_a_double(
+        team: Team, tmp_path: Path) -> None:
+    """A worker's flow run is training (its training slot taken on the server) when its Prefect server on
+    PostgreSQL stops; the server comes back on the same address seconds later, its concurrency leases kept in
+    files (PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE). The run's client retries across the gap: the run completes,
+    registers once and gives its slot back; the worker outlives the gap, and the next run of the deployment
+    completes without a second version (the same weights are already registered)."""
+    with postgres() as pg, contextlib.ExitStack() as server:
+        database, port = pg.url(pg.create_db("prefect"), "asyncpg"), free_port()
+        home = {"PREFECT_HOME": str(tmp_path / "server-home")}  # the leases' files: the same for both servers
+        api = server.enter_context(serve_prefect(tmp_path / "server-1", database, home, port=port))
+        env = {**team.env, "PREFECT_API_URL": api}
+        env.pop("PREFECT_API_AUTH_STRING")  # this server of its own runs without basic auth
+        deployed = _deploy_from_a(tmp_path, env, team.s3)
+        with _worker_in_b(deployed, tmp_path / "b") as log:
+            _, first = deployed.start_run()
+            deadline = time.monotonic() + 600
+            while "train: running" not in log.read_text():  # printed once the training slot is held
+                assert time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.5)
+            began = time.monotonic()
+            server.close()  # the server and its API go away while the flow trains
+            time.sleep(3)
+            server.enter_context(serve_prefect(tmp_path / "server-2", database, home, port=port))
+            print(f"the Prefect server was away for {time.monotonic() - began:.0f} s")
+            state = deployed.drive("wait", first, "500")["state"]
+            assert state == "COMPLETED", log.read_text()[-4000:]
+            print(f"the interrupted run completed {time.monotonic() - began:.0f} s after the server stopped")
+            _, second = deployed.start_run()
+            assert deployed.drive("wait", second, "500")["state"] == "COMPLETED", log.read_text()[-4000:]
+        held = deployed.drive("slots", Params().flow.concurrency_tag)["active"]
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(team.mlflow, team.mlflow).search_model_versions(f"name='{deployed.model}'")
+    assert len(versions) == 1 and versions[0].tags["lineage.flow_run_id"] == first
+    assert held == "0"  # the slot taken before the restart was given back after it
