@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TEST_SEED ?= 22
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --random-order-bucket=global --random-order-seed=$(TEST_SEED)
 
-.PHONY: install run test test-fast lint bench clean lock postgres
+.PHONY: install run test test-fast test-load lint bench clean lock postgres
 install: $(VENV)/.installed
 
 # every package at the version constraints.txt pins (the same commit reinstalls the same stack)
@@ -52,7 +52,7 @@ test: install postgres
 	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
 	# two workers, a test file each at a time: most tests wait on subprocesses (Prefect, DVC, torchrun) or run
 	# one torch thread, so two cores finish the suite in ~0.65x the serial time (measured 14.2 vs 21.9 min)
-	$(PYTEST) -n 2 --dist loadfile --durations=15
+	$(PYTEST) -n 2 --dist loadfile --durations=15 -m "not load"
 	# the compute paths again as an AVX2-only CPU runs them: torch, oneDNN and MKL capped to AVX2
 	# (oneDNN itself refuses bf16 weights there), whatever CPU this is (opsd_core/backends/capabilities.py)
 	OPSD_CPU_ISA=avx2 $(PYTEST) tests/test_plan.py tests/test_packed.py \
@@ -63,6 +63,10 @@ test: install postgres
 test-fast: install
 	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
 	$(PYTEST) -n 2 --dist loadfile --durations=10 -m "not slow"
+
+# four pipelines from four clones at once against PostgreSQL-backed MLflow and Prefect and an S3 remote (~N min)
+test-load: install postgres
+	$(PYTEST) -m load -s tests/test_team_load.py
 
 bench: install
 	$(PY) -m benchmarks.run --suite cpu
