@@ -20,6 +20,7 @@ from opsd_core.registry.audit import registry_audit
 from opsd_core.registry.leases import FAILURE_TAG
 from opsd_core.registry.store import RegistryError
 from opsd_core.stages.register import register
+from opsd_core.stages.status import render_status, status
 from tests.servers import free_port, serve_mlflow
 from tests.support import cli_project, eval_report, opsd, registry_project, tiny_llama
 
@@ -95,6 +96,17 @@ def test_wrong_or_missing_credentials_stop_the_run_in_one_line(server: Server, t
     assert line.startswith(f"opsd run: ServiceError: the MLflow tracking store at {server.url} is not usable: {why};")
     assert wrong["MLFLOW_TRACKING_PASSWORD"] not in proc.stdout + proc.stderr
     assert not (project / "data").exists()  # nothing started
+
+
+def test_status_of_a_model_nobody_registered_yet_says_so(server: Server, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The basic-auth app answers 403 (not 404) for an alias of a model that does not exist: status asks for the
+    model first, as a user with READ only."""
+    _as(monkeypatch, server.bob)
+    params = Params(registry={"tracking_uri": server.url, "model_name": f"unborn-{uuid.uuid4().hex[:8]}"})
+    seen = status(params, tmp_path)
+    assert seen[CHAMPION] is None and seen["challenger"] is None and seen["recent_moves"] == []
+    assert "champion  : none" in render_status(seen)
 
 
 def test_credentials_never_reach_reports_params_tags_or_the_card(

@@ -135,6 +135,20 @@ def ensure_registered_model(client: MlflowClient, name: str,
                 raise
 
 
+def registered_model_exists(client: MlflowClient, name: str) -> bool:
+    """Whether ``name`` is registered. Ask before reading an alias: MLflow's basic-auth app answers 403, not
+    404, for an alias of a model that does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return False
+        raise
+    return True
+
+
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 

@@ -12,7 +12,7 @@ from opsd_core.config import Params
 from opsd_core.layout import ALIASES, CHALLENGER, CHAMPION
 from opsd_core.registry import decision, leases, sqlite_read
 from opsd_core.registry.audit import audit_of, unaudited_champion
-from opsd_core.registry.store import open_client, resolve_store, version_by_alias
+from opsd_core.registry.store import open_client, registered_model_exists, resolve_store, version_by_alias
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -47,7 +47,8 @@ def status(params: Params, root: Path) -> dict[str, Any]:
     if found is None:
         client = open_client(store)
         reaped = leases.reap(store.state_dir, client)
-        found = {alias: version_by_alias(client, cfg.model_name, alias) for alias in ALIASES}
+        exists = registered_model_exists(client, cfg.model_name)
+        found = {alias: version_by_alias(client, cfg.model_name, alias) if exists else None for alias in ALIASES}
     audit = audit_of(store, cfg.model_name)
     champion = found[CHAMPION]
     return {"model_name": cfg.model_name, "tracking_uri": store.tracking_uri, "reaped_runs": reaped,
