@@ -1,4 +1,5 @@
-"""First-run set-up for ``opsd run``: DVC in place, bundled data generated and versioned."""
+"""First-run set-up for ``opsd run``: DVC in place; the data version the checkout names pulled, or else the
+bundled data generated; versioned."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.dvc import dvc
+import yaml
+
+from flows.dvc import StageError, dvc
+from flows.ingest import restore_raw
 from opsd_core.config import Params
 from opsd_core.data import generate_raw, list_raw_files
 from opsd_core.layout import Layout
 from opsd_core.registry import decision
+from opsd_core.registry.lineage import dvc_out_md5
 from opsd_core.registry.store import resolve_store
 
 
@@ -22,12 +27,42 @@ def bootstrap(params: Params, root: Path) -> dict[str, Any]:
         dvc(["init", "-q"] if in_git else ["init", "-q", "--no-scm"], root)
         done["dvc_init"] = True
     raw = root / params.data.raw_dir
+    raw_dvc = raw.with_name(raw.name + ".dvc")
+    named = raw_dvc.read_text() if raw_dvc.is_file() else None  # the data version this checkout names
     if not list_raw_files(raw):
-        done["generated"] = str(generate_raw(params.data.generate, root))
-        print(f"opsd run: generated the bundled dataset into {raw}", file=sys.stderr)
+        why = _pull(params, root) if named else "no data/raw.dvc"
+        if why is None:
+            done["pulled"] = dvc_out_md5(raw_dvc)
+            print(f"opsd run: pulled the data version {raw_dvc.name} names into {raw}", file=sys.stderr)
+        else:
+            done["generated"] = str(generate_raw(params.data.generate, root))
+            print(f"opsd run: generated the bundled dataset into {raw}", file=sys.stderr)
     # versions the raw traces (a no-op when data/raw.dvc already matches them)
     dvc(["add", "-q", params.data.raw_dir], root)
+    if "generated" in done and named is not None and raw_dvc.read_text() != named:
+        # the checkout names a version this clone could not pull (a team's data): generating the bundled set
+        # must not silently replace it
+        wanted, made = _md5_of(named), dvc_out_md5(raw_dvc)
+        raw_dvc.write_text(named)
+        raise StageError(f"{raw_dvc} names the data version {wanted}, which this clone does not have and could "
+                         f"not pull ({why}); the bundled data that data.generate makes is version {made}. Make "
+                         f"the DVC remote reachable and `dvc pull {raw_dvc.name}`, or `dvc add {params.data.raw_dir}`"
+                         " to replace the named version with the bundled one")
     return done
+
+
+def _pull(params: Params, root: Path) -> str | None:
+    """``dvc pull`` the raw data version the checkout names; None when it came, else why not (one line)."""
+    try:
+        restore_raw(params, root)
+    except StageError as err:
+        return str(err).splitlines()[0]
+    return None if list_raw_files(root / params.data.raw_dir) else "the pull brought no files"
+
+
+def _md5_of(dvc_text: str) -> str | None:
+    outs = (yaml.safe_load(dvc_text) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
 
 
 def _shown(path: Path, root: Path) -> str:
