@@ -93,8 +93,19 @@ def print_next_steps(params: Params, root: Path, summary: dict[str, Any], second
     if store.artifact_location:
         ui += f" --default-artifact-root {store.artifact_location}"
     opsd = _command("opsd", root)
+    served = store.tracking_uri.startswith(("http://", "https://"))
+    link = mlflow_run_link(store.tracking_uri if served else "http://127.0.0.1:5000", reg)
     lines += [f"  reports:   {_shown(layout.reports, root)}/  candidate: {_shown(layout.candidate, root)}",
               f"  champion:  {opsd} status",
-              f"  MLflow UI: {ui}",
+              f"  MLflow:    {link}" if served and link else
+              f"  MLflow UI: {ui}" + (f"   (then open {link})" if link else ""),
               f"  Prefect:   {opsd} server start   (then open the URL it prints: flow runs, stage logs, artifacts)", ""]
     print("\n".join(lines))
+
+
+def mlflow_run_link(base: str, reg: dict[str, Any]) -> str | None:
+    """The pipeline run's page in MLflow's UI, in its model-training view (MLflow 3 opens a run in its GenAI view
+    unless the link says otherwise)."""
+    if not (reg.get("experiment_id") and reg.get("run_id")):
+        return None
+    return f"{base.rstrip('/')}/#/experiments/{reg['experiment_id']}/runs/{reg['run_id']}?workflowType=machine_learning"

@@ -100,6 +100,9 @@ def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_pat
     # commands that work as printed, outside the virtual environment too
     ui = re.search(r"MLflow UI: (\S+) ui --backend-store-uri sqlite:///", first.stdout)
     assert ui and os.access(ui.group(1) if os.path.isabs(ui.group(1)) else project / ui.group(1), os.X_OK)
+    registry = json.loads((project / "reports/registry.json").read_text())
+    assert (f"(then open http://127.0.0.1:5000/#/experiments/{registry['experiment_id']}/runs/{registry['run_id']}"
+            "?workflowType=machine_learning)") in first.stdout  # the run in MLflow's model-training view
     # the gate's decision in words, on the continuous metric, with exact match as guards
     assert re.search(r"vs base on opsd_val_ll: [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\], (better|worse|no difference)",
                      first.stdout), first.stdout
