@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(row.threads)
     cell = run_cell(row.model, row.difficulty, row.seed, ["base", row.arm], row.work, row.threads)
     atomic_write(args.cell, json.dumps({"model": row.model, "sizes": SIZES[row.model], "cells": [cell]}, indent=2))
-    atomic_write(args.metrics, json.dumps(row_metrics(cell, row.arm), indent=2, sort_keys=True))
-    print(json.dumps({"row": {"difficulty": row.difficulty.label, "seed": row.seed, "arm": row.arm},
-                      **row_metrics(cell, row.arm)}))
+    metrics = row_metrics(cell, row.arm)
+    atomic_write(args.metrics, json.dumps(metrics, indent=2, sort_keys=True))
+    print(json.dumps({"row": {"difficulty": row.difficulty.label, "seed": row.seed, "arm": row.arm}, **metrics}))
     return 0
 
 

@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flows.dvc import StageError, dvc
 from flows.ingest import restore_raw
 from opsd_core.config import Params
@@ -29,6 +27,7 @@ def bootstrap(params: Params, root: Path) -> dict[str, Any]:
     raw = root / params.data.raw_dir
     raw_dvc = raw.with_name(raw.name + ".dvc")
     named = raw_dvc.read_text() if raw_dvc.is_file() else None  # the data version this checkout names
+    wanted = dvc_out_md5(raw_dvc)
     if not list_raw_files(raw):
         why = _pull(params, root) if named else "no data/raw.dvc"
         if why is None:
@@ -42,7 +41,7 @@ def bootstrap(params: Params, root: Path) -> dict[str, Any]:
     if "generated" in done and named is not None and raw_dvc.read_text() != named:
         # the checkout names a version this clone could not pull (a team's data): generating the bundled set
         # must not silently replace it
-        wanted, made = _md5_of(named), dvc_out_md5(raw_dvc)
+        made = dvc_out_md5(raw_dvc)
         raw_dvc.write_text(named)
         raise StageError(f"{raw_dvc} names the data version {wanted}, which this clone does not have and could "
                          f"not pull ({why}); the bundled data that data.generate makes is version {made}. Make "
@@ -58,11 +57,6 @@ def _pull(params: Params, root: Path) -> str | None:
     except StageError as err:
         return str(err).splitlines()[0]
     return None if list_raw_files(root / params.data.raw_dir) else "the pull brought no files"
-
-
-def _md5_of(dvc_text: str) -> str | None:
-    outs = (yaml.safe_load(dvc_text) or {}).get("outs") or [{}]
-    return outs[0].get("md5")
 
 
 def _shown(path: Path, root: Path) -> str:

@@ -29,6 +29,11 @@ class ServerError(OpsdError):
     """The project's Prefect server could not be started or reached."""
 
 
+# training slots' leases in files under PREFECT_HOME: kept in memory (Prefect's default), a slot held while the
+# server restarts is never given back, and every later training waits for it (docs/team-servers.md)
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+
+
 def prefect_home(state: Path) -> Path:
     """Where the project's Prefect history lives: this server's database and ``opsd run``'s runs."""
     return (Path(state) / "prefect").resolve()
@@ -80,9 +85,7 @@ def start(state: Path, timeout_s: float = 180.0, scheduler_loop_s: int = 10) -> 
            # the UI calls the API at port 4200 unless told where it is; its built files go to the project's
            # state folder (the package's own folder may not be writable)
            "PREFECT_UI_API_URL": f"{url}/api", "PREFECT_UI_STATIC_DIRECTORY": str(home / "ui"),
-           # training slots' leases in files under PREFECT_HOME: kept in memory (Prefect's default), a slot held
-           # while the server restarts is never given back, and every later training waits for it
-           "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
+           "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE}
     env.pop("PREFECT_API_URL", None)
     log = state / "prefect-server.log"
     with open(log, "ab") as out:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.server import LEASE_STORAGE
+
 BIN = Path(sys.executable).parent  # the venv's scripts: mlflow, prefect, moto_server, dvc
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -216,17 +218,13 @@ def serve_mlflow(tmp_path: Path, port: int, backend: str | None = None, artifact
 
 
 # -- Prefect ------------------------------------------------------------------------------------------------
-LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
-
-
 @contextlib.contextmanager
 def serve_prefect(tmp_path: Path, database: str | None = None, env: dict[str, str] | None = None,
                   port: int | None = None) -> Iterator[str]:
     """`prefect server start` on ``port`` (default a free one) of loopback (``database``: a
     ``postgresql+asyncpg://`` URL, default its own SQLite under ``tmp_path``); yields the API URL."""
     port = port or free_port()
-    # leases of concurrency slots kept in files under PREFECT_HOME, not in memory: a restarted server otherwise
-    # forgets them, and a slot held across the restart is never released (docs/team-servers.md)
+    # concurrency leases in files, as `opsd server` keeps them (a restart otherwise leaks a held training slot)
     server_env = {"PREFECT_HOME": str(tmp_path / "prefect-server-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                   "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
                   **(env or {})}

@@ -61,7 +61,8 @@ def save(path: Path, candidate_dir: Path, meta: dict[str, Any], max_new_tokens: 
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         mlflow.pyfunc.save_model(
             # the model from code (a file MLflow copies and runs at load), not a pickled object
-            str(path), python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={CANDIDATE: str(candidate_dir)}, signature=SIGNATURE,
+            str(path), python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts={CANDIDATE: str(candidate_dir)}, signature=SIGNATURE,
             model_config={"base_model": str(meta["base_model"]), "base_path": str(meta.get("base_path") or ""),
                           "max_new_tokens": max_new_tokens, "thinking": thinking},
             # what loading needs is opsd itself (it brings torch, transformers and peft); no inference from imports
