@@ -143,4 +143,4 @@ def test_opsd_diagnose_and_train_record_the_gap(tmp_path: Path) -> None:
     # the same starting model, the same problems and seeds: the same figures as `opsd diagnose`
     assert summary["diagnosis"] == record and record["reading"] in trained.stderr
     metrics = json.loads((project / "reports/metrics/train.json").read_text())
-    assert metrics["diagnosis_accuracy_gap"] == record["accuracy_gap"]
+    assert metrics["teacher_gap"] == record["accuracy_gap"]

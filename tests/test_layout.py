@@ -39,7 +39,7 @@ def test_dvc_yaml_declares_the_layouts_files() -> None:
                       rel(layout.eval_data)}, {rel(layout.eval_report)}, {rel(layout.metrics("eval"))},
                      {rel(layout.eval_plot)}),
         "register": ({rel(layout.candidate), rel(layout.eval_report), rel(layout.train_report)},
-                     {rel(layout.registry_report)}, set(), set()),
+                     {rel(layout.registry_report)}, {rel(layout.metrics("gate"))}, set()),
     }
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(expected)

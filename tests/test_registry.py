@@ -78,6 +78,10 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     assert res["version"] == "1" and res["champion"] == "1" and res["challenger"] == "1"
     assert res["verdict"]["promote"] is True and not res["already_registered"]
     assert json.loads((root / "reports" / "registry.json").read_text())["version"] == "1"
+    gate = json.loads((root / "reports" / "metrics" / "gate.json").read_text())  # `dvc metrics show`'s gate row
+    vs_base = res["verdict"]["checks"]["vs_base"]
+    assert gate == {"promoted": 1, "gain": vs_base["mean_diff"], "gain_ci_low": vs_base["ci_low"],
+                    "gain_ci_high": vs_base["ci_high"]} and gate["gain_ci_low"] > 0
 
     store = resolve_store(params, root)
     assert store.tracking_uri == f"sqlite:///{root / '.opsd' / 'mlflow.db'}"
@@ -98,9 +102,12 @@ def test_register_promotes_logs_and_is_loadable(project: tuple[Path, Params], ba
     assert (dataset.name, dataset.digest, dataset.source_type) == ("opsd-train", "d" * 16, "dvc")
     assert json.loads(dataset.source)["dvc_raw_md5"] == "abc123.dir"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
-    assert run.data.metrics[f"eval/{PRIMARY}/candidate"] == pytest.approx(0.75)
+    assert run.data.metrics[f"vs_base/{PRIMARY}/candidate"] == pytest.approx(0.75)
     # the self-teacher gap the training started from (train.json's diagnosis)
-    assert run.data.metrics["diagnosis/accuracy_gap"] == pytest.approx(0.55)
+    assert run.data.metrics["train_gap/accuracy_gap"] == pytest.approx(0.55)
+    # the run page's chart groups, sorted by name as MLflow's UI sorts them: the training curves come first
+    groups = sorted({k.rsplit("/", 1)[0] for k in run.data.metrics if "/" in k})
+    assert groups[:3] == ["train", "train_gap", "train_summary"] and groups[-1].startswith("vs_base/")
     assert run.data.tags["opsd.diagnosis"] == "room for OPSD"
     files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert files == {"plots/training_curve.png", "plots/eval.png"}

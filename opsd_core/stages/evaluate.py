@@ -250,7 +250,9 @@ def evaluate_candidate(params: Params, root: Path) -> dict[str, Any]:
         "tasks": combine(base, cand, params.eval.bootstrap_samples, params.eval.seed),
     }
     write_json(layout.eval_report, report)
-    write_metrics(layout.reports, "eval", task_summary(report))
+    # each task's candidate score and gain: a column each in `dvc metrics show` (intervals: eval.json, the plot)
+    write_metrics(layout.reports, "eval", {task: {"candidate": row["candidate"], "gain": row["gain"]}
+                                           for task, row in task_summary(report).items()})
     return report
 
 

@@ -27,8 +27,8 @@ def prepare(params: Params, root: Path) -> dict[str, Any]:
     layout = Layout.of(params, root)
     summary = prepare_data(params.data, root, count_tokens, layout.reports)
     record = summary if isinstance(summary, dict) else vars(summary)
-    metrics = {k: record[k] for k in ("read", "accepted", "train", "val", "capped", "rejected",
-                                      "rejected_by_reason", "contamination_removed", "eval_rows") if k in record}
+    # the few counts worth a column in `dvc metrics show`; the reasons and the rest are in reports/data.json
+    metrics = {k: record[k] for k in ("read", "accepted", "rejected", "train", "val") if k in record}
     write_metrics(layout.reports, "data", metrics)
     if record.get("rejected"):
         print(f"opsd prepare: {record['rejected']} of {record['read']} rows rejected, each with its file, line and "

@@ -29,7 +29,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 
 from opsd_core.config import Params
-from opsd_core.io import write_json
+from opsd_core.io import write_json, write_metrics
 from opsd_core.layout import CHALLENGER, CHAMPION, EVAL_REPORT, Env, Layout
 from opsd_core.registry import card, decision, lineage, pyfunc
 from opsd_core.registry.audit import actor, audit_of, move_alias, registry_lock, unaudited_champion
@@ -54,6 +54,12 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 MODEL_DIR = "model"
+# MLflow's run page groups metric charts by the prefix before the last "/" and sorts the groups by name
+# (3.17: localeCompare, prefix-less ones last), so these names put the training curves (PREFIX, "train/")
+# first, then the gap the training started from, the training's summary, and the comparison with the base
+GAP_GROUP = "train_gap/"
+SUMMARY_GROUP = "train_summary/"
+VS_BASE_GROUP = "vs_base/"
 EVAL_ARTIFACT = f"eval/{EVAL_REPORT}"
 _KEY_MAX, _PARAM_MAX, _TAG_MAX = 250, 6000, 8000  # MLflow's key, param value and run tag limits
 
@@ -185,15 +191,15 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
     metrics = [] if live else [Metric(f"{PREFIX}{k}", v, now, int(row["step"])) for row in inp.curve
                                for k, v in row.items() if k != "step"]
     for task, res in inp.report["tasks"].items():
-        metrics += [Metric(f"eval/{task}/{who}", float(res[who]["score"]), now, 0) for who in ("base", "candidate")]
-        metrics += [Metric(f"eval/{task}/{k}", float(v), now, 0) for k, v in (res.get("diff") or {}).items()
+        metrics += [Metric(f"{VS_BASE_GROUP}{task}/{who}", float(res[who]["score"]), now, 0) for who in ("base", "candidate")]
+        metrics += [Metric(f"{VS_BASE_GROUP}{task}/{k}", float(v), now, 0) for k, v in (res.get("diff") or {}).items()
                     if k in ("mean_diff", "ci_low", "ci_high", "p_better")]
-    metrics += [Metric(f"train_summary/{k}", float(v), now, 0) for k, v in inp.train.items()
+    metrics += [Metric(f"{SUMMARY_GROUP}{k}", float(v), now, 0) for k, v in inp.train.items()
                 if isinstance(v, int | float) and not isinstance(v, bool)]
     metrics += [Metric(k, v, now, 0) for k, v in headline_metrics(inp, params.registry.primary_task).items()]
     # the self-teacher gap the training started from (algorithm/diagnose.py): the figures, and its reading as a tag
     diagnosis = inp.train.get("diagnosis") or {}
-    metrics += [Metric(f"diagnosis/{k}", float(v), now, 0) for k, v in diagnosis.items()
+    metrics += [Metric(f"{GAP_GROUP}{k}", float(v), now, 0) for k, v in diagnosis.items()
                 if isinstance(v, int | float) and not isinstance(v, bool)]
     tags = [RunTag("opsd.diagnosis", str(diagnosis["reading"]))] if diagnosis.get("reading") else []
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in flat.items()], tags=tags)
@@ -255,8 +261,18 @@ def _champion_evidence(client: MlflowClient, mv: ModelVersion | None, tmp: Path)
 
 
 def _write_result(params: Params, root: Path, result: dict[str, Any]) -> dict[str, Any]:
-    write_json(Layout.of(params, root).registry_report, result)
+    layout = Layout.of(params, root)
+    write_json(layout.registry_report, result)
+    write_metrics(layout.reports, "gate", gate_metrics(result.get("verdict")))
     return result
+
+
+def gate_metrics(verdict: dict[str, Any] | None) -> dict[str, float | int | None]:
+    """What the gate decided on, for `dvc metrics show`: promoted (1 or 0) and the primary task's gain over
+    the base with its 95% interval (None where the verdict holds none)."""
+    vs_base = ((verdict or {}).get("checks") or {}).get("vs_base") or {}
+    return {"promoted": int(bool((verdict or {}).get("promote"))), "gain": vs_base.get("mean_diff"),
+            "gain_ci_low": vs_base.get("ci_low"), "gain_ci_high": vs_base.get("ci_high")}
 
 
 def _version_of(mv: ModelVersion | None) -> str | None:

@@ -298,9 +298,9 @@ def train(params: Params, root: Path) -> dict[str, Any] | None:
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     write_json(layout.train_report, summary)
+    # the few numbers worth a column in `dvc metrics show`; speed, memory and the diagnosis are in train.json
     write_metrics(layout.reports, "train",
-                  {k: v for k, v in summary.items()
-                   if k not in ("machine", "execution", "versions", "rollouts_per_rank", "diagnosis")}
-                  | {f"diagnosis_{k}": v for k, v in (diagnosis or {}).items() if k != "reading"})
+                  {k: summary.get(k) for k in ("steps", "first_loss", "final_loss", "wall_s")}
+                  | {"teacher_gap": (diagnosis or {}).get("accuracy_gap")})
     print(f"candidate written to {layout.candidate}", file=sys.stderr)
     return summary
