@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         (version,) = client.search_model_versions("name='opsd-model'")
         pipeline = client.get_run(version.run_id)
         exp = pipeline.info.experiment_id
-        shoot(f"{mlflow}/#/experiments/{exp}/runs/{version.run_id}", args.out / "run.png")
-        shoot(f"{mlflow}/#/experiments/{exp}/runs/{version.run_id}/model-metrics", args.out / "run-metrics.png")
+        # the model-training view, as the link `opsd run` prints opens it (MLflow 3.17 defaults to its GenAI view)
+        view = "?workflowType=machine_learning"
+        shoot(f"{mlflow}/#/experiments/{exp}/runs/{version.run_id}{view}", args.out / "run.png")
+        shoot(f"{mlflow}/#/experiments/{exp}/runs/{version.run_id}/model-metrics{view}", args.out / "run-metrics.png")
         shoot(f"{mlflow}/#/models/opsd-model/versions/{version.version}", args.out / "version.png")
         shoot(f"{mlflow}/#/models", args.out / "models.png")
         flow_run = pipeline.data.tags.get("lineage.flow_run_id") or version.tags.get("lineage.flow_run_id")
