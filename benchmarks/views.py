@@ -21,28 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks.common import fresh_smoke_clone
+from opsd_core.net import answers, free_port
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def shoot(url: str, out: Path, wait_ms: int = 20000) -> None:
@@ -74,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         prefect = prefect_server.status(project / ".opsd")
         assert prefect is not None
         db = project / ".opsd" / "mlflow.db"
-        port = _free_port()
+        port = free_port()
         mlflow = f"http://127.0.0.1:{port}"
         mlflow_server = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
              "--port", str(port), "--workers", "1"], cwd=project, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 180
-        while not _answers(f"{mlflow}/health"):
+        while not answers(f"{mlflow}/health"):
             if time.monotonic() > deadline:
                 raise SystemExit("mlflow server did not answer in 180 s")
             time.sleep(1)

@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from opsd_core.errors import OpsdError
 from opsd_core.io import write_json
+from opsd_core.net import answers, free_port
 
 STATE_FILE = "prefect-server.json"
 
@@ -43,18 +42,8 @@ def _record_path(state: Path) -> Path:
     return Path(state) / STATE_FILE
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/api/health", timeout=timeout) as response:  # noqa: S310 (loopback)
-            return response.status == 200
-    except OSError:
-        return False
+    return answers(f"{url}/api/health", timeout)
 
 
 def status(state: Path) -> dict[str, Any] | None:
@@ -77,7 +66,7 @@ def start(state: Path, timeout_s: float = 180.0, scheduler_loop_s: int = 10) -> 
     state = Path(state).resolve()
     home = prefect_home(state)
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            # a new deployment's first runs are scheduled within seconds, not at the default minute

@@ -15,7 +15,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,15 +28,10 @@ from pathlib import Path
 import pytest
 
 from flows.server import LEASE_STORAGE
+from opsd_core.net import answers, free_port
 
 BIN = Path(sys.executable).parent  # the venv's scripts: mlflow, prefect, moto_server, dvc
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -71,11 +65,7 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen | None, log: Pa
 
 
 def http_ok(url: str, timeout: float = 0.5) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return 200 <= r.status < 300
-    except (OSError, urllib.error.HTTPError):
-        return False
+    return answers(url, timeout)
 
 
 @contextlib.contextmanager

@@ -143,7 +143,7 @@ def test_stages_load_no_prefect() -> None:
 # tasks); the stages; flows/; flows/cli.py, the app entry above the flows it starts.
 RANKS = {
     "opsd_core": 0, "opsd_core.config": 0, "opsd_core.errors": 0, "opsd_core.io": 0, "opsd_core.offline": 0,
-    "opsd_core.checkpoint": 0, "opsd_core.layout": 0,
+    "opsd_core.checkpoint": 0, "opsd_core.layout": 0, "opsd_core.net": 0,
     "opsd_core.models": 1, "opsd_core.data": 1,
     "opsd_core.backends": 2,
     "opsd_core.algorithm": 3, "opsd_core.evaluation": 3,
