@@ -113,6 +113,7 @@ def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_pat
     # what DVC shows: metrics are a small table of numbers, the plots render without a warning
     shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=project,
                            capture_output=True, text=True, timeout=300, check=True)
+    assert len(shown.stdout) < 4000, len(shown.stdout)
     metrics = json.loads(shown.stdout)[""]["data"]
     eval_metrics = metrics["reports/metrics/eval.json"]["data"]
     assert all(set(row) == {"candidate", "gain"} for row in eval_metrics.values()), eval_metrics
