@@ -55,6 +55,7 @@ ARM_SETTINGS: dict[str, list[str]] = {
     "opsd_from_base": [],
     "mix": ["train.objective=mix"],
 }
+CHECKPOINT_EVERY = 8  # a mix arm trains ~1 h on one core: a killed study loses at most 8 steps of it
 SIZES = {  # model -> (train problems, test problems, SFT steps, OPSD-round steps, rollouts per step)
     "bundled": (256, 200, 64, 30, 8),
     "tiny": (24, 16, 4, 3, 4),
@@ -66,14 +67,19 @@ def _params(model: str, work: Path, seed: int, extra: list[str]) -> Params:
     base = [] if model == "tiny" else ["model.base=bundled:smollm2-135m-instruct"]
     return load_params(ROOT / "params.yaml", profile, [
         f"model.cache_dir={ROOT / '.opsd/models' if model != 'tiny' else work / 'models'}", *base,
-        f"train.seed={seed}", "train.warmup_steps=2", "train.checkpoint_every=1000",
+        f"train.seed={seed}", "train.warmup_steps=2", f"train.checkpoint_every={CHECKPOINT_EVERY}",
         "opsd.sampling.max_new_tokens=64", "opsd.diagnose_problems=32", "train.progress=false", *extra])
 
 
 def _project(folder: Path, train_rows: list[Any]) -> Path:
-    shutil.rmtree(folder, ignore_errors=True)
-    (folder / "data/prepared").mkdir(parents=True)
-    (folder / "data/prepared/train.jsonl").write_text("".join(r.to_json_line() for r in train_rows))
+    """An arm's project folder. One left by a killed run on the same problems is kept: its checkpoints (every
+    ``CHECKPOINT_EVERY`` steps, keyed by the run's params and data) resume the arm instead of restarting it."""
+    data = folder / "data/prepared/train.jsonl"
+    text = "".join(r.to_json_line() for r in train_rows)
+    if not (data.is_file() and data.read_text() == text):
+        shutil.rmtree(folder, ignore_errors=True)
+        data.parent.mkdir(parents=True)
+        data.write_text(text)
     return folder
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.opsd_study import AFTER_SFT, across_seeds, merge, run_cell, split_rows, table
+from benchmarks.opsd_study import AFTER_SFT, _project, across_seeds, merge, run_cell, split_rows, table
 from opsd_core.data.arithmetic import ArithmeticDifficulty
 
 pytestmark = pytest.mark.slow
@@ -51,6 +51,22 @@ def test_a_stopped_study_resumes_where_it_stopped(tmp_path: Path, capsys: pytest
     other = run_cell("tiny", difficulty, 1, ["base"], tmp_path)  # another seed: only its new test problems
     grown = json.loads((tmp_path / "s1-n9-d0-base.json").read_text())
     assert set(cache) <= set(grown) and other["test_problems"] == 16
+
+
+def test_a_killed_arm_keeps_its_checkpoints_for_the_same_problems(tmp_path: Path) -> None:
+    """An arm's folder is reused when it holds the same training problems (its checkpoints resume the arm) and
+    wiped when the problems differ (a checkpoint of other data must not survive, even if its key would refuse it)."""
+    rows, _ = split_rows("tiny", ArithmeticDifficulty(1, 9, 0), 0)
+    other, _ = split_rows("tiny", ArithmeticDifficulty(1, 9, 0), 1)
+    folder = _project(tmp_path / "mix", rows)
+    kept = folder / ".opsd/checkpoints/run/step-8.pt"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("state")
+    assert _project(tmp_path / "mix", rows) == folder and kept.read_text() == "state"
+    assert len((folder / "data/prepared/train.jsonl").read_text().splitlines()) == len(rows)
+    _project(tmp_path / "mix", other)
+    assert not kept.exists()
+    assert (folder / "data/prepared/train.jsonl").read_text() == "".join(r.to_json_line() for r in other)
 
 
 def test_the_test_split_is_disjoint_from_training_and_the_same_for_every_seed() -> None:
