@@ -17,6 +17,15 @@ CHAMPION = "champion"  # the model in production; moved only by the gate (or a r
 CHALLENGER = "challenger"  # the latest registered candidate, promoted or not
 ALIASES = (CHAMPION, CHALLENGER)
 
+# MLflow metric key prefixes, one chart group each on a run's page. MLflow groups charts by the prefix before the
+# last "/" and sorts the groups by name (3.17: localeCompare, prefix-less ones last), so these names put the
+# training curves first (logged live by the training, or by register afterwards), then the gap the training
+# started from, the training's summary, and the comparison with the base
+TRAIN_GROUP = "train/"
+GAP_GROUP = "train_gap/"
+SUMMARY_GROUP = "train_summary/"
+VS_BASE_GROUP = "vs_base/"
+
 # file names inside the reports folder (params.train.reports_dir)
 DATA_REPORT = "data.json"
 REJECTED = "rejected.jsonl"

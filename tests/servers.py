@@ -64,10 +64,6 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen | None, log: Pa
     raise RuntimeError(f"{what} did not answer in {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
 
 
-def http_ok(url: str, timeout: float = 0.5) -> bool:
-    return answers(url, timeout)
-
-
 @contextlib.contextmanager
 def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +162,7 @@ def s3_endpoint(tmp: Path, buckets: tuple[str, ...] = ()) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     log = tmp / "moto.log"
     with _process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log) as proc:
-        wait_until(lambda: http_ok(f"{url}/moto-api/"), proc, log, "moto_server", timeout=120)
+        wait_until(lambda: answers(f"{url}/moto-api/"), proc, log, "moto_server", timeout=120)
         import boto3
 
         s3 = boto3.client("s3", endpoint_url=url, **_boto_credentials())
@@ -203,7 +199,7 @@ def serve_mlflow(tmp_path: Path, port: int, backend: str | None = None, artifact
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     with _process(cmd, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}) as proc:
-        wait_until(lambda: http_ok(f"{url}/health"), proc, log, "mlflow server", timeout=240)
+        wait_until(lambda: answers(f"{url}/health"), proc, log, "mlflow server", timeout=240)
         yield url
 
 
@@ -224,7 +220,7 @@ def serve_prefect(tmp_path: Path, database: str | None = None, env: dict[str, st
     api = f"http://127.0.0.1:{port}/api"
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with _process(cmd, log, server_env) as proc:
-        wait_until(lambda: http_ok(f"{api}/health") or _needs_auth(f"{api}/health"), proc, log, "prefect server",
+        wait_until(lambda: answers(f"{api}/health") or _needs_auth(f"{api}/health"), proc, log, "prefect server",
                    timeout=240)
         yield api
 

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from opsd_core.config import Params
+from opsd_core.layout import TRAIN_GROUP
 from opsd_core.registry.store import open_client, resolve_store
-
-PREFIX = "train/"
 
 
 class LiveMetrics:
@@ -32,7 +31,7 @@ class LiveMetrics:
         if self.failed:
             return
         now, step = int(time.time() * 1000), int(row["step"])
-        metrics = [self._metric(f"{PREFIX}{k}", float(v), now, step) for k, v in row.items() if k != "step"]
+        metrics = [self._metric(f"{TRAIN_GROUP}{k}", float(v), now, step) for k, v in row.items() if k != "step"]
         try:
             self.client.log_batch(self.run_id, metrics=metrics)
         except Exception as err:  # noqa: BLE001 - the live view is optional; the training is not

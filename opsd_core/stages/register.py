@@ -30,12 +30,21 @@ from mlflow.exceptions import MlflowException
 
 from opsd_core.config import Params
 from opsd_core.io import write_json, write_metrics
-from opsd_core.layout import CHALLENGER, CHAMPION, EVAL_REPORT, Env, Layout
+from opsd_core.layout import (
+    CHALLENGER,
+    CHAMPION,
+    EVAL_REPORT,
+    GAP_GROUP,
+    SUMMARY_GROUP,
+    TRAIN_GROUP,
+    VS_BASE_GROUP,
+    Env,
+    Layout,
+)
 from opsd_core.registry import card, decision, lineage, pyfunc
 from opsd_core.registry.audit import actor, audit_of, move_alias, registry_lock, unaudited_champion
 from opsd_core.registry.gate import ChampionEvidence, decide
 from opsd_core.registry.leases import FAILURE_TAG
-from opsd_core.registry.live import PREFIX
 from opsd_core.registry.promotion_lease import PromotionLease, promotion_lease
 from opsd_core.registry.reach import MLFLOW_CREDENTIALS, credentials_source
 from opsd_core.registry.store import (
@@ -54,12 +63,6 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 MODEL_DIR = "model"
-# MLflow's run page groups metric charts by the prefix before the last "/" and sorts the groups by name
-# (3.17: localeCompare, prefix-less ones last), so these names put the training curves (PREFIX, "train/")
-# first, then the gap the training started from, the training's summary, and the comparison with the base
-GAP_GROUP = "train_gap/"
-SUMMARY_GROUP = "train_summary/"
-VS_BASE_GROUP = "vs_base/"
 EVAL_ARTIFACT = f"eval/{EVAL_REPORT}"
 _KEY_MAX, _PARAM_MAX, _TAG_MAX = 250, 6000, 8000  # MLflow's key, param value and run tag limits
 
@@ -187,8 +190,8 @@ def _log_run(client: MlflowClient, run_id: str, inp: RegisterInputs, params: Par
     runtime = {k: inp.train[k] for k in ("execution", "machine", "versions") if isinstance(inp.train.get(k), dict)}
     flat = flatten({**applicable_params(params), "candidate": inp.meta, **runtime})
     # under the flow the training logged its curve into this run step by step (registry/live.py)
-    live = any(k.startswith(PREFIX) for k in client.get_run(run_id).data.metrics)
-    metrics = [] if live else [Metric(f"{PREFIX}{k}", v, now, int(row["step"])) for row in inp.curve
+    live = any(k.startswith(TRAIN_GROUP) for k in client.get_run(run_id).data.metrics)
+    metrics = [] if live else [Metric(f"{TRAIN_GROUP}{k}", v, now, int(row["step"])) for row in inp.curve
                                for k, v in row.items() if k != "step"]
     for task, res in inp.report["tasks"].items():
         metrics += [Metric(f"{VS_BASE_GROUP}{task}/{who}", float(res[who]["score"]), now, 0) for who in ("base", "candidate")]
