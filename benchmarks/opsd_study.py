@@ -9,7 +9,8 @@ number), each arm against its reference by a paired bootstrap over problems. Arm
 * ``opsd_after_sft``, ``shuffled_after_sft`` (the teacher sees another problem's solution: the control),
   ``contrast_after_sft`` (``opsd.contrast: shuffled``), ``more_sft`` (SFT continued for the same steps and
   problems as the OPSD round): each from the SFT model, compared with it.
-* ``opsd_from_base`` and ``mix`` (``train.objective: mix``): from the base, compared with it.
+* ``opsd_from_base``: from the base, compared with it. ``mix`` (``train.objective: mix``): from the base for
+  SFT's steps, compared with ``sft`` (the same steps from the same base without the OPSD term: what it adds).
 
     python -m benchmarks.opsd_study --out benchmarks/results/DATE-opsd-study.json \\
         [--model bundled|tiny] [--seeds 0 1 2] [--difficulty 2:50:0 ...] [--arms ...] [--work DIR] [--threads N]
@@ -46,6 +47,8 @@ from opsd_core.stages.train import build_backend, execution_plan, train
 ROOT = Path(__file__).resolve().parents[1]
 AFTER_SFT = ("opsd_after_sft", "shuffled_after_sft", "contrast_after_sft", "more_sft")
 ARMS = ("base", "sft", *AFTER_SFT, "opsd_from_base", "mix")
+# what each arm's gain is measured against
+REFERENCE: dict[str, str] = {"sft": "base", **dict.fromkeys(AFTER_SFT, "sft"), "opsd_from_base": "base", "mix": "sft"}
 # each arm's settings on top of the round's (opsd train --set)
 ARM_SETTINGS: dict[str, list[str]] = {
     "opsd_after_sft": [],
@@ -71,7 +74,7 @@ def _params(model: str, work: Path, seed: int, extra: list[str]) -> Params:
         "opsd.sampling.max_new_tokens=64", "opsd.diagnose_problems=32", "train.progress=false", *extra])
 
 
-def _project(folder: Path, train_rows: list[Any]) -> Path:
+def arm_project(folder: Path, train_rows: list[Any]) -> Path:
     """An arm's project folder. One left by a killed run on the same problems is kept: its checkpoints (every
     ``CHECKPOINT_EVERY`` steps, keyed by the run's params and data) resume the arm instead of restarting it."""
     data = folder / "data/prepared/train.jsonl"
@@ -162,7 +165,7 @@ def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list
     def trained(name: str, start: str, steps: int, extra: list[str]) -> tuple[Params, Path]:
         settings = [*sizing, f"model.base={start}", f"train.steps={steps}", *extra]
         params = _params(model, cell, seed, settings)
-        project = _project(cell / name, train_rows)
+        project = arm_project(cell / name, train_rows)
         began = time.perf_counter()
         summary = train(params, project)
         assert summary is not None
@@ -202,7 +205,7 @@ def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list
         atomic_write(cell / f"{arm}.result.json", json.dumps({"run": runs[arm], "scores": scores[arm]}))
 
     sft_dir = None
-    if any(a in arms for a in ("sft", *AFTER_SFT)):
+    if any(a == "sft" or REFERENCE.get(a) == "sft" for a in arms):
         sft_settings = [*sizing, f"model.base={base_dir}", f"train.steps={sft_steps}", "train.objective=sft",
                         "train.lr=2e-4"]
         sft_dir = str(cell / "sft-model")
@@ -226,7 +229,7 @@ def run_cell(model: str, difficulty: ArithmeticDifficulty, seed: int, arms: list
         keep(arm)
         shutil.rmtree(cell / f"{arm}-model", ignore_errors=True)
     for arm, got in scores.items():
-        ref = "sft" if arm in AFTER_SFT else "base"
+        ref = REFERENCE.get(arm, "base")
         runs[arm].update({k: sum(v) / len(v) for k, v in got.items()})
         if arm != "base":
             runs[arm]["vs"] = ref

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.opsd_study import AFTER_SFT, _project, across_seeds, merge, run_cell, split_rows, table
+from benchmarks.opsd_study import (
+    AFTER_SFT,
+    REFERENCE,
+    across_seeds,
+    arm_project,
+    merge,
+    run_cell,
+    split_rows,
+    table,
+)
 from opsd_core.data.arithmetic import ArithmeticDifficulty
 
 pytestmark = pytest.mark.slow
@@ -22,7 +31,7 @@ def test_every_arm_runs_from_its_start_and_is_compared(tmp_path: Path) -> None:
     for arm in arms:
         assert 0.0 <= runs[arm]["strict"] <= runs[arm]["flex"] <= 1.0  # a '#### N' answer's last number is N
     for arm in arms[1:]:
-        assert runs[arm]["vs"] == ("sft" if arm in AFTER_SFT else "base")
+        assert runs[arm]["vs"] == REFERENCE[arm] == ("sft" if arm in (*AFTER_SFT, "mix") else "base")
         assert runs[arm]["gain"]["flex"]["ci_low"] <= runs[arm]["gain"]["flex"]["mean_diff"] \
             <= runs[arm]["gain"]["flex"]["ci_high"]
     sft_model = str(tmp_path / "s1-n9-d0-seed0" / "sft-model")
@@ -58,13 +67,13 @@ def test_a_killed_arm_keeps_its_checkpoints_for_the_same_problems(tmp_path: Path
     wiped when the problems differ (a checkpoint of other data must not survive, even if its key would refuse it)."""
     rows, _ = split_rows("tiny", ArithmeticDifficulty(1, 9, 0), 0)
     other, _ = split_rows("tiny", ArithmeticDifficulty(1, 9, 0), 1)
-    folder = _project(tmp_path / "mix", rows)
+    folder = arm_project(tmp_path / "mix", rows)
     kept = folder / ".opsd/checkpoints/run/step-8.pt"
     kept.parent.mkdir(parents=True)
     kept.write_text("state")
-    assert _project(tmp_path / "mix", rows) == folder and kept.read_text() == "state"
+    assert arm_project(tmp_path / "mix", rows) == folder and kept.read_text() == "state"
     assert len((folder / "data/prepared/train.jsonl").read_text().splitlines()) == len(rows)
-    _project(tmp_path / "mix", other)
+    arm_project(tmp_path / "mix", other)
     assert not kept.exists()
     assert (folder / "data/prepared/train.jsonl").read_text() == "".join(r.to_json_line() for r in other)
 
