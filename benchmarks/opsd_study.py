@@ -268,6 +268,34 @@ def across_seeds(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def points_table(cells: list[dict[str, Any]], seeds: tuple[int, ...] = (0, 1, 2)) -> str:
+    """docs/opsd-study.md's table: per difficulty (``steps:max_number:distractors``) and arm, in ``ARMS`` order,
+    the mean flexible accuracy and each seed's gain over the arm's reference in points with its 95% interval
+    (a seed without the arm says so), and how many intervals lie above zero (``all < 0`` when every one is
+    below)."""
+    lines = [f"| difficulty | arm | vs | mean flex | gain per seed (seeds {' / '.join(map(str, seeds))}) [95% CI] "
+             "| seeds with CI > 0 |", "|---|---|---|---|---|---|"]
+    for difficulty in dict.fromkeys(c["difficulty"] for c in cells):
+        label = ":".join(str(int(part[1:])) for part in difficulty.split("-"))  # s2-n50-d0 -> 2:50:0
+        mine = {c["seed"]: c for c in cells if c["difficulty"] == difficulty}
+        extra = [a for c in mine.values() for a in c["runs"] if a not in ARMS]
+        for arm in [*(a for a in ARMS if any(a in c["runs"] for c in mine.values())), *dict.fromkeys(extra)]:
+            runs = {s: c["runs"][arm] for s, c in sorted(mine.items()) if arm in c["runs"]}
+            gains = [r["gain"]["flex"] for r in runs.values() if "gain" in r]
+            per_seed = "; ".join(
+                f"(seed {s} not run)" if s not in runs else
+                "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * runs[s]["gain"]["flex"][k]
+                                                      for k in ("mean_diff", "ci_low", "ci_high")))
+                for s in seeds) if gains else ""
+            above = f"{sum(g['ci_low'] > 0 for g in gains)}/{len(gains)}" if gains else ""
+            if gains and all(g["ci_high"] < 0 for g in gains):
+                above += ", all < 0"
+            mean = sum(r["flex"] for r in runs.values()) / len(runs)
+            vs = next(iter(runs.values())).get("vs", "")
+            lines.append(f"| {label} | {arm} | {vs} | {mean:.3f} | {per_seed} | {above} |")
+    return "\n".join(lines)
+
+
 def merge(paths: list[Path], out: Path) -> str:
     """Several results files (e.g. one per seed, run side by side, or arms added to a cell later) into one,
     with both tables."""
@@ -298,9 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / ".opsd/study")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: train.threads)")
     parser.add_argument("--merge", type=Path, nargs="+", help="only merge these results files into --out")
+    parser.add_argument("--points", action="store_true", help="only print --out's table in points (the doc's)")
     args = parser.parse_args(argv)
     if args.merge:
         print(merge(args.merge, args.out))
+        return 0
+    if args.points:
+        print(points_table(json.loads(args.out.read_text())["cells"]))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)  # the base model is scored before any training sets it
