@@ -26,7 +26,7 @@ import argparse
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,48 +251,50 @@ def table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def across_seeds(cells: list[dict[str, Any]]) -> str:
-    """Per difficulty and arm: the mean flexible accuracy over seeds, each seed's gain over the arm's reference
-    with its 95% CI, and how many seeds' intervals lie above zero."""
-    lines = ["| difficulty | arm | vs | seeds | mean flex | gain per seed [95% CI] | seeds with CI > 0 |",
-             "|---|---|---|---|---|---|---|"]
+def _arm_rows(cells: list[dict[str, Any]]) -> Iterator[tuple[str, str, dict[int, dict[str, Any]], list[dict[str, Any]]]]:
+    """Per difficulty and arm (``ARMS`` order, then any other arm): the arm's run for each seed that has it, and
+    the flexible gains over its reference."""
     for difficulty in dict.fromkeys(c["difficulty"] for c in cells):
-        mine = [c for c in cells if c["difficulty"] == difficulty]
-        for arm in dict.fromkeys(a for c in mine for a in c["runs"]):
-            runs = [c["runs"][arm] for c in mine if arm in c["runs"]]
-            gains = [r["gain"]["flex"] for r in runs if "gain" in r]
-            per_seed = "; ".join(f"{g['mean_diff']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]" for g in gains)
-            above = f"{sum(g['ci_low'] > 0 for g in gains)}/{len(gains)}" if gains else ""
-            lines.append(f"| {difficulty} | {arm} | {runs[0].get('vs', '')} | {len(runs)} | "
-                         f"{sum(r['flex'] for r in runs) / len(runs):.3f} | {per_seed} | {above} |")
-    return "\n".join(lines)
-
-
-def points_table(cells: list[dict[str, Any]], seeds: tuple[int, ...] = (0, 1, 2)) -> str:
-    """docs/opsd-study.md's table: per difficulty (``steps:max_number:distractors``) and arm, in ``ARMS`` order,
-    the mean flexible accuracy and each seed's gain over the arm's reference in points with its 95% interval
-    (a seed without the arm says so), and how many intervals lie above zero (``all < 0`` when every one is
-    below)."""
-    lines = [f"| difficulty | arm | vs | mean flex | gain per seed (seeds {' / '.join(map(str, seeds))}) [95% CI] "
-             "| seeds with CI > 0 |", "|---|---|---|---|---|---|"]
-    for difficulty in dict.fromkeys(c["difficulty"] for c in cells):
-        label = ":".join(str(int(part[1:])) for part in difficulty.split("-"))  # s2-n50-d0 -> 2:50:0
         mine = {c["seed"]: c for c in cells if c["difficulty"] == difficulty}
-        extra = [a for c in mine.values() for a in c["runs"] if a not in ARMS]
-        for arm in [*(a for a in ARMS if any(a in c["runs"] for c in mine.values())), *dict.fromkeys(extra)]:
+        present = dict.fromkeys(a for c in mine.values() for a in c["runs"])
+        for arm in [*(a for a in ARMS if a in present), *(a for a in present if a not in ARMS)]:
             runs = {s: c["runs"][arm] for s, c in sorted(mine.items()) if arm in c["runs"]}
-            gains = [r["gain"]["flex"] for r in runs.values() if "gain" in r]
-            per_seed = "; ".join(
-                f"(seed {s} not run)" if s not in runs else
-                "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * runs[s]["gain"]["flex"][k]
-                                                      for k in ("mean_diff", "ci_low", "ci_high")))
-                for s in seeds) if gains else ""
-            above = f"{sum(g['ci_low'] > 0 for g in gains)}/{len(gains)}" if gains else ""
-            if gains and all(g["ci_high"] < 0 for g in gains):
-                above += ", all < 0"
-            mean = sum(r["flex"] for r in runs.values()) / len(runs)
-            vs = next(iter(runs.values())).get("vs", "")
-            lines.append(f"| {label} | {arm} | {vs} | {mean:.3f} | {per_seed} | {above} |")
+            yield difficulty, arm, runs, [r["gain"]["flex"] for r in runs.values() if "gain" in r]
+
+
+def across_seeds(cells: list[dict[str, Any]], points: bool = False, seeds: tuple[int, ...] = (0, 1, 2)) -> str:
+    """Per difficulty and arm: the mean flexible accuracy over seeds, each seed's gain over the arm's reference
+    with its 95% CI, and how many seeds' intervals lie above zero. ``points`` gives docs/opsd-study.md's form:
+    difficulty as ``steps:max_number:distractors``, gains in points, a column per seed of ``seeds`` (a seed
+    without the arm says so) and ``all < 0`` when every interval lies below zero."""
+    if points:
+        lines = [f"| difficulty | arm | vs | mean flex | gain per seed (seeds {' / '.join(map(str, seeds))}) "
+                 "[95% CI] | seeds with CI > 0 |", "|---|---|---|---|---|---|"]
+    else:
+        lines = ["| difficulty | arm | vs | seeds | mean flex | gain per seed [95% CI] | seeds with CI > 0 |",
+                 "|---|---|---|---|---|---|---|"]
+    scale, digits = (100, 1) if points else (1, 3)
+
+    def shown(g: dict[str, Any]) -> str:
+        low, mid, high = (f"{scale * g[k]:+.{digits}f}" for k in ("ci_low", "mean_diff", "ci_high"))
+        return f"{mid} [{low}, {high}]"
+
+    for difficulty, arm, runs, gains in _arm_rows(cells):
+        if points:
+            per_seed = "; ".join(shown(runs[s]["gain"]["flex"]) if s in runs else f"(seed {s} not run)"
+                                 for s in seeds) if gains else ""
+        else:
+            per_seed = "; ".join(shown(g) for g in gains)
+        above = f"{sum(g['ci_low'] > 0 for g in gains)}/{len(gains)}" if gains else ""
+        if points and gains and all(g["ci_high"] < 0 for g in gains):
+            above += ", all < 0"
+        mean = f"{sum(r['flex'] for r in runs.values()) / len(runs):.3f}"
+        vs = next(iter(runs.values())).get("vs", "")
+        if points:
+            label = ":".join(str(int(part[1:])) for part in difficulty.split("-"))  # s2-n50-d0 -> 2:50:0
+            lines.append(f"| {label} | {arm} | {vs} | {mean} | {per_seed} | {above} |")
+        else:
+            lines.append(f"| {difficulty} | {arm} | {vs} | {len(runs)} | {mean} | {per_seed} | {above} |")
     return "\n".join(lines)
 
 
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         print(merge(args.merge, args.out))
         return 0
     if args.points:
-        print(points_table(json.loads(args.out.read_text())["cells"]))
+        print(across_seeds(json.loads(args.out.read_text())["cells"], points=True))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)  # the base model is scored before any training sets it

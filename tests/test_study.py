@@ -14,7 +14,6 @@ from benchmarks.opsd_study import (
     across_seeds,
     arm_project,
     merge,
-    points_table,
     run_cell,
     split_rows,
     table,
@@ -105,10 +104,10 @@ def test_results_run_side_by_side_merge_into_one_table(tmp_path: Path) -> None:
     assert "| s2-n50-d0 | sft | base | 2 | 0.400 | +0.030 [+0.010, +0.050]; +0.010 [-0.010, +0.030] | 1/2 |" in text
     assert across_seeds([cell(0, 0.01)]).count("\n") == 3  # header, rule, sft, base
     # the doc's table: points, the study's arm order, a missing seed named, a row whose intervals all lie below
-    rows = points_table([cell(0, 0.01), cell(1, -0.01)]).splitlines()
+    rows = across_seeds([cell(0, 0.01), cell(1, -0.01)], points=True).splitlines()
     assert rows[2] == "| 2:50:0 | base |  | 0.020 |  |  |"
     assert rows[3] == "| 2:50:0 | sft | base | 0.400 | +3.0 [+1.0, +5.0]; +1.0 [-1.0, +3.0]; (seed 2 not run) | 1/2 |"
-    assert points_table([cell(0, -0.07)]).splitlines()[3].endswith("| 0/1, all < 0 |")
+    assert across_seeds([cell(0, -0.07)], points=True).splitlines()[3].endswith("| 0/1, all < 0 |")
     later = cell(0, 0.05)
     later["runs"] = {"mix": later["runs"]["sft"]}  # an arm run afterwards for the same cell
     paths.append(tmp_path / "later.json")
