@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TEST_SEED ?= 22
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --random-order-bucket=global --random-order-seed=$(TEST_SEED)
 
-.PHONY: install run test test-fast test-load lint bench clean lock postgres
+.PHONY: install run test test-fast test-load test-durations lint bench clean lock postgres
 install: $(VENV)/.installed
 
 # every package at the version constraints.txt pins (the same commit reinstalls the same stack)
@@ -51,12 +51,19 @@ postgres:
 test: install postgres
 	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
 	# two workers, a test file each at a time: most tests wait on subprocesses (Prefect, DVC, torchrun) or run
-	# one torch thread, so two cores finish the suite in ~0.65x the serial time (measured 14.2 vs 21.9 min)
+	# one torch thread, so two cores finish the suite in ~0.65x the serial time (measured 14.2 vs 21.9 min);
+	# each free worker takes the costliest file left (tests/file_order.py, costs in tests/durations.json)
 	$(PYTEST) -n 2 --dist loadfile --durations=15 -m "not load"
 	# the compute paths again as an AVX2-only CPU runs them: torch, oneDNN and MKL capped to AVX2
 	# (oneDNN itself refuses bf16 weights there), whatever CPU this is (opsd_core/backends/capabilities.py)
 	OPSD_CPU_ISA=avx2 $(PYTEST) tests/test_plan.py tests/test_packed.py \
 		tests/test_engine.py tests/test_training.py tests/test_losses.py tests/test_sft.py tests/test_contrastive.py
+
+# tests/durations.json anew, from a full run: what each test file costs, for the order tests/file_order.py hands
+# files to the workers in (a stale file still works; only the two workers end further apart)
+test-durations: install postgres
+	$(PYTEST) -n 2 --dist loadfile -m "not load" --junitxml=.test-durations.xml -o junit_duration_report=total
+	$(PY) -m tests.file_order .test-durations.xml && rm .test-durations.xml
 
 # the fast lane: the pure and in-process tests, without the ones marked `slow` (Prefect flows and servers, DVC,
 # torchrun, `opsd` and other subprocesses: tests/conftest.py marks the users of the pipeline fixtures); < 3 min

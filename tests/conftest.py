@@ -33,6 +33,8 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
+from tests.file_order import pytest_xdist_make_scheduler  # noqa: E402, F401 (the hook: costliest test file first)
+
 # the fixtures that run Prefect flows, a Prefect server or `dvc repro`: their users are out of the fast lane
 # (`make test-fast`, -m "not slow") by this one marker; files that spawn processes mark themselves (pytestmark)
 _SLOW_FIXTURES = frozenset({"prefect_harness", "smoke_project", "smoke_first_run"})

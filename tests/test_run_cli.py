@@ -164,10 +164,11 @@ def test_main_job_on_a_fresh_clone_after_a_killed_try_then_a_no_op_rerun(tmp_pat
 
 
 def test_small_commands_do_not_import_torch(tmp_path: Path) -> None:
-    """`opsd status`, `promote` and friends read the registry only: loading torch cost them ~1.5 s each."""
+    """`opsd status`, `promote` and friends read the registry only: loading torch cost them ~1.5 s each. `opsd
+    register` writes the MLflow model without loading it: torch and transformers cost it ~5 CPU-s a run."""
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    code = ("import sys; from flows.cli import main; rc = main(['status']); "
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    code = ("import sys; from flows.cli import main; rc = main(['status']); import opsd_core.stages.register; "
+            "print('TORCH' if {'torch', 'transformers'} & set(sys.modules) else 'NO-TORCH', rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH 0", proc.stdout + proc.stderr[-2000:]

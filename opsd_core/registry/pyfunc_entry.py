@@ -4,6 +4,6 @@ the version's folder at save time and runs it at load time to get the model, ins
 
 from mlflow.models import set_model
 
-from opsd_core.registry.pyfunc import OpsdModel
+from opsd_core.registry.pyfunc_model import OpsdModel
 
 set_model(OpsdModel())

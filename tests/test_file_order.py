@@ -1,0 +1,48 @@
+"""`make test` hands its two workers the costliest test file left (tests/file_order.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.file_order import file_costs
+
+pytestmark = pytest.mark.slow  # a pytest session with two xdist workers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_costs_are_each_files_total_from_a_junit_report(tmp_path: Path) -> None:
+    report = tmp_path / "junit.xml"
+    report.write_text('<testsuites><testsuite name="pytest">'
+                      '<testcase classname="tests.test_a" name="one" time="1.5"/>'
+                      '<testcase classname="tests.test_b" name="one" time="4.0"/>'
+                      '<testcase classname="tests.test_a" name="two" time="2.0"/>'
+                      "</testsuite></testsuites>")
+    assert file_costs(report) == {"tests/test_b.py": 4.0, "tests/test_a.py": 3.5}
+
+
+def test_workers_take_the_costliest_file_left(tmp_path: Path) -> None:
+    """Six files, their recorded costs in another order than xdist's own (most tests first): a worker gets them
+    costliest first, a file without a recorded cost counted at the measured mean per test. One worker, so that
+    the order it runs them in is the order they were handed out."""
+    costs = {"test_a.py": 1.0, "test_b.py": 90.0, "test_c.py": 10.0, "test_d.py": 50.0, "test_e.py": 5.0}
+    tests = {"test_a.py": 6, "test_b.py": 1, "test_c.py": 2, "test_d.py": 1, "test_e.py": 3, "test_f.py": 5}
+    log = tmp_path / "started.log"
+    for name, count in tests.items():
+        body = "".join(f"def test_{i}():\n    open({str(log)!r}, 'a').write({name!r} + '\\n')\n\n" for i in range(count))
+        (tmp_path / name).write_text(body)
+    durations = tmp_path / "durations.json"
+    durations.write_text(json.dumps(costs))
+    # test_f: 5 tests at the measured mean (156 s over 13 tests, 12 s) is 60 s: after test_b, before test_d
+    env = {**os.environ, "OPSD_TEST_DURATIONS": str(durations), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.file_order", "-n", "1", "--dist", "loadfile", "--rootdir", str(tmp_path),
+                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(dict.fromkeys(log.read_text().split())) == [
+        "test_b.py", "test_f.py", "test_d.py", "test_c.py", "test_e.py", "test_a.py"]
