@@ -60,7 +60,6 @@ class CostliestFileFirst(LoadFileScheduling):
         super()._assign_work_unit(node)
 
 
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> LoadFileScheduling | None:
     """``--dist loadfile`` costliest first; any other mode as xdist has it."""

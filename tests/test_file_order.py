@@ -27,6 +27,7 @@ def test_costs_are_each_files_total_from_a_junit_report(tmp_path: Path) -> None:
     assert file_costs(report) == {"tests/test_b.py": 4.0, "tests/test_a.py": 3.5}
 
 
+@pytest.mark.slow  # a pytest session with an xdist worker
 def test_workers_take_the_costliest_file_left(tmp_path: Path) -> None:
     """Six files, their recorded costs in another order than xdist's own (most tests first): a worker gets them
     costliest first, a file without a recorded cost counted at the measured mean per test. One worker, so that
