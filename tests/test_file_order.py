@@ -12,8 +12,6 @@ import pytest
 
 from tests.file_order import file_costs
 
-pytestmark = pytest.mark.slow  # a pytest session with two xdist workers
-
 REPO = Path(__file__).resolve().parents[1]
 
 
