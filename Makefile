@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 # that CI is reproducible and each pytest-xdist worker collects the same order. Another order: make test TEST_SEED=N
 TEST_SEED ?= 22
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --random-order-bucket=global --random-order-seed=$(TEST_SEED)
+# the suite `make test` runs, and the run `make test-durations` times
+SUITE := -n 2 --dist loadfile -m "not load"
 
 .PHONY: install run test test-fast test-load test-durations lint bench clean lock postgres
 install: $(VENV)/.installed
@@ -53,7 +55,7 @@ test: install postgres
 	# two workers, a test file each at a time: most tests wait on subprocesses (Prefect, DVC, torchrun) or run
 	# one torch thread, so two cores finish the suite in ~0.65x the serial time (measured 14.2 vs 21.9 min);
 	# each free worker takes the costliest file left (tests/file_order.py, costs in tests/durations.json)
-	$(PYTEST) -n 2 --dist loadfile --durations=15 -m "not load"
+	$(PYTEST) $(SUITE) --durations=15
 	# the compute paths again as an AVX2-only CPU runs them: torch, oneDNN and MKL capped to AVX2
 	# (oneDNN itself refuses bf16 weights there), whatever CPU this is (opsd_core/backends/capabilities.py)
 	OPSD_CPU_ISA=avx2 $(PYTEST) tests/test_plan.py tests/test_packed.py \
@@ -62,7 +64,7 @@ test: install postgres
 # tests/durations.json anew, from a full run: what each test file costs, for the order tests/file_order.py hands
 # files to the workers in (a stale file still works; only the two workers end further apart)
 test-durations: install postgres
-	$(PYTEST) -n 2 --dist loadfile -m "not load" --junitxml=.test-durations.xml -o junit_duration_report=total
+	$(PYTEST) $(SUITE) --junitxml=.test-durations.xml -o junit_duration_report=total
 	$(PY) -m tests.file_order .test-durations.xml && rm .test-durations.xml
 
 # the fast lane: the pure and in-process tests, without the ones marked `slow` (Prefect flows and servers, DVC,

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.file_order import file_costs
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 def test_costs_are_each_files_total_from_a_junit_report(tmp_path: Path) -> None:
@@ -39,9 +38,10 @@ def test_workers_take_the_costliest_file_left(tmp_path: Path) -> None:
     durations = tmp_path / "durations.json"
     durations.write_text(json.dumps(costs))
     # test_f: 5 tests at the measured mean (156 s over 13 tests, 12 s) is 60 s: after test_b, before test_d
-    env = {**os.environ, "OPSD_TEST_DURATIONS": str(durations), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.file_order", "-n", "1", "--dist", "loadfile", "--rootdir", str(tmp_path),
-                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OPSD_TEST_DURATIONS": str(durations), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.file_order",
+                           "-n", "1", "--dist", "loadfile", "--rootdir", str(tmp_path), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(dict.fromkeys(log.read_text().split())) == [
         "test_b.py", "test_f.py", "test_d.py", "test_c.py", "test_e.py", "test_a.py"]
