@@ -73,9 +73,11 @@ def test_a_planted_gap_is_measured(tiny: Params, train_file: Path, tmp_path: Pat
             [Problem(p.id + "s", p.student_ids, p.student_ids, wrong, "0") for p in problems]
     sft = tiny.model_copy(deep=True)
     sft.train = sft.train.model_copy(update={"objective": "sft", "rollouts_per_step": 8, "micro_batch_size": 8,
-                                             "lr": 1e-2, "warmup_steps": 0, "schedule": "constant"})
+                                             "lr": 5e-3, "warmup_steps": 0, "schedule": "constant"})
     planter = _trainer(sft, model, tok, plant, tmp_path / "b")
-    for step in range(60):
+    # 100 steps at 5e-3 converge (SFT loss < 0.01) on AVX2 and AVX-512 kernels alike; 60 at 1e-2 bounced
+    # around 0.2 on AVX-512, where the plant then held for 1 of 4 problems
+    for step in range(100):
         planter.step(step)
     after = measure(_trainer(tiny, model, tok, problems, tmp_path / "c"), problems)
     assert before.teacher_greedy_flex == 0.0 and before.accuracy_gap == 0.0  # the random model solves nothing
