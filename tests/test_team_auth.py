@@ -49,7 +49,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{tmp / 'auth.db'}\nadmin_username = admin\n"
                    f"admin_password = {admin['MLFLOW_TRACKING_PASSWORD']}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # without its credential cache the app hashes the password on every request (docs/team-servers.md)
+                   "auth_cache_ttl_seconds = 300\n")
     env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
     with serve_mlflow(tmp, free_port(), env=env, app="basic-auth") as url:
         alice, bob = _creds("alice", f"alice-{uuid.uuid4().hex}"), _creds("bob", f"bob-{uuid.uuid4().hex}")
