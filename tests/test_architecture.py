@@ -225,6 +225,9 @@ LOCAL_IMPORTS = {
     ("opsd_core.registry.reach", "sqlalchemy"):
         f"{HEAVY}: ~0.4 s, only to probe a database tracking URI; the run's preflight of a server or a SQLite "
         "file never needs it",
+    ("opsd_core.registry.pyfunc_model", "opsd_core.registry.pyfunc_serve"):
+        f"{HEAVY}: torch and transformers, ~4 s; MLflow runs pyfunc_model when `opsd register` saves a version "
+        "(models from code), and only loading a version needs the model",
     ("opsd_core.registry.store", "mlflow"):
         f"{HEAVY}: ~3.7 s; `opsd status` reads an SQLite store through registry/sqlite_read.py without MLflow",
 }

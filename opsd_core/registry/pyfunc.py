@@ -6,8 +6,8 @@ The version's folder holds the candidate as trained (a peft adapter, or full wei
 ``artifacts/candidate`` and names its base model; the base itself is not copied into every version: it is
 loaded from the path it had at training time when that exists, else from its spec (a hub id).
 
-Saving needs neither torch nor transformers (the model is code MLflow runs at load: ``pyfunc_entry.py`` and
-``pyfunc_model.py``), so ``opsd register`` starts in a third of the time.
+Saving needs neither torch nor transformers: the model is code (``pyfunc_entry.py``, ``pyfunc_model.py``) that
+MLflow runs at save time too, and only loading a version imports the model (``pyfunc_serve.py``).
 """
 
 from __future__ import annotations
