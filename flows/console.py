@@ -17,6 +17,7 @@ from opsd_core.evaluation.summary import task_summary
 _STEP = re.compile(r"^step (\d+)/(\d+)\b")
 _EVAL = re.compile(r"^evaluate(_base)?: (\d+/)?\d+ groups of tasks")
 _NEWS = re.compile(r"\b(warning|error|rejected|refused|resumed|resuming)\b", re.IGNORECASE)
+_JSON = re.compile(r'^\s*("[^"]*":|[{}\[\]])')  # a line of a stage's JSON result: the done line has its figure
 
 
 def is_progress(line: str) -> bool:
@@ -36,7 +37,7 @@ def keep_plain(line: str) -> bool:
 
 def is_news(line: str) -> bool:
     """A line the terminal shows as it is (a warning, rejected rows, a resumed training)."""
-    return bool(_NEWS.search(line)) and not is_progress(line)
+    return bool(_NEWS.search(line)) and not is_progress(line) and not _JSON.match(line)
 
 
 def stage_figure(stage: str, report: dict[str, Any] | None) -> str:
