@@ -5,6 +5,9 @@ files with one or two long tests (a GPU-run rehearsal, a deployment on a team's 
 clone) to the end, where one worker runs them while the other has nothing left. Handing out the costliest
 remaining file each time (longest-processing-time first) ends both workers close together.
 
+Files that share a costly session fixture run on one worker, as one unit (``TOGETHER``): the first pipeline run
+(conftest.py: ``smoke_first_run``, ~45 s) is then made once, not once per worker that needs it.
+
 The costs are each file's measured seconds (setup, call and teardown of its tests) in ``durations.json``,
 written from a JUnit report: ``python -m tests.file_order REPORT.xml``. A file missing there costs the mean
 per test of the measured ones times its test count.
@@ -25,6 +28,8 @@ from xdist.scheduler import LoadFileScheduling
 from xdist.workermanage import WorkerController
 
 DURATIONS = Path(os.environ.get("OPSD_TEST_DURATIONS") or Path(__file__).with_name("durations.json"))
+# the files that use the session's first pipeline run (tests/test_file_order.py checks that this is all of them)
+TOGETHER = (("tests/test_pipeline.py", "tests/test_schedule.py"),)
 
 
 def file_costs(junit: Path) -> dict[str, float]:
@@ -44,9 +49,15 @@ class CostliestFileFirst(LoadFileScheduling):
         self.per_test = 1.0  # a file without a recorded cost: this times its tests (measured at the first hand-out)
         self.first = True
 
+    def _split_scope(self, nodeid: str) -> str:
+        """A test's unit of work: its file, or the files it runs ``TOGETHER`` with, joined by ``+``."""
+        scope = super()._split_scope(nodeid)
+        return next(("+".join(group) for group in TOGETHER if scope in group), scope)
+
     def cost(self, scope: str) -> float:
-        if scope in self.costs:
-            return self.costs[scope]
+        files = scope.split("+")
+        if all(name in self.costs for name in files):
+            return sum(self.costs[name] for name in files)
         return self.per_test * len(self.workqueue[scope])
 
     def _assign_work_unit(self, node: WorkerController) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.file_order import file_costs
+from tests.file_order import TOGETHER, file_costs
 from tests.support import ROOT
 
 
@@ -45,3 +46,36 @@ def test_workers_take_the_costliest_file_left(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(dict.fromkeys(log.read_text().split())) == [
         "test_b.py", "test_f.py", "test_d.py", "test_c.py", "test_e.py", "test_a.py"]
+
+
+@pytest.mark.slow  # a pytest session with an xdist worker
+def test_files_that_share_the_first_pipeline_run_are_one_unit_of_work(tmp_path: Path) -> None:
+    """The files of a ``TOGETHER`` group are handed out as one unit, at their summed cost: on one worker they
+    run back to back, where costliest-first by file would put another file between them."""
+    log = tmp_path / "started.log"
+    (tmp_path / "tests").mkdir()
+    first, second = TOGETHER[0]
+    costs = {"tests/test_x.py": 30.0, "tests/test_y.py": 20.0, second: 2.0, "tests/test_z.py": 1.5, first: 1.0}
+    for name in costs:
+        body = "".join(f"def test_{i}():\n    open({str(log)!r}, 'a').write({name!r} + '\\n')\n\n" for i in range(2))
+        (tmp_path / name).write_text(body)
+    durations = tmp_path / "durations.json"
+    durations.write_text(json.dumps(costs))
+    env = {**os.environ, "OPSD_TEST_DURATIONS": str(durations), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.file_order",
+                           "-n", "1", "--dist", "loadfile", "--rootdir", str(tmp_path), str(tmp_path / "tests")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    order = list(dict.fromkeys(log.read_text().split()))
+    assert order[:2] == ["tests/test_x.py", "tests/test_y.py"] and order[-1] == "tests/test_z.py", order
+    assert sorted(order[2:4]) == sorted(TOGETHER[0]), order  # by file alone: y, second, z, first
+
+
+def test_every_file_that_uses_the_first_pipeline_run_is_grouped() -> None:
+    """A file that starts using the session's first pipeline run joins its group, or a second worker makes it."""
+    def uses(path: Path) -> bool:  # a test or fixture that takes the run (or the project it reproduces)
+        return any(arg.arg in ("smoke_first_run", "smoke_project") for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.FunctionDef) for arg in node.args.args)
+
+    users = sorted(f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py") if uses(path))
+    assert users == sorted(TOGETHER[0])
