@@ -17,7 +17,7 @@ from opsd_core.evaluation.summary import task_summary
 _STEP = re.compile(r"^step (\d+)/(\d+)\b")
 _EVAL = re.compile(r"^evaluate(_base)?: (\d+/)?\d+ groups of tasks")
 _NEWS = re.compile(r"\b(warning|error|rejected|refused|resumed|resuming)\b", re.IGNORECASE)
-_JSON = re.compile(r'^\s*("[^"]*":|[{}\[\]])')  # a line of a stage's JSON result: the done line has its figure
+_JSON = re.compile(r'^\s*("[^"]*":|[{}\[\]],?\s*$)')  # a line of a stage's JSON result: the done line has its figure
 
 
 def is_progress(line: str) -> bool:

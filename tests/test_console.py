@@ -24,6 +24,7 @@ def test_progress_lines_are_kept_by_quarters_without_a_tty() -> None:
     assert not is_news("step 3/18 loss=0.1 (warning: none)")  # progress is never repeated as news
     # the stage's JSON result (`opsd prepare` prints it) is the task log's, not news: its done line has the figure
     assert not is_news('  "rejected": 29,') and not is_news('    "rejected": 29') and not is_news('"error": null}')
+    assert is_news("[W1207 10:00:00 ProcessGroupGloo.cpp:514] Warning: no interface found")  # torch's C++ ones
 
 
 def test_a_log_file_gets_plain_lines_and_a_tty_one_updating_line() -> None:
