@@ -23,7 +23,6 @@ class OpsdModel(mlflow.pyfunc.PythonModel):
         from opsd_core.registry import pyfunc_serve
 
         config = context.model_config or {}
-        self.serve = pyfunc_serve
         self.model, self.tokenizer = pyfunc_serve.load(config, Path(context.artifacts[CANDIDATE]))
         self.max_new_tokens = int(config.get("max_new_tokens", 256))
         self.thinking = config.get("thinking")
@@ -31,6 +30,8 @@ class OpsdModel(mlflow.pyfunc.PythonModel):
     # MLflow reads this hint at class definition: a DataFrame keeps SIGNATURE's "problem" column (a list[...]
     # hint would replace it with a bare list); a plain list of problems is accepted too
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        from opsd_core.registry import pyfunc_serve  # loaded by load_context: a dictionary lookup here
+
         problems = list(model_input["problem"]) if hasattr(model_input, "columns") else list(model_input)
-        return self.serve.greedy_answers(self.model, self.tokenizer, [str(p) for p in problems],
-                                         self.max_new_tokens, self.thinking)
+        return pyfunc_serve.greedy_answers(self.model, self.tokenizer, [str(p) for p in problems],
+                                           self.max_new_tokens, self.thinking)
