@@ -54,6 +54,7 @@ test: install postgres
 	$(VENV)/bin/ruff check opsd_core flows tests benchmarks
 	# two workers, a test file each at a time: most tests wait on subprocesses (Prefect, DVC, torchrun) or run
 	# one torch thread, so two cores finish the suite in ~0.65x the serial time (measured 14.2 vs 21.9 min);
+	# a third worker buys nothing on two cores (513 vs 528 s: the subprocesses keep both cores ~90% busy);
 	# each free worker takes the costliest file left (tests/file_order.py, costs in tests/durations.json)
 	$(PYTEST) $(SUITE) --durations=15
 	# the compute paths again as an AVX2-only CPU runs them: torch, oneDNN and MKL capped to AVX2
