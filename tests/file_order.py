@@ -54,17 +54,21 @@ class CostliestFileFirst(LoadFileScheduling):
         scope = super()._split_scope(nodeid)
         return next(("+".join(group) for group in TOGETHER if scope in group), scope)
 
-    def cost(self, scope: str) -> float:
+    def recorded(self, scope: str) -> float | None:
+        """The unit's seconds in ``durations.json`` (its files' sum), or None if a file has none."""
         files = scope.split("+")
-        if all(name in self.costs for name in files):
-            return sum(self.costs[name] for name in files)
-        return self.per_test * len(self.workqueue[scope])
+        return sum(self.costs[name] for name in files) if all(name in self.costs for name in files) else None
+
+    def cost(self, scope: str) -> float:
+        seconds = self.recorded(scope)
+        return self.per_test * len(self.workqueue[scope]) if seconds is None else seconds
 
     def _assign_work_unit(self, node: WorkerController) -> None:
         if self.first:  # the queue holds every file
-            known = {scope: len(tests) for scope, tests in self.workqueue.items() if scope in self.costs}
+            known = {scope: (seconds, len(tests)) for scope, tests in self.workqueue.items()
+                     if (seconds := self.recorded(scope)) is not None}
             if known:
-                self.per_test = sum(self.costs[scope] for scope in known) / sum(known.values())
+                self.per_test = sum(s for s, _ in known.values()) / sum(n for _, n in known.values())
             self.first = False
         costliest = max(self.workqueue, key=self.cost)
         self.workqueue.move_to_end(costliest, last=False)  # xdist's own step takes the queue's first

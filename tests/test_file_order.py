@@ -25,6 +25,25 @@ def test_costs_are_each_files_total_from_a_junit_report(tmp_path: Path) -> None:
     assert file_costs(report) == {"tests/test_b.py": 4.0, "tests/test_a.py": 3.5}
 
 
+def _handout_order(root: Path, tests: dict[str, int], costs: dict[str, float]) -> list[str]:
+    """The files under ``root`` (name -> how many tests), with ``costs`` as the recorded durations, in the
+    order one xdist worker ran them: with one worker, the order they were handed out."""
+    log = root / "started.log"
+    for name, count in tests.items():
+        body = "".join(f"def test_{i}():\n    open({str(log)!r}, 'a').write({name!r} + '\\n')\n\n" for i in range(count))
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(body)
+    durations = root / "durations.json"
+    durations.write_text(json.dumps(costs))
+    env = {**os.environ, "OPSD_TEST_DURATIONS": str(durations), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.file_order",
+                           "-n", "1", "--dist", "loadfile", "--rootdir", str(root),
+                           *sorted({str((root / name).parent) for name in tests})],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return list(dict.fromkeys(log.read_text().split()))
+
+
 @pytest.mark.slow  # a pytest session with an xdist worker
 def test_workers_take_the_costliest_file_left(tmp_path: Path) -> None:
     """Six files, their recorded costs in another order than xdist's own (most tests first): a worker gets them
@@ -32,19 +51,8 @@ def test_workers_take_the_costliest_file_left(tmp_path: Path) -> None:
     the order it runs them in is the order they were handed out."""
     costs = {"test_a.py": 1.0, "test_b.py": 90.0, "test_c.py": 10.0, "test_d.py": 50.0, "test_e.py": 5.0}
     tests = {"test_a.py": 6, "test_b.py": 1, "test_c.py": 2, "test_d.py": 1, "test_e.py": 3, "test_f.py": 5}
-    log = tmp_path / "started.log"
-    for name, count in tests.items():
-        body = "".join(f"def test_{i}():\n    open({str(log)!r}, 'a').write({name!r} + '\\n')\n\n" for i in range(count))
-        (tmp_path / name).write_text(body)
-    durations = tmp_path / "durations.json"
-    durations.write_text(json.dumps(costs))
     # test_f: 5 tests at the measured mean (156 s over 13 tests, 12 s) is 60 s: after test_b, before test_d
-    env = {**os.environ, "OPSD_TEST_DURATIONS": str(durations), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.file_order",
-                           "-n", "1", "--dist", "loadfile", "--rootdir", str(tmp_path), str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert list(dict.fromkeys(log.read_text().split())) == [
+    assert _handout_order(tmp_path, tests, costs) == [
         "test_b.py", "test_f.py", "test_d.py", "test_c.py", "test_e.py", "test_a.py"]
 
 
@@ -52,21 +60,9 @@ def test_workers_take_the_costliest_file_left(tmp_path: Path) -> None:
 def test_files_that_share_the_first_pipeline_run_are_one_unit_of_work(tmp_path: Path) -> None:
     """The files of a ``TOGETHER`` group are handed out as one unit, at their summed cost: on one worker they
     run back to back, where costliest-first by file would put another file between them."""
-    log = tmp_path / "started.log"
-    (tmp_path / "tests").mkdir()
     first, second = TOGETHER[0]
     costs = {"tests/test_x.py": 30.0, "tests/test_y.py": 20.0, second: 2.0, "tests/test_z.py": 1.5, first: 1.0}
-    for name in costs:
-        body = "".join(f"def test_{i}():\n    open({str(log)!r}, 'a').write({name!r} + '\\n')\n\n" for i in range(2))
-        (tmp_path / name).write_text(body)
-    durations = tmp_path / "durations.json"
-    durations.write_text(json.dumps(costs))
-    env = {**os.environ, "OPSD_TEST_DURATIONS": str(durations), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.file_order",
-                           "-n", "1", "--dist", "loadfile", "--rootdir", str(tmp_path), str(tmp_path / "tests")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    order = list(dict.fromkeys(log.read_text().split()))
+    order = _handout_order(tmp_path, dict.fromkeys(costs, 2), costs)
     assert order[:2] == ["tests/test_x.py", "tests/test_y.py"] and order[-1] == "tests/test_z.py", order
     assert sorted(order[2:4]) == sorted(TOGETHER[0]), order  # by file alone: y, second, z, first
 
